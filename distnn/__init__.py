@@ -1,0 +1,1 @@
+"""distnn: data-parallel training of dense feed-forward networks over MPI."""
