@@ -1,0 +1,91 @@
+"""Hidden-layer activations: name -> (forward, derivative through the forward output).
+
+Every function works in place on preallocated arrays (`out=`), so a training step allocates nothing.
+The derivative is written in terms of the forward *output* O = A(Z), which the forward pass already
+holds, so backward never recomputes Z. A new activation is one entry in each table.
+"""
+
+import numpy as np
+
+LEAKY_SLOPE = 0.01
+
+
+def sigmoid(z, out):
+    """Logistic function without overflow: exp only ever sees -|z|, tails keep relative precision.
+
+    `out` may be `z` itself (the forward pass works in place)."""
+    positive = z >= 0
+    e = np.negative(np.abs(z, out=out), out=out)
+    np.exp(e, out=e)  # exp(-|z|) in (0, 1]
+    np.divide(e, 1 + e, out=e)  # sigmoid(-|z|), accurate however small
+    return np.subtract(1, e, out=e, where=positive)  # sigmoid(|z|) = 1 - sigmoid(-|z|) >= 1/2
+
+
+def softplus(z, out):
+    """log(1 + e^z) = max(z, 0) + log1p(e^-|z|), finite for every finite z; `out` may be `z`."""
+    positive_part = np.maximum(z, 0)
+    t = np.negative(np.abs(z, out=out), out=out)
+    np.exp(t, out=t)
+    np.log1p(t, out=t)
+    return np.add(t, positive_part, out=out)
+
+
+def _leaky_relu(z, out):
+    if out is not z:
+        np.copyto(out, z)
+    return np.multiply(out, LEAKY_SLOPE, out=out, where=out < 0)
+
+
+def _identity(z, out):
+    out[...] = z
+    return out
+
+
+FORWARD = {
+    "identity": _identity,
+    "relu": lambda z, out: np.maximum(z, 0, out=out),
+    "leaky_relu": _leaky_relu,
+    "tanh": lambda z, out: np.tanh(z, out=out),
+    "sigmoid": sigmoid,
+    "softplus": softplus,
+}
+
+
+def _d_sigmoid(o, out):
+    np.subtract(1, o, out=out)
+    return np.multiply(out, o, out=out)  # o (1 - o)
+
+
+def _d_tanh(o, out):
+    np.multiply(o, o, out=out)
+    return np.subtract(1, out, out=out)  # 1 - o^2
+
+
+def _d_softplus(o, out):
+    # softplus' = sigmoid(z) = 1 - e^{-o}, with o = softplus(z) >= 0
+    np.negative(o, out=out)
+    np.expm1(out, out=out)
+    return np.negative(out, out=out)
+
+
+def _d_leaky_relu(o, out):
+    np.greater(o, 0, out=out, casting="unsafe")  # 1 or 0
+    np.multiply(out, 1 - LEAKY_SLOPE, out=out)
+    return np.add(out, LEAKY_SLOPE, out=out)  # 1 or slope, exactly: (1 - s) + s rounds to 1
+
+
+# A'(Z) expressed through O = A(Z). None means A' == 1: backward skips the multiply.
+DERIVATIVE = {
+    "identity": None,
+    "relu": lambda o, out: np.greater(o, 0, out=out, casting="unsafe"),
+    "leaky_relu": _d_leaky_relu,
+    "tanh": _d_tanh,
+    "sigmoid": _d_sigmoid,
+    "softplus": _d_softplus,
+}
+
+# Weight initialization scale by activation: He for the rectifier family, Glorot otherwise.
+INIT = {"identity": "glorot", "relu": "he", "leaky_relu": "he", "tanh": "glorot",
+        "sigmoid": "glorot", "softplus": "he"}
+
+NAMES = tuple(FORWARD)

@@ -1,0 +1,285 @@
+"""`Network`: a dense feed-forward net whose gradient is the proxy-error recursion, as GEMMs.
+
+Layers l = 0..L, with inputs I_l (I_0 = X), weights W_l of shape (|O_l|, |I_l|) and biases b_l:
+
+    forward    Z_l = I_l W_lᵀ + b_l,   O_l = A_l(Z_l),   I_{l+1} = O_l
+    output     O_L = mean(Z_L), the family's canonical inverse link (see families.py)
+    backward   P_L = O_L - Y,   P_l = (P_{l+1} W_{l+1}) ∘ A'_l(O_l)
+    gradient   ∂/∂W_l = P_lᵀ I_l,   ∂/∂b_l = Σ_samples P_l      (sums over the batch)
+
+All parameters live in one contiguous vector `params` laid out layer by layer as [W_0, b_0, W_1, ...];
+`weights[l]` and `biases[l]` are views into it, and gradients are written into a vector of the same
+layout, so an optimizer step, an allreduce or a checkpoint sees one flat array.
+
+The loss is the mean per-sample negative log-likelihood plus `l2 Σ‖W_l‖² + l1 Σ|W_l|` (biases are not
+penalized). The class is pure math: no MPI, no I/O. `grad_sum` and `loss_sum` return sums over the
+batch so that data-parallel callers can add them across ranks and divide by the global count.
+"""
+
+import numpy as np
+
+from . import activations, families
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+_CACHE_SIZE = 4  # batch shapes with live work buffers: full shard, last shard, validation, one spare
+
+
+class _Buffers:
+    """Work arrays for one batch size, allocated once and reused by every step of that size."""
+
+    def __init__(self, n, sizes, dtype):
+        outs = sizes[1:]
+        self.z = [np.empty((n, k), dtype) for k in outs]  # pre-activations, overwritten by O_l
+        self.mean = np.empty((n, outs[-1]), dtype)  # O_L; z[-1] keeps the logits Z_L
+        self.delta = [np.empty((n, k), dtype) for k in outs]  # proxy errors P_l
+        self.deriv = [np.empty((n, k), dtype) for k in outs[:-1]]  # A'_l(O_l)
+
+
+class Network:
+    """Dense feed-forward network with a GLM output family; see the module docstring."""
+
+    def __init__(self, sizes, activation="relu", family="multinomial", l1=0.0, l2=0.0,
+                 dtype=np.float64, seed=0):
+        self.sizes = [_layer_size(s, i) for i, s in enumerate(sizes)]
+        if len(self.sizes) < 2:
+            raise ValueError(f"a network needs at least an input and an output size, got {list(sizes)}")
+        if activation not in activations.NAMES:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {list(activations.NAMES)}")
+        if family not in families.NAMES:
+            raise ValueError(f"unknown family {family!r}; expected one of {list(families.NAMES)}")
+        if family == "multinomial" and self.sizes[-1] < 2:
+            raise ValueError("a multinomial network needs at least 2 outputs (one per class)")
+        for name, lam in (("l1", l1), ("l2", l2)):
+            if not (np.isfinite(lam) and lam >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {lam!r}")
+        self.activation, self.family, self.l1, self.l2 = activation, family, float(l1), float(l2)
+        self.dtype = np.dtype(DTYPES.get(dtype, dtype))
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+
+        shapes = list(zip(self.sizes[1:], self.sizes[:-1]))  # (|O_l|, |I_l|)
+        self.n_params = sum(o * i + o for o, i in shapes)
+        self.params = np.empty(self.n_params, self.dtype)
+        self.weights, self.biases = _layer_views(self.params, shapes)
+        self._act = activations.FORWARD[activation]
+        self._dact = activations.DERIVATIVE[activation]
+        self._mean = families.MEAN[family]
+        self._buffers = {}
+        self.init_params(seed)
+
+    # ---- construction ------------------------------------------------------------------------
+    def init_params(self, seed):
+        """He (rectifiers) or Glorot (others) initialization from `seed`, the same on every process."""
+        rng = np.random.default_rng(seed)
+        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
+            fan_out, fan_in = w.shape
+            hidden = l < len(self.weights) - 1
+            if hidden and activations.INIT[self.activation] == "he":
+                w[...] = rng.normal(0.0, np.sqrt(2.0 / fan_in), w.shape)
+            else:
+                limit = np.sqrt(6.0 / (fan_in + fan_out))
+                w[...] = rng.uniform(-limit, limit, w.shape)
+            b[...] = 0
+
+    def spec(self):
+        """The architecture as a JSON-able dict: `Network(**net.spec())` rebuilds it."""
+        return {"sizes": self.sizes, "activation": self.activation, "family": self.family,
+                "l1": self.l1, "l2": self.l2, "dtype": self.dtype.name}
+
+    def grad_buffer(self):
+        """A zeroed vector laid out like `params`, for gradients."""
+        return np.zeros(self.n_params, self.dtype)
+
+    # ---- validation (once per call of the public methods; never inside grad_sum) --------------
+    def check_inputs(self, X):
+        """X as a (N, n_in) array of the network dtype; clear ValueError for bad shape or values."""
+        X = np.asarray(X)
+        if X.dtype.kind not in "biuf":
+            raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+        if X.ndim != 2 or X.shape[1] != self.sizes[0]:
+            raise ValueError(f"X has shape {X.shape}; expected (N, {self.sizes[0]}) "
+                             f"for a network with {self.sizes[0]} inputs")
+        X = X.astype(self.dtype, copy=False)
+        bad = ~np.isfinite(X)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(f"X contains NaN or Inf (first at row {i}, column {j})")
+        return X
+
+    def check_targets(self, y, n=None):
+        """Targets encoded for the family (labels as intp, others as (N, K) network dtype)."""
+        Y = families.TARGETS[self.family](y, self.sizes[-1], self.dtype)
+        if n is not None and len(Y) != n:
+            raise ValueError(f"X has {n} rows but y has {len(Y)}")
+        return Y
+
+    def _checked(self, X, y):
+        X = self.check_inputs(X)
+        return X, self.check_targets(y, len(X))
+
+    # ---- forward and backward ----------------------------------------------------------------
+    def _buffers_for(self, n):
+        buf = self._buffers.pop(n, None)
+        if buf is None:
+            buf = _Buffers(n, self.sizes, self.dtype)
+            if len(self._buffers) >= _CACHE_SIZE:
+                self._buffers.pop(next(iter(self._buffers)))  # drop the least recently used shape
+        self._buffers[n] = buf  # re-insert: dict order is recency order
+        return buf
+
+    def _forward(self, X):
+        """Fill the work buffers for X (N, n_in) already checked; returns them."""
+        buf = self._buffers_for(len(X))
+        inp = X
+        last = len(self.weights) - 1
+        for l, (w, b, z) in enumerate(zip(self.weights, self.biases, buf.z)):
+            np.matmul(inp, w.T, out=z)  # (N, |O_l|)
+            z += b
+            if l < last:
+                inp = self._act(z, z)  # O_l overwrites Z_l: backward needs only O_l
+        self._mean(buf.z[-1], buf.mean)
+        return buf
+
+    def _backward(self, X, Y, buf, out):
+        """Proxy-error recursion: write the batch-summed gradient into `out` (params layout)."""
+        g_w, g_b = _layer_views(out, [w.shape for w in self.weights])
+        families.residual(self.family, buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
+        for l in range(len(self.weights) - 1, -1, -1):
+            p = buf.delta[l]  # (N, |O_l|)
+            inp = X if l == 0 else buf.z[l - 1]  # I_l = O_{l-1}
+            np.matmul(p.T, inp, out=g_w[l])  # Σ_n P_l[n] ⊗ I_l[n]
+            np.sum(p, axis=0, out=g_b[l])
+            if l > 0:
+                prev = buf.delta[l - 1]
+                np.matmul(p, self.weights[l], out=prev)  # P_l W_l, (N, |I_l|)
+                if self._dact is not None:
+                    prev *= self._dact(buf.z[l - 1], buf.deriv[l - 1])  # ∘ A'_{l-1}(O_{l-1})
+        return out
+
+    def grad_sum(self, X, Y, out):
+        """Hot path: the data-loss gradient summed over the batch into `out`; returns the loss sum.
+
+        X is (N, n_in) in the network dtype and Y comes from `check_targets`: no validation here.
+        An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
+        buf = self._forward(X)
+        self._backward(X, Y, buf, out)
+        return families.LOSS_SUM[self.family](buf.z[-1], Y)
+
+    def loss_sum(self, X, Y):
+        """Sum of per-sample losses (no penalty) for checked X and encoded Y."""
+        return families.LOSS_SUM[self.family](self._forward(X).z[-1], Y)
+
+    def eval_sums(self, X, Y):
+        """(loss sum, count classified correctly or None for regression), one forward pass."""
+        z = self._forward(X).z[-1]
+        return families.LOSS_SUM[self.family](z, Y), families.correct_count(self.family, z, Y)
+
+    # ---- penalties ---------------------------------------------------------------------------
+    def penalty(self):
+        """l2 Σ‖W‖² + l1 Σ|W| over the weights (not biases), added once to the mean loss."""
+        total = 0.0
+        for w in self.weights:
+            if self.l2:
+                total += self.l2 * float(np.einsum("ij,ij->", w, w, dtype=np.float64))
+            if self.l1:
+                total += self.l1 * float(np.abs(w).sum(dtype=np.float64))
+        return total
+
+    def add_penalty_grad(self, grad):
+        """grad += 2 l2 W + l1 sign(W) on the weight views of a params-shaped vector."""
+        if not (self.l1 or self.l2):
+            return grad
+        g_w, _ = _layer_views(grad, [w.shape for w in self.weights])
+        for g, w in zip(g_w, self.weights):
+            if self.l2:
+                g += (2 * self.l2) * w
+            if self.l1:
+                g += self.l1 * np.sign(w)
+        return grad
+
+    # ---- the public, validating surface ------------------------------------------------------
+    def predict(self, X):
+        """Mean response (N, n_out): values, probabilities or rates."""
+        return self._forward(self.check_inputs(X)).mean.copy()
+
+    def logits(self, X):
+        """Output pre-activations Z_L (N, n_out)."""
+        X = self.check_inputs(X)
+        return self._forward(X).z[-1].copy()
+
+    def loss(self, X, y):
+        """Mean loss over the samples plus the penalties, as a float."""
+        X, Y = self._checked(X, y)
+        return self.loss_sum(X, Y) / max(len(X), 1) + self.penalty()
+
+    def gradient(self, X, y):
+        """Gradient of `loss(X, y)` with respect to `params`, shaped like `params`."""
+        X, Y = self._checked(X, y)
+        g = self.grad_buffer()
+        self.grad_sum(X, Y, g)
+        g /= max(len(X), 1)
+        return self.add_penalty_grad(g)
+
+    def sample_grad_norms(self, X, y):
+        """Per-sample L2 norms of the data-loss gradient, (N,), without forming any gradient.
+
+        ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer contributes ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
+        X, Y = self._checked(X, y)
+        buf = self._forward(X)
+        self._backward(X, Y, buf, self.grad_buffer())
+        sq = np.zeros(len(X), np.float64)
+        for l, p in enumerate(buf.delta):
+            inp = X if l == 0 else buf.z[l - 1]
+            sq += np.einsum("ij,ij->i", p, p) * (np.einsum("ij,ij->i", inp, inp) + 1)
+        return np.sqrt(sq).astype(self.dtype)
+
+    # ---- Jacobians ---------------------------------------------------------------------------
+    def _jacobian_walk(self, X):
+        """Yield (l, G_l, I_l) from the output down, G_l = d O_L / d Z_l of shape (N, n_out, |O_l|)."""
+        X = self.check_inputs(X)
+        buf = self._forward(X)
+        g = families.mean_jacobian(self.family, buf.mean)  # d O_L / d Z_L
+        for l in range(len(self.weights) - 1, -1, -1):
+            inp = X if l == 0 else buf.z[l - 1]
+            yield l, g, inp
+            g = g @ self.weights[l]  # d O_L / d I_l, (N, n_out, |I_l|)
+            if l > 0 and self._dact is not None:
+                g *= self._dact(inp, np.empty_like(inp))[:, None, :]
+
+    def input_jacobian(self, X):
+        """d outputs / d inputs, (N, n_out, n_in)."""
+        for l, g, _ in self._jacobian_walk(X):
+            if l == 0:
+                return g @ self.weights[0]
+
+    def param_jacobian(self, X):
+        """d outputs / d params, (N, n_out, n_params), columns in the `params` layout."""
+        n, k = len(X), self.sizes[-1]
+        jac = np.empty((n, k, self.n_params), self.dtype)
+        slices = _layer_slices([w.shape for w in self.weights])
+        for l, g, inp in self._jacobian_walk(X):
+            w_at, b_at = slices[l]
+            jac[:, :, w_at] = (g[:, :, :, None] * inp[:, None, None, :]).reshape(n, k, -1)
+            jac[:, :, b_at] = g
+        return jac
+
+
+def _layer_slices(shapes):
+    """(weight slice, bias slice) of each layer in the flat layout [W_0, b_0, W_1, b_1, ...]."""
+    slices, at = [], 0
+    for o, i in shapes:
+        slices.append((slice(at, at + o * i), slice(at + o * i, at + o * i + o)))
+        at += o * i + o
+    return slices
+
+
+def _layer_views(flat, shapes):
+    """Per-layer (weights, biases) views of a flat vector laid out [W_0, b_0, W_1, b_1, ...]."""
+    pairs = [(flat[w].reshape(shape), flat[b]) for (w, b), shape in zip(_layer_slices(shapes), shapes)]
+    return [w for w, _ in pairs], [b for _, b in pairs]
+
+
+def _layer_size(s, i):
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+        raise ValueError(f"layer size {i} must be an integer >= 1, got {s!r}")
+    return int(s)
