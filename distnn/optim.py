@@ -1,0 +1,253 @@
+"""Optimizers on one flat parameter vector, learning-rate schedules, and gradient clipping.
+
+An optimizer holds named state vectors parallel to the parameters (SGD: velocity; Adam: m, v), a
+step count and one scratch vector, all allocated once by `init` in the parameters' dtype. A step is
+in-place ufuncs with `out=`: it allocates nothing and, given the same bits, yields the same bits on
+every rank. It also spends the gradient buffer as scratch: after `step`, `grad` holds garbage.
+Hyper-parameters come out of `config()` and back in through `make_optimizer(**config)`; state goes
+out through `state_dict()` as plain arrays, so checkpointing it is trivial.
+
+Schedules are pure functions of the step in `SCHEDULES`; `lr_at` adds linear warmup to any of them.
+"""
+
+import inspect
+import math
+
+import numpy as np
+
+
+class OptimizerError(ValueError):
+    """A bad optimizer name, hyper-parameter, schedule or state; the message says which and why."""
+
+
+class _Optimizer:
+    """What every optimizer shares: state vectors, step count `t`, scratch, (de)serialization."""
+
+    name = ""
+    slots = ()  # names of the state vectors, each shaped like the parameters
+
+    def __init__(self, lr):
+        self.lr = _at_least("lr", lr, 0.0)
+        self.t = 0  # steps taken: Adam's bias-correction exponent
+        self.state = {}
+        self._scratch = None  # (n,) work vector in params.dtype
+
+    def init(self, params):
+        """Allocate zero state and scratch like `params`; a repeat with the same size and dtype keeps them."""
+        if self._scratch is not None:
+            if (self._scratch.shape, self._scratch.dtype) == (params.shape, params.dtype):
+                return
+            raise OptimizerError(
+                f"{self.name}: state is for {self._scratch.size} {self._scratch.dtype} parameters, "
+                f"got {params.size} {params.dtype}; make a new optimizer for other parameters")
+        if params.ndim != 1 or params.dtype.kind != "f":
+            raise OptimizerError(f"{self.name}: parameters must be a 1-D float vector, "
+                                 f"got shape {params.shape} dtype {params.dtype}")
+        self.state = {k: np.zeros(params.shape, params.dtype) for k in self.slots}
+        self._scratch = np.empty_like(params)
+
+    def step(self, params, grad, lr=None):
+        """Update `params` in place; `lr` overrides self.lr. Overwrites `grad`, the caller's scratch."""
+        s = self._scratch
+        if s is None or (s.shape, s.dtype) != (params.shape, params.dtype):
+            self.init(params)  # the first step allocates; another size or dtype raises
+        if (grad.shape, grad.dtype) != (params.shape, params.dtype):
+            raise OptimizerError(f"{self.name}: gradient is {grad.shape} {grad.dtype}, "
+                                 f"parameters are {params.shape} {params.dtype}")
+        self.t += 1
+        self._update(params, grad, float(self.lr if lr is None else lr))
+
+    def state_dict(self):
+        """Copies of all that continuing bit-identically needs: state vectors and `t` (0-d int64)."""
+        state = {k: v.copy() for k, v in self.state.items()}
+        return {"t": np.array(self.t, dtype=np.int64)} | state
+
+    def load_state_dict(self, d):
+        """Restore `state_dict()` output; refuses missing or extra keys, wrong shapes or dtypes."""
+        missing, extra = {"t", *self.slots} - d.keys(), d.keys() - {"t", *self.slots}
+        if missing or extra:
+            raise OptimizerError(f"{self.name} state: missing keys {sorted(missing)}, "
+                                 f"unexpected keys {sorted(extra)}; expected {['t', *self.slots]}")
+        t = np.asarray(d["t"])
+        if t.shape != () or t.dtype.kind not in "iu" or t < 0:
+            raise OptimizerError(f"{self.name} state 't': expected a non-negative 0-d integer, "
+                                 f"got shape {t.shape} dtype {t.dtype}")
+        # The vectors must match the parameters this optimizer was set up for, else one another.
+        ref = self._scratch
+        if ref is None and self.slots:
+            ref = np.asarray(d[self.slots[0]])
+        for k in self.slots:
+            a = np.asarray(d[k])
+            if a.ndim != 1 or a.dtype.kind != "f" or (a.shape, a.dtype) != (ref.shape, ref.dtype):
+                raise OptimizerError(f"{self.name} state {k!r}: expected a 1-D float vector "
+                                     f"{ref.shape} {ref.dtype}, got {a.shape} {a.dtype}")
+        if self._scratch is None and ref is not None:
+            self.init(ref)
+        for k in self.slots:
+            np.copyto(self.state[k], d[k])
+        self.t = int(t)
+
+
+class SGD(_Optimizer):
+    """torch.optim.SGD: g += wd*p; v = mu*v + g; u = g + mu*v (nesterov) or v; p -= lr*u."""
+
+    name = "sgd"
+
+    def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(lr)
+        self.momentum = _at_least("momentum", momentum, 0.0)
+        self.nesterov = bool(nesterov)
+        self.weight_decay = _at_least("weight_decay", weight_decay, 0.0)
+        if self.nesterov and self.momentum == 0:
+            raise OptimizerError("sgd: nesterov=True needs momentum > 0")
+        self.slots = ("velocity",) if self.momentum else ()
+
+    def config(self):
+        """JSON-able hyper-parameters; make_optimizer(**config()) rebuilds this optimizer."""
+        return {"name": self.name, "lr": self.lr, "momentum": self.momentum,
+                "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+
+    def _update(self, p, g, lr):
+        dt, s = p.dtype.type, self._scratch
+        if self.weight_decay:
+            g += np.multiply(p, dt(self.weight_decay), out=s)
+        if self.momentum:
+            v = self.state["velocity"]
+            v *= dt(self.momentum)
+            v += g
+            if self.nesterov:
+                g += np.multiply(v, dt(self.momentum), out=s)
+            else:
+                g = v
+        p -= np.multiply(g, dt(lr), out=s)
+
+
+class Adam(_Optimizer):
+    """torch.optim.Adam: g += wd*p; m, v: EMAs of g, g^2; p -= lr m/(1-b1^t) / (sqrt(v/(1-b2^t))+eps)."""
+
+    name = "adam"
+    slots = ("m", "v")
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(lr)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise OptimizerError(f"{self.name}: betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = _at_least("eps", eps, 0.0)
+        self.weight_decay = _at_least("weight_decay", weight_decay, 0.0)
+
+    def config(self):
+        """JSON-able hyper-parameters; make_optimizer(**config()) rebuilds this optimizer."""
+        return {"name": self.name, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+    def _decay(self, p, g, lr):
+        if self.weight_decay:  # an L2 penalty in the gradient, so 1/sqrt(v) rescales it too
+            g += np.multiply(p, p.dtype.type(self.weight_decay), out=self._scratch)
+
+    def _update(self, p, g, lr):
+        dt, s, m, v = p.dtype.type, self._scratch, self.state["m"], self.state["v"]
+        b1, b2 = self.betas
+        self._decay(p, g, lr)
+        np.multiply(g, g, out=s)
+        s *= dt(1 - b2)
+        v *= dt(b2)
+        v += s  # v = b2 v + (1 - b2) g^2
+        g *= dt(1 - b1)
+        m *= dt(b1)
+        m += g  # m = b1 m + (1 - b1) g
+        # Bias corrections are float64 Python scalars, each cast once to the parameter dtype.
+        np.sqrt(v, out=s)
+        s /= dt(math.sqrt(1 - b2**self.t))
+        s += dt(self.eps)
+        np.divide(m, s, out=s)
+        s *= dt(lr / (1 - b1**self.t))
+        p -= s
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: p *= 1 - lr*wd, decoupled from the moments, then the Adam update."""
+
+    name = "adamw"
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(lr, betas, eps, weight_decay)
+
+    def _decay(self, p, g, lr):
+        if self.weight_decay:
+            p *= p.dtype.type(1 - lr * self.weight_decay)
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def make_optimizer(name, **hyper):
+    """Build optimizer `name` from keyword hyper-parameters; refuses unknown names and keywords."""
+    if name not in OPTIMIZERS:
+        raise OptimizerError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    valid = list(inspect.signature(OPTIMIZERS[name]).parameters)
+    unknown = sorted(set(hyper) - set(valid))
+    if unknown:
+        raise OptimizerError(f"optimizer {name!r}: unknown hyper-parameter(s) {unknown}; "
+                             f"valid: {valid}")
+    return OPTIMIZERS[name](**hyper)
+
+
+def _at_least(key, value, low):
+    """float(value), refusing values below `low` with a message naming `key`."""
+    if not value >= low:  # the negation also refuses NaN
+        raise OptimizerError(f"{key} must be >= {low}, got {value!r}")
+    return float(value)
+
+
+def _required(key, value, schedule):
+    """A positive step count that `schedule` cannot do without."""
+    if value is None or not value > 0:
+        raise OptimizerError(f"schedule {schedule!r} needs {key} > 0, got {value!r}")
+    return value
+
+
+def _constant(step, base_lr, **_):
+    return base_lr
+
+
+def _step_decay(step, base_lr, *, step_size, gamma, **_):
+    return base_lr * gamma ** (step // _required("step_size", step_size, "step"))
+
+
+def _cosine(step, base_lr, *, total_steps, min_lr, **_):
+    total = _required("total_steps", total_steps, "cosine")
+    return min_lr + (base_lr - min_lr) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
+
+
+def _linear(step, base_lr, *, total_steps, min_lr, **_):
+    total = _required("total_steps", total_steps, "linear")
+    return min_lr + (base_lr - min_lr) * (1 - min(step, total) / total)
+
+
+SCHEDULES = {"constant": _constant, "step": _step_decay, "cosine": _cosine, "linear": _linear}
+
+
+def lr_at(step, base_lr, schedule="constant", *, total_steps=None, step_size=None, gamma=0.1,
+          warmup_steps=0, min_lr=0.0):
+    """Learning rate at 0-based `step`: the schedule's, times (step+1)/warmup_steps while warming up."""
+    if schedule not in SCHEDULES:
+        raise OptimizerError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+    if step < 0 or warmup_steps < 0:
+        raise OptimizerError(f"step and warmup_steps must be >= 0, got {step} and {warmup_steps}")
+    lr = SCHEDULES[schedule](step, base_lr, total_steps=total_steps, step_size=step_size,
+                             gamma=gamma, min_lr=min_lr)
+    return lr * (step + 1) / warmup_steps if step < warmup_steps else lr
+
+
+def clip_by_global_norm(grad, max_norm):
+    """Scale `grad` in place down to L2 norm `max_norm` if longer; return the norm before clipping.
+
+    A non-finite norm is returned with `grad` untouched, for the caller to skip the step.
+    """
+    if not max_norm > 0:
+        raise OptimizerError(f"max_norm must be > 0, got {max_norm!r}")
+    norm = math.sqrt(float(np.dot(grad, grad)))
+    if math.isfinite(norm) and norm > max_norm:
+        grad *= grad.dtype.type(max_norm / norm)
+    return norm
