@@ -1,0 +1,298 @@
+"""Run configuration: one typed dataclass tree with commented defaults, read from TOML.
+
+    cfg = load_config("examples/digits.toml", overrides=["model.l2=1e-4", "train.epochs=5"])
+
+Every error is a ConfigError whose message starts with the key ("model.activation: expected one
+of [...], got 'rleu'"), or with the file for a missing file or a TOML syntax error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+# The names the network, families and optimizers accept (they index the same tables there).
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "softplus")
+FAMILIES = ("gaussian", "bernoulli", "multinomial", "poisson")
+DTYPES = ("float32", "float64")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the key (or file) and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [128, 64])  # hidden sizes; in/out from data
+    activation: str = "relu"        # one of ACTIVATIONS
+    family: str = "multinomial"     # one of FAMILIES (sets the output link and loss)
+    l1: float = 0.0                 # L1 penalty on weights
+    l2: float = 0.0                 # L2 penalty on weights
+    dtype: str = "float64"          # float32 | float64
+
+
+@dataclass
+class DataConfig:
+    source: str = ""                # required: file path, "sklearn:NAME" or "synthetic:KIND?..."
+    target: str = ""                # csv target column / npz key / sibling .npy path
+    features: list[str] = field(default_factory=list)  # optional column subset (csv)
+    val_fraction: float = 0.2       # held out from the source for validation, 0 <= f < 1
+    standardize: bool = True        # fit (x - mean) / std on the training split
+    test_source: str = ""           # optional separate held-out set, same format as source
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"               # one of OPTIMIZERS
+    lr: float = 0.1                 # peak learning rate
+    momentum: float = 0.9           # sgd
+    nesterov: bool = False          # sgd; needs momentum > 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw
+    eps: float = 1e-8               # adam / adamw
+    weight_decay: float = 0.0       # adamw decoupled decay
+    schedule: str = "constant"      # one of SCHEDULES
+    step_size: int = 0              # "step": steps between decays (>= 1 there)
+    gamma: float = 0.1              # "step": decay factor
+    warmup_steps: int = 0           # linear warmup from 0 to lr
+    min_lr: float = 0.0             # floor of cosine / linear decay
+    clip_norm: float = 0.0          # clip the global gradient norm; 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256           # global batch, split across ranks
+    epochs: int = 20
+    seed: int = 0                   # split, init and per-epoch order all derive from it
+    patience: int = 0               # early stopping on validation loss; 0 = off
+    checkpoint_every: int = 0       # steps between checkpoints; 0 = end of each epoch only
+    keep_checkpoints: int = 3       # newest checkpoints kept on disk
+    deterministic: bool = False     # bit-identical results for any rank count (issue 7)
+    chunk_size: int = 32            # deterministic mode: samples per virtual shard
+    watchdog: float = 600.0         # seconds a collective may take before the job aborts; 0 = off
+    bucket_mb: float = 4.0          # allreduce bucket size
+    threads: int = 0                # BLAS threads per rank; 0 = cores / local ranks
+    check_every: int = 100          # steps between cross-rank parameter checksums; 0 = start only
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/run"       # run directory; load_config defaults it to runs/<config stem>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+TOP_LEVEL = ("out_dir",)
+
+
+# --------------------------------------------------------------------------- value checks
+# Each check returns None when the value is fine, else what was expected.
+
+def _one_of(names):
+    return lambda v: None if v in names else f"expected one of {list(names)}, got {v!r}"
+
+
+def _at_least(lo):
+    return lambda v: None if v >= lo else f"expected a value >= {lo}, got {v!r}"
+
+
+def _above(lo):
+    return lambda v: None if v > lo else f"expected a value > {lo}, got {v!r}"
+
+
+def _unit(v):
+    return None if 0 <= v < 1 else f"expected 0 <= value < 1, got {v!r}"
+
+
+def _nonempty(v):
+    return None if v.strip() else "expected a non-empty string"
+
+
+def _sizes(v):
+    return None if all(h >= 1 for h in v) else f"expected sizes >= 1, got {v!r}"
+
+
+def _betas(v):
+    ok = len(v) == 2 and all(0 <= b < 1 for b in v)
+    return None if ok else f"expected two numbers in [0, 1), got {v!r}"
+
+
+CHECKS = {
+    "out_dir": _nonempty,
+    "model.hidden": _sizes, "model.activation": _one_of(ACTIVATIONS),
+    "model.family": _one_of(FAMILIES), "model.l1": _at_least(0), "model.l2": _at_least(0),
+    "model.dtype": _one_of(DTYPES),
+    "data.source": _nonempty, "data.val_fraction": _unit,
+    "optim.name": _one_of(OPTIMIZERS), "optim.lr": _above(0), "optim.momentum": _unit,
+    "optim.betas": _betas, "optim.eps": _above(0), "optim.weight_decay": _at_least(0),
+    "optim.schedule": _one_of(SCHEDULES), "optim.step_size": _at_least(0),
+    "optim.gamma": _above(0), "optim.warmup_steps": _at_least(0), "optim.min_lr": _at_least(0),
+    "optim.clip_norm": _at_least(0),
+    "train.batch_size": _at_least(1), "train.epochs": _at_least(0), "train.seed": _at_least(0),
+    "train.patience": _at_least(0), "train.checkpoint_every": _at_least(0),
+    "train.keep_checkpoints": _at_least(1), "train.chunk_size": _at_least(1),
+    "train.watchdog": _at_least(0), "train.bucket_mb": _above(0), "train.threads": _at_least(0),
+    "train.check_every": _at_least(0),
+}
+
+
+def _cross_checks(cfg: Config) -> None:
+    """Rules that involve two keys; the message names the key to change."""
+    o = cfg.optim
+    if o.schedule == "step" and o.step_size < 1:
+        raise ConfigError(f"optim.step_size: expected >= 1 with optim.schedule = 'step', "
+                          f"got {o.step_size}")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError("optim.nesterov: needs optim.momentum > 0")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr: expected <= optim.lr ({o.lr}), got {o.min_lr}")
+
+
+# ---------------------------------------------------------------------------- type checks
+
+def _typed(key: str, value, typ):
+    """value as `typ` (int accepted for float, bool never for a number), else ConfigError."""
+    if typing.get_origin(typ) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_typed(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    raise ConfigError(f"{key}: expected {names[typ]}, got {value!r}")
+
+
+def _build(cls, d: dict, prefix: str):
+    """An instance of dataclass `cls` from table `d`, every value type- and range-checked."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in d.items():
+        key = f"{prefix}{name}"
+        value = _typed(key, value, hints[name])
+        problem = CHECKS.get(key, lambda v: None)(value)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+        values[name] = value
+    return cls(**values)
+
+
+def _check_keys(d: dict) -> None:
+    """Unknown sections and keys are errors that suggest the closest valid name."""
+    for name, value in d.items():
+        if name in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a table [{name}], got {value!r}")
+            for key in value:
+                _require_known(f"{name}.{key}")
+        elif isinstance(value, dict):
+            close = difflib.get_close_matches(name, list(SECTIONS), n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else f" (sections: {list(SECTIONS)})"
+            raise ConfigError(f"[{name}]: unknown section{hint}")
+        else:
+            _require_known(name)
+
+
+def _valid_keys() -> list[str]:
+    """Every settable key, dotted."""
+    fields = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return list(TOP_LEVEL) + fields
+
+
+def _require_known(key: str) -> None:
+    """ConfigError for a key not in the schema, suggesting the same name in another section
+    (model.lr -> optim.lr) or else the closest spelling."""
+    valid = _valid_keys()
+    if key in valid:
+        return
+    name = key.rpartition(".")[2]
+    moved = [k for k in valid if k.rpartition(".")[2] == name]
+    close = moved or difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"{key}: unknown key{hint}")
+
+
+# --------------------------------------------------------------------------------- public
+
+def load_config(path, overrides=()) -> Config:
+    """Read a TOML file, apply `overrides` ("section.key=value"), validate."""
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no such config file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    d.setdefault("out_dir", f"runs/{os.path.splitext(os.path.basename(path))[0]}")
+    return parse_config(d, overrides)
+
+
+def parse_config(d: dict, overrides=()) -> Config:
+    """Config from a parsed TOML table plus overrides; raises ConfigError naming the key."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}  # overrides must not leak
+    for item in overrides:
+        apply_override(d, item)
+    _check_keys(d)
+    if not d.get("data", {}).get("source"):
+        raise ConfigError("data.source: required key is missing "
+                          "(a data file, 'sklearn:NAME' or 'synthetic:KIND')")
+    sections = {name: _build(cls, d.get(name, {}), f"{name}.") for name, cls in SECTIONS.items()}
+    top = {k: d[k] for k in TOP_LEVEL if k in d}
+    cfg = _build(Config, {**top, **sections}, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def apply_override(d: dict, item: str) -> None:
+    """Set "section.key=value" in the raw table `d`; value parsed as TOML, else kept as a string."""
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq:
+        raise ConfigError(f"override {item!r}: no '=' in it (expected section.key=value)")
+    _require_known(key)
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # bare words such as sklearn:digits or relu
+    section, _, name = key.rpartition(".")
+    table = d.setdefault(section, {}) if section else d
+    if not isinstance(table, dict):
+        raise ConfigError(f"{section}: expected a table [{section}], got {table!r}")
+    table[name] = value
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the config (JSON- and TOML-able)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of to_dict (validates, so a tampered dict is refused like a bad file)."""
+    return parse_config(d)
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML text that load_config reads back to an equal Config."""
+    def value(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return json.dumps(v, ensure_ascii=False)  # these JSON values are valid TOML values
+
+    d = to_dict(cfg)
+    lines = [f"{k} = {value(d[k])}" for k in TOP_LEVEL]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in d[section].items()]
+    return "\n".join(lines) + "\n"

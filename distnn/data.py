@@ -1,0 +1,520 @@
+"""Data for distnn: sources, train/validation split, per-epoch order, sharding, standardization.
+
+Sources (`load`):
+  "path.npz"            arrays "X" and "y" (or `target`); uncompressed members are memory-mapped
+  "path.npy"            X only, memory-mapped; y from the file named by `target` ("path_y.npy")
+  "path.csv"            header row, numeric features, `target` names the target column
+  "sklearn:NAME"        digits, breast_cancer, diabetes, iris, wine (pip install distnn[examples])
+  "synthetic:KIND?n=..&d=..&seed=.."   classification, binary, regression, poisson (deterministic)
+
+Everything here is a plain function of (n, seed, epoch, size, rank): every rank computes the same
+permutation and the same batch boundaries, then reads only its own rows. No MPI in this module.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import math
+import os
+import struct
+import urllib.parse
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.lib.format as npformat
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the file, row or column and what was expected."""
+
+
+@dataclass
+class Dataset:
+    """Features, targets and names of one data source (X may be a read-only np.memmap)."""
+
+    X: np.ndarray              # (N, d)
+    y: np.ndarray              # (N,) or (N, K), labels as stored (ints, floats or strings)
+    feature_names: list[str]
+    target_name: str
+    source: str
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def load(source: str, *, target: str | None = None, features: list[str] | None = None) -> Dataset:
+    """Load a data source (see the module docstring); `features` selects columns by name."""
+    kind, _, rest = source.partition(":")
+    if kind == "sklearn":
+        ds = _load_sklearn(rest)
+    elif kind == "synthetic":
+        ds = _load_synthetic(source, rest)
+    else:
+        ds = _load_file(source, target, features)
+    if features and ds.feature_names != list(features):  # CSV selects while parsing
+        ds = _select_features(ds, features)
+    _check_shapes(ds)
+    return ds
+
+
+def _load_file(path: str, target: str | None, features: list[str] | None) -> Dataset:
+    """Dispatch on the file extension after checking the file exists."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".npz", ".npy", ".csv"):
+        raise DataError(f"{path}: unknown data source; expected a .npz, .npy or .csv file, "
+                        f"'sklearn:NAME' or 'synthetic:KIND'")
+    if not os.path.isfile(path):
+        raise DataError(f"no such data file: {path}")
+    if ext == ".csv":
+        return _load_csv(path, target, features)
+    return _load_npz(path, target) if ext == ".npz" else _load_npy(path, target)
+
+
+def _load_npz(path: str, target: str | None) -> Dataset:
+    """Arrays "X" and `target` (default "y") from an .npz, memory-mapping uncompressed members."""
+    ykey = target or "y"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+            for key in ("X", ykey):
+                if key not in names:
+                    have = ", ".join(names) or "none"
+                    raise DataError(f"{path} has no array '{key}' (arrays: {have})")
+            X, y = (_npz_member(path, zf, key) for key in ("X", ykey))
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"{path}: truncated or corrupt .npz ({e})") from None
+    return Dataset(X, y, _default_names(X), ykey, path)
+
+
+def _npz_member(path: str, zf: zipfile.ZipFile, key: str) -> np.ndarray:
+    """One .npz member: an np.memmap when stored uncompressed, else read whole into memory.
+
+    np.load(mmap_mode=...) ignores mmap_mode for .npz, so we find where the member's .npy data
+    starts inside the zip (local header + name + extra field + .npy header) and map it there.
+    A compressed member (np.savez_compressed) cannot be mapped: it costs its full size in memory.
+    """
+    info = zf.getinfo(key + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        with zf.open(info) as f:
+            return _read_npy(f, f"{path}[{key}]")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # fixed part of the zip local file header
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise DataError(f"{path}: corrupt .npz (bad zip header for '{key}')")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        header = _npy_header(f, f"{path}[{key}]")
+        if header is None:  # a header version without a public reader: read the member whole
+            with zf.open(info) as g:
+                return _read_npy(g, f"{path}[{key}]")
+        shape, fortran, dtype = header
+        offset = f.tell()
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offset - start + nbytes > info.file_size:
+        raise DataError(f"{path}: truncated or corrupt .npz (array '{key}' is cut short)")
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+
+
+def _npy_header(f, name: str):
+    """(shape, fortran_order, dtype) of the .npy at f's position, or None for format 3.0."""
+    try:
+        version = npformat.read_magic(f)
+        reader = {(1, 0): npformat.read_array_header_1_0,
+                  (2, 0): npformat.read_array_header_2_0}.get(version)
+        if reader is None:
+            return None
+        shape, fortran, dtype = reader(f)
+    except ValueError as e:
+        raise DataError(f"{name}: corrupt .npy header ({e})") from None
+    if dtype.hasobject:
+        raise DataError(f"{name}: holds Python objects; only numeric or string arrays are loaded")
+    return shape, fortran, dtype
+
+
+def _read_npy(f, name: str) -> np.ndarray:
+    """Read a whole .npy stream without pickle."""
+    try:
+        return npformat.read_array(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{name}: truncated or corrupt .npy ({e})") from None
+
+
+def _load_npy(path: str, target: str | None) -> Dataset:
+    """X from `path` (memory-mapped); y from the .npy named by `target`.
+
+    `target` is taken as given when that file exists, else relative to X's directory, so
+    source="data/X.npy", target="X_y.npy" finds data/X_y.npy.
+    """
+    if not target:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        raise DataError(f"{path}: a .npy source holds X only; name the targets file as the target "
+                        f"(e.g. '{stem}_y.npy')")
+    ypath = target if os.path.isfile(target) else os.path.join(os.path.dirname(path), target)
+    if not os.path.isfile(ypath):
+        raise DataError(f"no such data file: {target} (targets for {path})")
+    X, y = _mmap_npy(path), _mmap_npy(ypath)
+    return Dataset(X, y, _default_names(X), os.path.splitext(os.path.basename(ypath))[0], path)
+
+
+def _mmap_npy(path: str) -> np.ndarray:
+    """np.load with mmap_mode="r" and no pickle; errors name the file."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: truncated or corrupt .npy ({e})") from None
+
+
+def _load_csv(path: str, target: str | None, features: list[str] | None) -> Dataset:
+    """Header row, numeric feature columns, a target column of numbers or class names."""
+    if not target:
+        raise DataError(f"{path}: a CSV source needs the name of its target column (data.target)")
+    header, body, lines = _read_csv(path)
+    col = {name: j for j, name in enumerate(header)}
+    _require_columns(path, [target], col)
+    names = list(features) if features else [h for h in header if h != target]
+    _require_columns(path, names, col)
+    if target in names:
+        raise DataError(f"{path}: column '{target}' is the target and cannot also be a feature")
+    X = _numeric_columns(path, body, lines, [col[n] for n in names], names)
+    y = _target_column(path, body, lines, col[target], target)
+    return Dataset(X, y, names, target, path)
+
+
+def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """(header, data rows, file line of each row); ragged, empty or header-only files raise."""
+    body, lines = [], []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path} is empty (expected a header row)")
+            header = [h.strip() for h in header]
+            for fields in reader:
+                if not fields:  # blank line
+                    continue
+                if len(fields) != len(header):
+                    raise DataError(f"{path} line {reader.line_num}: {len(fields)} fields, "
+                                    f"expected {len(header)} as in the header")
+                body.append(fields)
+                lines.append(reader.line_num)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    if not body:
+        raise DataError(f"{path} has a header but no data rows")
+    dup = {h for h in header if header.count(h) > 1}
+    if dup:
+        raise DataError(f"{path}: duplicate column names in the header: {', '.join(sorted(dup))}")
+    return header, body, lines
+
+
+def _require_columns(path: str, wanted: list[str], col: dict[str, int]) -> None:
+    """Every name in `wanted` is a column, else a DataError suggesting the closest one."""
+    for name in wanted:
+        if name not in col:
+            close = difflib.get_close_matches(name, list(col), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (columns: {', '.join(col)})"
+            raise DataError(f"{path}: no column '{name}'{hint}")
+
+
+def _numeric_columns(path, body, lines, idx, names) -> np.ndarray:
+    """(N, len(idx)) float64 from the selected columns; the first non-number is named."""
+    cells = np.array([[row[j] for j in idx] for row in body], dtype=str)
+    cells = cells.reshape(len(body), len(idx))  # (N, 0) when no feature columns
+    try:
+        return np.char.strip(cells).astype(np.float64)
+    except ValueError:
+        pass
+    for i, row in enumerate(cells):
+        for j, cell in enumerate(row):
+            try:
+                float(cell)
+            except ValueError:
+                raise DataError(f"{path} line {lines[i]}, column '{names[j]}': expected a number, "
+                                f"got {str(cell)!r}") from None
+    raise DataError(f"{path}: feature columns are not all numbers")
+
+
+def _target_column(path, body, lines, j, name) -> np.ndarray:
+    """Targets as int64 (integral numbers), float64 (other numbers) or str (class names)."""
+    values = [row[j].strip() for row in body]
+    for i, v in enumerate(values):
+        if v == "":
+            raise DataError(f"{path} line {lines[i]}, column '{name}': empty target")
+    try:
+        y = np.array([float(v) for v in values])
+    except ValueError:
+        return np.array(values)
+    integral = np.isfinite(y).all() and (y == np.round(y)).all() and np.abs(y).max() < 2**53
+    return y.astype(np.int64) if integral else y
+
+
+def _select_features(ds: Dataset, features: list[str]) -> Dataset:
+    """Keep the named feature columns (in-memory sources only; a memmap would be copied whole)."""
+    if isinstance(ds.X, np.memmap):
+        raise DataError(f"{ds.source}: selecting features is supported for CSV, sklearn and "
+                        f"synthetic sources; a memory-mapped X would be copied whole")
+    _require_columns(ds.source, features, {n: j for j, n in enumerate(ds.feature_names)})
+    idx = [ds.feature_names.index(n) for n in features]
+    return Dataset(ds.X[:, idx], ds.y, list(features), ds.target_name, ds.source)
+
+
+def _check_shapes(ds: Dataset) -> None:
+    """X is a non-empty 2-D numeric array and y has one entry per row."""
+    src = ds.source
+    if ds.X.ndim != 2:
+        raise DataError(f"{src}: X must be 2-D (samples, features), got shape {ds.X.shape}")
+    if ds.X.dtype.kind not in "biuf":
+        raise DataError(f"{src}: X has dtype {ds.X.dtype}, expected numbers")
+    if 0 in ds.X.shape:
+        raise DataError(f"{src}: X has shape {ds.X.shape}; expected at least one row and "
+                        f"one feature")
+    if ds.y.ndim not in (1, 2) or ds.y.shape[0] != ds.X.shape[0]:
+        raise DataError(f"{src}: X has {ds.X.shape[0]} rows but y has shape {ds.y.shape}; "
+                        f"expected ({ds.X.shape[0]},) or ({ds.X.shape[0]}, K)")
+
+
+def _default_names(X: np.ndarray) -> list[str]:
+    """x0, x1, ... for sources without column names."""
+    return [f"x{j}" for j in range(X.shape[1] if X.ndim == 2 else 0)]
+
+
+# ---------------------------------------------------------------------- bundled and synthetic
+
+SKLEARN_SETS = ("digits", "breast_cancer", "diabetes", "iris", "wine")
+
+
+def _load_sklearn(name: str) -> Dataset:
+    """One of scikit-learn's bundled data sets, by name."""
+    if name not in SKLEARN_SETS:
+        raise DataError(f"unknown data set 'sklearn:{name}'; expected one of {list(SKLEARN_SETS)}")
+    try:
+        from sklearn import datasets
+    except ImportError:
+        raise DataError(f"'sklearn:{name}' needs scikit-learn: "
+                        f"pip install 'distnn[examples]'") from None
+    bunch = getattr(datasets, f"load_{name}")()
+    X = np.asarray(bunch.data, dtype=np.float64)
+    names = [str(n) for n in getattr(bunch, "feature_names", _default_names(X))]
+    return Dataset(X, np.asarray(bunch.target), names, "target", f"sklearn:{name}")
+
+
+def _teacher(rng: np.random.Generator, X: np.ndarray, k: int, hidden: int = 32) -> np.ndarray:
+    """(N, k) outputs of a random one-hidden-layer tanh MLP, scaled to unit std per output."""
+    d = X.shape[1]
+    W1 = rng.standard_normal((d, hidden)) / math.sqrt(d)
+    b1 = 0.5 * rng.standard_normal(hidden)
+    W2 = rng.standard_normal((hidden, k)) / math.sqrt(hidden)
+    f = np.tanh(X @ W1 + b1) @ W2
+    return (f - f.mean(axis=0)) / f.std(axis=0)
+
+
+def _classification(rng, X, k):
+    """Labels drawn from softmax(3 * teacher): Gumbel-max sampling gives ~Bayes-optimal noise."""
+    logits = 3.0 * _teacher(rng, X, k)
+    return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1).astype(np.int64)
+
+
+def _binary(rng, X):
+    """0/1 labels drawn from sigmoid(3 * teacher) via logistic noise."""
+    logit = 3.0 * _teacher(rng, X, 1)[:, 0]
+    return (logit + rng.logistic(size=logit.shape) > 0).astype(np.int64)
+
+
+def _regression(rng, X, k, noise):
+    """teacher(X) + noise * N(0, 1); (N,) for k = 1, else (N, k). R^2 ceiling 1 / (1 + noise^2)."""
+    y = _teacher(rng, X, k) + noise * rng.standard_normal((X.shape[0], k))
+    return y[:, 0] if k == 1 else y
+
+
+def _poisson(rng, X):
+    """Counts ~ Poisson(exp(eta)), eta = 0.5 + clip(X w, -2.5, 2.5): rates in [0.14, 20]."""
+    w = rng.standard_normal(X.shape[1]) / math.sqrt(X.shape[1])
+    eta = 0.5 + np.clip(X @ w, -2.5, 2.5)
+    return rng.poisson(np.exp(eta)).astype(np.int64)
+
+
+# kind -> (generator, default parameters); X ~ N(0, 1) is drawn first, then the teacher and noise.
+SYNTHETIC = {
+    "classification": (_classification, {"n": 1000, "d": 10, "k": 3, "seed": 0}),
+    "binary": (_binary, {"n": 1000, "d": 10, "seed": 0}),
+    "regression": (_regression, {"n": 1000, "d": 10, "k": 1, "seed": 0, "noise": 0.1}),
+    "poisson": (_poisson, {"n": 1000, "d": 10, "seed": 0}),
+}
+
+
+def _load_synthetic(source: str, spec: str) -> Dataset:
+    """Deterministic generated data: "KIND?n=1000&d=10&seed=0" (parameters per SYNTHETIC)."""
+    kind, _, query = spec.partition("?")
+    if kind not in SYNTHETIC:
+        raise DataError(f"{source}: unknown kind '{kind}'; expected one of {list(SYNTHETIC)}")
+    make, defaults = SYNTHETIC[kind]
+    p = _synthetic_params(source, query, defaults, k_min=2 if kind == "classification" else 1)
+    rng = np.random.default_rng(p.pop("seed"))
+    X = rng.standard_normal((p.pop("n"), p.pop("d")))
+    return Dataset(X, make(rng, X, **p), _default_names(X), "y", source)
+
+
+def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> dict:
+    """Parse and range-check the query parameters of a synthetic source."""
+    p = dict(defaults)
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if key not in defaults:
+            raise DataError(f"{source}: unknown parameter '{key}'; "
+                            f"expected one of {list(defaults)}")
+        kind = type(defaults[key])
+        try:
+            p[key] = kind(value)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise DataError(f"{source}: parameter '{key}' expected {what}, got {value!r}") from None
+    lowest = {"n": 1, "d": 1, "k": k_min, "seed": 0, "noise": 0.0}
+    for key, value in p.items():
+        if not value >= lowest[key]:
+            raise DataError(f"{source}: parameter '{key}' expected >= {lowest[key]}, got {value}")
+    return p
+
+
+# ------------------------------------------------------------------------------ checks, labels
+
+def check_finite(X, rows=None, *, name: str = "X", block: int = 65536) -> None:
+    """Raise DataError naming the first NaN/Inf ("X row 12, column 3 is NaN"); streams in blocks.
+
+    `rows` is None (all rows) or an array of row indices; row numbers in the message are 0-based
+    indices into X. Integer arrays are finite by construction and are not read.
+    """
+    if X.dtype.kind != "f":
+        return
+    n = X.shape[0] if rows is None else len(rows)
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        part = np.asarray(X[lo:hi] if rows is None else X[np.asarray(rows[lo:hi])])
+        bad = ~np.isfinite(part)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            row = lo + where[0] if rows is None else int(rows[lo + where[0]])
+            value = part[tuple(where)]
+            what = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+            col = f", column {where[1]}" if part.ndim > 1 else ""
+            raise DataError(f"{name} row {row}{col} is {what}")
+
+
+def encode_labels(y) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int64 in 0..K-1, classes sorted) so that classes[codes] == y."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"class labels must be one column, got shape {y.shape}")
+    classes, codes = np.unique(y, return_inverse=True)
+    return codes.reshape(-1).astype(np.int64), classes
+
+
+# ------------------------------------------------------------------ splits, order and sharding
+
+def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) sorted row indices, round(n * val_fraction) for validation, from the seed.
+
+    Sorted so memory-mapped reads go forward. The split uses its own random stream (spawn key 1),
+    distinct from every epoch_permutation stream.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction: expected 0 <= value < 1, got {val_fraction}")
+    n_val = min(int(round(n * val_fraction)), max(n - 1, 0))
+    perm = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,))).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Sample order of one epoch, the same on every rank and recomputable on resume."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each global batch of an epoch of n samples; the last may be short."""
+    return [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+
+
+def shard(start: int, stop: int, size: int, rank: int) -> tuple[int, int]:
+    """Rank's contiguous part of [start, stop); sizes differ by <= 1, earlier ranks larger."""
+    if not 0 <= rank < size:
+        raise ValueError(f"rank {rank} is outside 0..{size - 1}")
+    q, r = divmod(stop - start, size)
+    lo = start + rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
+
+
+def chunk_range(n_chunks: int, size: int, rank: int) -> tuple[int, int]:
+    """[first, stop) of the whole chunks a rank owns, split as in `shard`."""
+    return shard(0, n_chunks, size, rank)
+
+
+# ----------------------------------------------------------------------------- standardization
+
+@dataclass
+class Standardizer:
+    """Per-feature (x - mean) / scale; scale is the std with 0 replaced by 1 (constant features)."""
+
+    mean: np.ndarray    # (d,) float64
+    scale: np.ndarray   # (d,) float64
+
+    @staticmethod
+    def moments(X, rows=None, block: int = 65536, shift=None) -> np.ndarray:
+        """(2d+1,) float64 [count, sum(x - shift), sum((x - shift)^2)] over rows, in blocks.
+
+        Shifting by a value near the data (default X[0], the same on every rank) avoids the
+        cancellation of sumsq/n - mean^2 for features with a large offset, and makes a constant
+        feature's variance exactly 0. Moments of row blocks add up to the moments of their union.
+        """
+        d = X.shape[1]
+        shift = np.asarray(X[0] if shift is None else shift, dtype=np.float64)
+        m = np.zeros(2 * d + 1)
+        n = X.shape[0] if rows is None else len(rows)
+        for lo in range(0, n, block):
+            hi = min(lo + block, n)
+            part = np.asarray(X[lo:hi] if rows is None else X[np.asarray(rows[lo:hi])])
+            z = part.astype(np.float64) - shift          # (rows, d)
+            m[0] += hi - lo
+            m[1:d + 1] += z.sum(axis=0)
+            m[d + 1:] += np.einsum("ij,ij->j", z, z)
+        return m
+
+    @classmethod
+    def from_moments(cls, count, sum_, sumsq, shift=0.0) -> "Standardizer":
+        """From [count, sum, sumsq] of (x - shift), e.g. after ranks allreduce their moments."""
+        if not count > 0:
+            raise DataError("cannot standardize: no training rows")
+        mu = np.asarray(sum_, dtype=np.float64) / count
+        var = np.maximum(np.asarray(sumsq, dtype=np.float64) / count - mu * mu, 0.0)  # round-off
+        std = np.sqrt(var)
+        return cls(mean=mu + shift, scale=np.where(std == 0, 1.0, std))
+
+    @classmethod
+    def fit(cls, X, rows=None, *, reduce=None, block: int = 65536) -> "Standardizer":
+        """Fit on `rows` of X; `reduce(vec)` sums the moment vector across ranks in place."""
+        shift = np.asarray(X[0], dtype=np.float64)
+        m = cls.moments(X, rows, block, shift)
+        if reduce is not None:
+            reduce(m)
+        d = X.shape[1]
+        return cls.from_moments(m[0], m[1:d + 1], m[d + 1:], shift)
+
+    def transform(self, X, out=None) -> np.ndarray:
+        """(X - mean) / scale in X's float dtype (float64 for integer X); `out` may be X itself."""
+        dt = X.dtype if X.dtype.kind == "f" else np.float64
+        out = np.subtract(X, self.mean.astype(dt), out=out, dtype=dt)
+        return np.divide(out, self.scale.astype(dt), out=out)
+
+    def to_arrays(self) -> dict:
+        """{"mean", "scale"} arrays, for a checkpoint or model file."""
+        return {"mean": self.mean, "scale": self.scale}
+
+    @classmethod
+    def from_arrays(cls, d) -> "Standardizer":
+        """Inverse of to_arrays."""
+        return cls(mean=np.asarray(d["mean"], dtype=np.float64),
+                   scale=np.asarray(d["scale"], dtype=np.float64))

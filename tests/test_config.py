@@ -1,0 +1,202 @@
+"""Specification of distnn.config: full file parses, errors name keys, overrides, round trip."""
+import json
+import tomllib
+
+import pytest
+
+from distnn.config import (ACTIVATIONS, Config, ConfigError, apply_override, from_dict, load_config,
+                           parse_config, to_dict, to_toml)
+
+FULL = """
+out_dir = "runs/full"
+
+[model]
+hidden = [32, 16, 8]
+activation = "tanh"
+family = "poisson"
+l1 = 1e-5
+l2 = 0
+dtype = "float32"
+
+[data]
+source = "data/train.csv"
+target = "count"
+features = ["a", "b"]
+val_fraction = 0.1
+standardize = false
+test_source = "data/test.csv"
+
+[optim]
+name = "adamw"
+lr = 3e-3
+momentum = 0.0
+nesterov = false
+betas = [0.8, 0.99]
+eps = 1e-7
+weight_decay = 0.01
+schedule = "step"
+step_size = 100
+gamma = 0.5
+warmup_steps = 10
+min_lr = 1e-5
+clip_norm = 1.0
+
+[train]
+batch_size = 64
+epochs = 3
+seed = 42
+patience = 2
+checkpoint_every = 50
+keep_checkpoints = 2
+deterministic = true
+chunk_size = 16
+watchdog = 5
+bucket_mb = 8.0
+threads = 1
+check_every = 10
+"""
+
+MINIMAL = {"data": {"source": "sklearn:digits"}}
+
+
+def write(tmp_path, text, name="cfg.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_full_example_parses_with_types(tmp_path):
+    cfg = load_config(write(tmp_path, FULL))
+    assert cfg.out_dir == "runs/full"
+    assert cfg.model.hidden == [32, 16, 8] and cfg.model.family == "poisson"
+    assert cfg.model.l2 == 0.0 and isinstance(cfg.model.l2, float)  # int accepted for float
+    assert cfg.data.features == ["a", "b"] and cfg.data.standardize is False
+    assert cfg.optim.name == "adamw" and cfg.optim.betas == [0.8, 0.99]
+    assert cfg.train.deterministic is True and cfg.train.watchdog == 5.0
+    assert isinstance(cfg.train.watchdog, float)
+
+
+def test_defaults_fill_everything_but_the_source(tmp_path):
+    cfg = load_config(write(tmp_path, '[data]\nsource = "sklearn:iris"\n', "iris.toml"))
+    assert cfg.out_dir == "runs/iris"  # named after the config file
+    assert cfg.model == Config().model and cfg.optim == Config().optim
+    assert cfg.train.batch_size == 256 and parse_config(MINIMAL).out_dir == "runs/run"
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"modle": {"hidden": [4]}}, r"^\[modle\]: unknown section; did you mean \[model\]\?"),
+    ({"model": {"activaton": "relu"}}, r"^model\.activaton: unknown key; did you mean model\.activ"),
+    ({"model": {"lr": 0.1}}, r"^model\.lr: unknown key; did you mean optim\.lr\?"),
+    ({"outdir": "x"}, r"^outdir: unknown key; did you mean out_dir\?"),
+    ({"model": 3}, r"^model: expected a table \[model\]"),
+    ({"model": {"activation": "rleu"}}, r"^model\.activation: expected one of \[.*\], got 'rleu'"),
+    ({"model": {"family": "binomial"}}, r"^model\.family: expected one of"),
+    ({"model": {"dtype": "float16"}}, r"^model\.dtype: expected one of"),
+    ({"model": {"hidden": 64}}, r"^model\.hidden: expected a list, got 64"),
+    ({"model": {"hidden": [64, 0]}}, r"^model\.hidden: expected sizes >= 1"),
+    ({"model": {"hidden": [64, 1.5]}}, r"^model\.hidden\[1\]: expected an integer, got 1\.5"),
+    ({"model": {"l1": -1}}, r"^model\.l1: expected a value >= 0"),
+    ({"model": {"l2": "small"}}, r"^model\.l2: expected a number, got 'small'"),
+    ({"model": {"l2": True}}, r"^model\.l2: expected a number, got True"),
+    ({"data": {"source": 3}}, r"^data\.source: expected a string, got 3"),
+    ({"data": {"val_fraction": 1.0}}, r"^data\.val_fraction: expected 0 <= value < 1"),
+    ({"data": {"features": ["a", 2]}}, r"^data\.features\[1\]: expected a string"),
+    ({"data": {"standardize": 1}}, r"^data\.standardize: expected true or false, got 1"),
+    ({"optim": {"name": "adagrad"}}, r"^optim\.name: expected one of"),
+    ({"optim": {"lr": 0}}, r"^optim\.lr: expected a value > 0"),
+    ({"optim": {"lr": float("nan")}}, r"^optim\.lr: expected a value > 0"),
+    ({"optim": {"momentum": 1.0}}, r"^optim\.momentum: expected 0 <= value < 1"),
+    ({"optim": {"betas": [0.9]}}, r"^optim\.betas: expected two numbers in \[0, 1\)"),
+    ({"optim": {"eps": 0.0}}, r"^optim\.eps: expected a value > 0"),
+    ({"optim": {"schedule": "exp"}}, r"^optim\.schedule: expected one of"),
+    ({"optim": {"schedule": "step"}}, r"^optim\.step_size: expected >= 1 with optim\.schedule"),
+    ({"optim": {"nesterov": True, "momentum": 0}}, r"^optim\.nesterov: needs optim\.momentum > 0"),
+    ({"optim": {"min_lr": 1.0}}, r"^optim\.min_lr: expected <= optim\.lr"),
+    ({"optim": {"clip_norm": -1}}, r"^optim\.clip_norm: expected a value >= 0"),
+    ({"train": {"batch_size": 0}}, r"^train\.batch_size: expected a value >= 1, got 0"),
+    ({"train": {"batch_size": True}}, r"^train\.batch_size: expected an integer, got True"),
+    ({"train": {"batch_size": 32.0}}, r"^train\.batch_size: expected an integer, got 32\.0"),
+    ({"train": {"epochs": -1}}, r"^train\.epochs: expected a value >= 0"),
+    ({"train": {"seed": -1}}, r"^train\.seed: expected a value >= 0"),
+    ({"train": {"chunk_size": 0}}, r"^train\.chunk_size: expected a value >= 1"),
+    ({"train": {"keep_checkpoints": 0}}, r"^train\.keep_checkpoints: expected a value >= 1"),
+    ({"train": {"bucket_mb": 0}}, r"^train\.bucket_mb: expected a value > 0"),
+    ({"train": {"watchdog": -5}}, r"^train\.watchdog: expected a value >= 0"),
+    ({"out_dir": ""}, r"^out_dir: expected a non-empty string"),
+])
+def test_every_error_names_its_key(d, message):
+    d = {**d, "data": {**MINIMAL["data"], **d.get("data", {})}}  # a source unless the case sets one
+    with pytest.raises(ConfigError, match=message):
+        parse_config(d)
+
+
+@pytest.mark.parametrize("d", [{}, {"data": {}}, {"data": {"target": "y"}}])
+def test_missing_source_is_named(d):
+    with pytest.raises(ConfigError, match=r"^data\.source: required key is missing"):
+        parse_config(d)
+
+
+def test_every_activation_name_is_accepted():
+    for name in ACTIVATIONS:
+        assert parse_config({**MINIMAL, "model": {"activation": name}}).model.activation == name
+
+
+def test_missing_file_and_toml_syntax_error_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"no such config file: .*nope\.toml"):
+        load_config(tmp_path / "nope.toml")
+    bad = write(tmp_path, '[data]\nsource = "x.csv"\nepochs 5\n', "bad.toml")
+    with pytest.raises(ConfigError, match=r"bad\.toml: invalid TOML: .*line 3"):
+        load_config(bad)
+
+
+def test_overrides_reach_nested_keys_lists_bools_and_bare_strings(tmp_path):
+    cfg = load_config(write(tmp_path, FULL), overrides=[
+        "model.l2=1e-4", "model.hidden=[10, 5]", "train.deterministic=false",
+        "model.activation=relu", "data.source=sklearn:wine", 'data.target="class"',
+        "out_dir = runs/other", "optim.lr=1",
+    ])
+    assert cfg.model.l2 == 1e-4 and cfg.model.hidden == [10, 5]
+    assert cfg.train.deterministic is False and cfg.model.activation == "relu"
+    assert cfg.data.source == "sklearn:wine" and cfg.data.target == "class"
+    assert cfg.out_dir == "runs/other" and cfg.optim.lr == 1.0
+
+
+def test_override_creates_a_missing_section_and_does_not_touch_the_input():
+    d = {"data": {"source": "sklearn:digits"}}
+    cfg = parse_config(d, ["train.epochs=7", "data.val_fraction=0"])
+    assert cfg.train.epochs == 7 and cfg.data.val_fraction == 0.0
+    assert d == {"data": {"source": "sklearn:digits"}}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("model.l2", r"no '=' in it"),
+    ("model.l3=0.1", r"^model\.l3: unknown key; did you mean model\.l"),
+    ("trian.epochs=3", r"^trian\.epochs: unknown key; did you mean train\.epochs\?"),
+    ("=3", r"^: unknown key"),
+    ("train.epochs=many", r"^train\.epochs: expected an integer, got 'many'"),
+])
+def test_override_errors_name_the_key(item, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(MINIMAL, [item])
+
+
+def test_apply_override_edits_the_raw_table():
+    d = {}
+    apply_override(d, "train.batch_size=32")
+    apply_override(d, "data.features=['a', 'b']")
+    assert d == {"train": {"batch_size": 32}, "data": {"features": ["a", "b"]}}
+
+
+def test_to_dict_from_dict_and_toml_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, FULL))
+    d = to_dict(cfg)
+    assert from_dict(json.loads(json.dumps(d))) == cfg
+    assert from_dict(tomllib.loads(to_toml(cfg))) == cfg
+    assert load_config(write(tmp_path, to_toml(cfg), "again.toml")) == cfg
+
+
+def test_from_dict_validates():
+    d = to_dict(parse_config(MINIMAL))
+    d["train"]["batch_size"] = -3
+    with pytest.raises(ConfigError, match=r"^train\.batch_size"):
+        from_dict(d)
