@@ -1,0 +1,37 @@
+"""BLAS threads per rank: ranks x threads should not exceed the cores, or GEMMs fight for them.
+
+The rank count per node comes from the caller (Comm.local_ranks()), so this module needs no MPI.
+Deterministic mode pins the thread count too: a different count may change GEMM rounding.
+"""
+import os
+
+from threadpoolctl import threadpool_limits
+
+_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_limiter = None  # the live threadpool_limits controller; kept so the limit's owner is visible
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def blas_env(n: int) -> dict[str, str]:
+    """Environment variables that give a launched process n BLAS/OpenMP threads."""
+    return {name: str(n) for name in _ENV_VARS}
+
+
+def limit_blas_threads(n: int | None = None, *, ranks_per_node: int = 1) -> int:
+    """Limit this process (and its children) to n BLAS threads, by default its share of the CPUs."""
+    global _limiter
+    if ranks_per_node < 1:
+        raise ValueError(f"ranks_per_node must be at least 1, got {ranks_per_node!r}")
+    if n is None:
+        n = max(1, usable_cpus() // ranks_per_node)
+    if n < 1:
+        raise ValueError(f"BLAS threads must be at least 1, got {n!r}")
+    os.environ.update(blas_env(n))  # for child processes; this process's BLAS is already loaded
+    _limiter = threadpool_limits(limits=n, user_api="blas")
+    return n
