@@ -169,6 +169,10 @@ class Network:
         """Sum of per-sample losses (no penalty) for checked X and encoded Y."""
         return families.LOSS_SUM[self.family](self._forward(X).z[-1], Y)
 
+    def last_correct(self, Y):
+        """Correctly classified count in the last forward pass over len(Y) rows; None for regression."""
+        return families.correct_count(self.family, self._buffers[len(Y)].z[-1], Y)
+
     def eval_sums(self, X, Y):
         """(loss sum, count classified correctly or None for regression), one forward pass."""
         z = self._forward(X).z[-1]

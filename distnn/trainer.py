@@ -1,0 +1,387 @@
+"""`Trainer`: synchronous data-parallel training of a `Network` over an MPI communicator.
+
+Every rank holds the same parameters. Per step, along the global batch of B sample indices:
+
+    my rows (data.shard) -> net.grad_sum into buf -> comm.allreduce(buf) -> grad /= B
+    -> + penalty gradient -> clip -> optimizer.step(params, grad)
+
+`buf` is one contiguous vector: the gradient followed by three statistics (loss sum, correct count,
+stop flag) that ride in the same allreduce, so a step makes one MPI call (one per bucket for large
+models). Sums are divided by the *global* count, so P ranks compute what 1 rank computes on the same
+global batches, up to the order of floating-point additions. With `deterministic=True` the order is
+removed as well: every global batch is cut into chunks of `chunk_size` samples, each chunk's gradient
+is a fixed computation wherever it runs, and the chunks are summed exactly in integers
+(exactsum.py), so 1, 2, 3, ... ranks produce the same bits.
+
+The data order comes from `data.epoch_permutation(seed, epoch)`, so a checkpoint needs only
+(epoch, batch, step) and the parameters and optimizer state to continue bit-identically.
+Only rank 0 writes files; every rank returns the same `history`.
+"""
+
+import math
+import signal
+import threading
+import time
+
+import numpy as np
+
+from . import checkpoint, data, optim
+from .comm import Comm
+from .network import Network
+
+_STATS = 3  # loss sum, correct count, stop flag: ride behind the gradient in the allreduce
+
+
+class DivergenceError(RuntimeError):
+    """The loss or gradient became NaN/Inf; raised on every rank at the same step."""
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGTERM/SIGINT at a step boundary, after writing a checkpoint."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Trainer:
+    """Trains `net` data-parallel; `comm` None -> MPI.COMM_WORLD (a plain run is size 1)."""
+
+    def __init__(self, net, optimizer=None, batch_size=256, epochs=20, seed=0, comm=None, *,
+                 schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
+                 keep_checkpoints=3, deterministic=False, chunk_size=32, watchdog=None,
+                 bucket_bytes=4 << 20, check_every=100, callback=None):
+        if not isinstance(net, Network):
+            raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
+        self.net = net
+        self.optimizer = optimizer if optimizer is not None else optim.SGD(lr=0.01)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.epochs = _positive_int("epochs", epochs, low=0)
+        self.seed = int(seed)
+        self.schedule = dict(schedule or {})  # keyword arguments of optim.lr_at
+        self.clip_norm = float(clip_norm)
+        self.patience = _positive_int("patience", patience, low=0)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, low=0)
+        self.keep_checkpoints = _positive_int("keep_checkpoints", keep_checkpoints)
+        self.deterministic = bool(deterministic)
+        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.check_every = _positive_int("check_every", check_every, low=0)
+        self.callback = callback  # called on every rank with each epoch's record
+        self.comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=watchdog,
+                                                              bucket_bytes=bucket_bytes)
+        # Progress, all of it in the checkpoint: the run continues from exactly here.
+        self.epoch = 0  # completed epochs
+        self.batch = 0  # completed batches of the current epoch
+        self.step = 0  # completed optimizer steps
+        self.history = []  # one record per completed epoch, identical on every rank
+        self.partial = [0.0, 0.0]  # loss and correct sums of the current epoch so far
+        self.best = {"val_loss": math.inf, "bad_epochs": 0}
+        self.best_params = None  # parameters at the best validation loss (early stopping)
+        self.optimizer.init(net.params)
+        self.buf = np.zeros(net.n_params + _STATS, net.dtype)
+        self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
+        self._stop_signal = 0  # set by the signal handler on this rank only
+        self._stop_agreed = False
+
+    # ---- the public surface ------------------------------------------------------------------
+    def fit(self, X, y, X_val=None, y_val=None, transform=None):
+        """Train on rows of X, y (this process's view of the whole data set; memory-maps welcome).
+
+        `transform(rows) -> rows`, if given, maps each gathered batch of X (e.g. standardization).
+        Returns `history`, a list of per-epoch dicts of reduced metrics, the same on every rank."""
+        X, Y = self._checked_data(X, y, "training")
+        val = None if X_val is None else self._checked_data(X_val, y_val, "validation")
+        self._transform = transform
+        self._sync_start()
+        batches = data.batches(len(X), self.batch_size)
+        self.schedule.setdefault("total_steps", max(1, self.epochs * len(batches)))
+        with _StopOnSignals(self):
+            while self.epoch < self.epochs:
+                started = time.perf_counter()
+                perm = data.epoch_permutation(self.seed, self.epoch, len(X))
+                while self.batch < len(batches):
+                    lo, hi = batches[self.batch]
+                    self._train_step(X, Y, perm, lo, hi)
+                    self.batch += 1
+                    self.step += 1
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self._stop_agreed:
+                        self._interrupt()
+                stop = self._end_epoch(len(X), val, time.perf_counter() - started)
+                if stop:
+                    break
+        if self.best_params is not None:
+            self.net.params[...] = self.best_params  # early stopping keeps the best model
+        return self.history
+
+    def evaluate(self, X, y, transform=None):
+        """(mean loss without penalty, accuracy or None) over all ranks' shards of X, y."""
+        self._transform = transform
+        return self._evaluate(*self._checked_data(X, y, "evaluation"))
+
+    def save(self, path):
+        """Write the full training state to `path` (rank 0 writes; every rank must call)."""
+        arrays = {"params": self.net.params}
+        arrays |= {f"opt/{k}": v for k, v in self.optimizer.state_dict().items()}
+        if self.best_params is not None:
+            arrays["best_params"] = self.best_params
+        if self.comm.is_root:
+            checkpoint.save(path, arrays, self._meta())
+        self.comm.barrier()
+
+    def save_checkpoint(self):
+        """Save into checkpoint_dir as ckpt-<step>.npz and keep the newest `keep_checkpoints`."""
+        if self.checkpoint_dir is None:
+            return None
+        path = checkpoint.checkpoint_path(self.checkpoint_dir, self.step)
+        self.save(path)
+        if self.comm.is_root:
+            checkpoint.prune(self.checkpoint_dir, self.keep_checkpoints)
+        return path
+
+    @classmethod
+    def resume(cls, path, comm=None, **overrides):
+        """A trainer that continues the run saved at `path` exactly where it stopped.
+
+        Rank 0 reads the file; architecture, settings and progress reach the other ranks as JSON and
+        the arrays by broadcast. `overrides` may change settings (e.g. epochs) but not the network."""
+        comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=overrides.get("watchdog"))
+        arrays, meta, error = None, None, None
+        if comm.is_root:
+            try:
+                arrays, meta = checkpoint.load(path)
+            except checkpoint.CheckpointError as e:
+                error = e
+        comm.fail_together(error)
+        meta = comm.bcast_json(meta)
+        net = Network(**meta["network"])
+        opt = optim.make_optimizer(**meta["optimizer"])
+        settings = meta["trainer"] | {k: v for k, v in overrides.items() if k != "watchdog"}
+        trainer = cls(net, opt, comm=comm, **settings)
+        trainer._restore(arrays, meta["progress"])
+        return trainer
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _train_step(self, X, Y, perm, lo, hi):
+        n = self.net.n_params
+        if self.deterministic:
+            total = self._exact_grad_sum(X, Y, perm, lo, hi)
+            total[n + 2] = float(self.comm.any(bool(self._stop_signal)))
+            self.buf[...] = total
+        else:
+            a, b = data.shard(lo, hi, self.comm.size, self.comm.rank)
+            rows = np.sort(perm[a:b])  # forward reads of a memory map; the sum does not care
+            Xb, Yb = self._rows(X, rows), Y[rows]
+            self.buf[n] = self.net.grad_sum(Xb, Yb, self.grad)
+            self.buf[n + 1] = self.net.last_correct(Yb) or 0
+            self.buf[n + 2] = 1.0 if self._stop_signal else 0.0
+            self.comm.allreduce(self.buf, what=f"step {self.step + 1}")
+        loss_sum, correct, stop = self.buf[n:]
+        if not np.isfinite(self.buf.sum()):  # NaN/Inf anywhere; the same verdict on every rank
+            self._diverged()
+        self.grad /= hi - lo
+        self.net.add_penalty_grad(self.grad)
+        if self.clip_norm > 0:
+            optim.clip_by_global_norm(self.grad, self.clip_norm)
+        lr = optim.lr_at(self.step, self.optimizer.lr, **self.schedule)
+        self.optimizer.step(self.net.params, self.grad, lr)
+        self.partial[0] += float(loss_sum)
+        self.partial[1] += float(correct)
+        self._stop_agreed = stop > 0  # a flag raised on any rank, seen by all at this same step
+        if self.check_every and self.step % self.check_every == 0:
+            self.comm.check_agree(self.net.params, what=f"parameters after step {self.step + 1}")
+
+    def _exact_grad_sum(self, X, Y, perm, lo, hi):
+        """Deterministic mode: per-chunk sums, exactly added over all chunks of all ranks."""
+        n, c = self.net.n_params, self.chunk_size
+        n_chunks = -(-(hi - lo) // c)
+        first, last = data.chunk_range(n_chunks, self.comm.size, self.comm.rank)
+        rows = np.zeros((last - first, n + _STATS), self.net.dtype)  # one chunk's sums per row
+        for i, j in enumerate(range(first, last)):
+            idx = np.sort(perm[lo + j * c:min(lo + (j + 1) * c, hi)])
+            Xb, Yb = self._rows(X, idx), Y[idx]
+            rows[i, n] = self.net.grad_sum(Xb, Yb, rows[i, :n])
+            rows[i, n + 1] = self.net.last_correct(Yb) or 0
+        return self.comm.exact_sum(rows, n_chunks, what=f"step {self.step + 1}")
+
+    def _rows(self, X, idx):
+        rows = np.asarray(X[idx], dtype=self.net.dtype)
+        return rows if self._transform is None else self._transform(rows)
+
+    # ---- epochs, metrics, early stopping -----------------------------------------------------
+    def _end_epoch(self, n_train, val, seconds):
+        self.epoch += 1
+        self.batch = 0
+        record = {"epoch": self.epoch, "step": self.step,
+                  "loss": self.partial[0] / n_train + self.net.penalty()}
+        if _is_classifier(self.net):
+            record["accuracy"] = self.partial[1] / n_train
+        self.partial = [0.0, 0.0]
+        stop = False
+        if val is not None:
+            val_loss, val_acc = self._evaluate(*val)
+            record["val_loss"] = val_loss
+            if val_acc is not None:
+                record["val_accuracy"] = val_acc
+            stop = self._early_stopping(val_loss)
+        record["lr"] = optim.lr_at(self.step, self.optimizer.lr, **self.schedule)
+        record["seconds"] = self._root_value(seconds)  # wall time differs per rank: report rank 0's
+        self.history.append(record)
+        self.comm.check_agree(self.net.params, what=f"parameters after epoch {self.epoch}")
+        if self.callback is not None:
+            self.callback(record)
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint()
+        return stop
+
+    def _early_stopping(self, val_loss):
+        """Decided from reduced numbers, so every rank stops after the same epoch."""
+        if not self.patience:
+            return False
+        if val_loss < self.best["val_loss"]:
+            self.best = {"val_loss": val_loss, "bad_epochs": 0}
+            self.best_params = self.net.params.copy()
+            return False
+        self.best["bad_epochs"] += 1
+        return self.best["bad_epochs"] >= self.patience
+
+    def _evaluate(self, X, Y):
+        """Mean loss and accuracy over X, Y sharded across ranks; deterministic mode sums exactly."""
+        size, rank, n = self.comm.size, self.comm.rank, len(X)
+        if self.deterministic:
+            c = self.chunk_size
+            n_chunks = -(-n // c)
+            first, last = data.chunk_range(n_chunks, size, rank)
+            sums = np.zeros((last - first, 2), np.float64)
+            for i, j in enumerate(range(first, last)):
+                idx = np.arange(j * c, min((j + 1) * c, n))
+                loss, correct = self.net.eval_sums(self._rows(X, idx), Y[idx])
+                sums[i] = loss, correct or 0
+            total = self.comm.exact_sum(sums, n_chunks, what="validation")
+        else:
+            a, b = data.shard(0, n, size, rank)
+            total = np.zeros(2, np.float64)
+            for lo in range(a, b, self.batch_size):  # bounded memory however large the shard
+                idx = np.arange(lo, min(lo + self.batch_size, b))
+                loss, correct = self.net.eval_sums(self._rows(X, idx), Y[idx])
+                total += loss, correct or 0
+            self.comm.allreduce(total, what="validation")
+        accuracy = float(total[1] / n) if _is_classifier(self.net) else None
+        return float(total[0] / n), accuracy
+
+    # ---- start, checks, stops ----------------------------------------------------------------
+    def _checked_data(self, X, y, what):
+        """Validate shapes and values; each rank checks a block of X, all fail together."""
+        error = None
+        try:
+            if X is None or y is None:
+                raise ValueError(f"{what} data: X and y are both required")
+            if X.ndim != 2 or X.shape[1] != self.net.sizes[0]:
+                raise ValueError(f"{what} X has shape {X.shape}; expected (N, {self.net.sizes[0]}) "
+                                 f"for a network with {self.net.sizes[0]} inputs")
+            if len(X) < 1:
+                raise ValueError(f"{what} data is empty")
+            if what == "training" and len(X) < self.comm.size:
+                raise ValueError(f"{what} data has {len(X)} samples but the job has "
+                                 f"{self.comm.size} ranks")
+            Y = self.net.check_targets(y, len(X))
+            a, b = data.shard(0, len(X), self.comm.size, self.comm.rank)
+            data.check_finite(X, np.arange(a, b), name=f"{what} X")
+        except ValueError as e:
+            error = e
+        self.comm.fail_together(error)
+        return X, Y
+
+    def _sync_start(self):
+        """Everyone starts from rank 0's parameters and optimizer state, verified by checksum."""
+        self.comm.bcast(self.net.params)
+        for v in self.optimizer.state.values():
+            self.comm.bcast(v)
+        if self.best_params is not None:
+            self.comm.bcast(self.best_params)
+        self.comm.check_agree(self.net.params, what="parameters at start")
+
+    def _root_value(self, x):
+        value = np.array([x], np.float64)
+        self.comm.bcast(value)
+        return float(value[0])
+
+    def _diverged(self):
+        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        raise DivergenceError(
+            f"training diverged at {where}: the loss or gradient is NaN/Inf. The last good "
+            f"checkpoint is kept; lower the learning rate (optim.lr), add gradient clipping "
+            f"(optim.clip_norm) or standardize the inputs")
+
+    def _interrupt(self):
+        path = self.save_checkpoint()
+        signum = self._stop_signal or signal.SIGTERM  # a peer's signal stops this rank too
+        name = signal.Signals(signum).name
+        where = f"epoch {self.epoch + 1}, step {self.step}"
+        saved = f"checkpoint written to {path}" if path else "no checkpoint_dir, nothing saved"
+        raise Interrupted(f"stopped by {name} at {where}; {saved}", signum)
+
+    # ---- checkpoint state --------------------------------------------------------------------
+    def _meta(self):
+        return {
+            "kind": "training",
+            "network": self.net.spec(),
+            "optimizer": self.optimizer.config(),
+            "trainer": {"batch_size": self.batch_size, "epochs": self.epochs, "seed": self.seed,
+                        "schedule": self.schedule, "clip_norm": self.clip_norm,
+                        "patience": self.patience, "checkpoint_dir": _str(self.checkpoint_dir),
+                        "checkpoint_every": self.checkpoint_every,
+                        "keep_checkpoints": self.keep_checkpoints,
+                        "deterministic": self.deterministic, "chunk_size": self.chunk_size,
+                        "check_every": self.check_every},
+            "progress": {"epoch": self.epoch, "batch": self.batch, "step": self.step,
+                         "history": self.history, "partial": self.partial, "best": self.best,
+                         "ranks": self.comm.size},
+        }
+
+    def _restore(self, arrays, progress):
+        """Rank 0 holds the arrays; `_sync_start` in fit broadcasts them to the others."""
+        for key in ("epoch", "batch", "step", "history", "partial", "best"):
+            setattr(self, key, progress[key])
+        if self.best["val_loss"] < math.inf:  # early stopping kept a best model: every rank needs room
+            self.best_params = self.net.params.copy()
+        if arrays is not None:
+            self.net.params[...] = arrays["params"]
+            self.optimizer.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
+            if "best_params" in arrays:
+                self.best_params[...] = arrays["best_params"]
+
+
+class _StopOnSignals:
+    """SIGTERM/SIGINT set a flag; ranks agree on it inside the next step's allreduce and stop."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def _handler(self, signum, frame):
+        self.trainer._stop_signal = signum
+
+    def __enter__(self):
+        main = threading.current_thread() is threading.main_thread()  # handlers live there only
+        self.saved = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)
+                      if main}
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+
+
+def _is_classifier(net):
+    return net.family in ("multinomial", "bernoulli")
+
+
+def _positive_int(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _str(path):
+    return None if path is None else str(path)

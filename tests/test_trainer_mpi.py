@@ -1,0 +1,134 @@
+"""Data-parallel training: P ranks compute what 1 rank computes; ranks stay bit-identical; resume.
+
+Run with `mpiexec -n 2 python -m pytest --with-mpi tests/test_trainer_mpi.py` (and -n 3). Each test
+computes its own 1-rank reference on COMM_SELF, and every rank-dependent verdict is combined across
+ranks before asserting, so a failure fails on all ranks instead of hanging the next collective.
+"""
+
+import hashlib
+import tempfile
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from distnn import Network, optim
+from distnn.checkpoint import CheckpointError, list_checkpoints
+from distnn.trainer import Trainer
+
+WORLD = MPI.COMM_WORLD
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+def all_ranks(ok):
+    """True only if `ok` holds on every rank (so all ranks assert the same verdict)."""
+    return WORLD.allreduce(bool(ok), op=MPI.LAND)
+
+
+def without_time(history):
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def shared_dir():
+    return WORLD.bcast(tempfile.mkdtemp(prefix="distnn-test-") if WORLD.rank == 0 else None)
+
+
+def problem(family, n=51, d=5, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = {"gaussian": lambda: rng.normal(size=(n, k)),
+         "bernoulli": lambda: rng.integers(0, 2, size=(n, k)).astype(float),
+         "multinomial": lambda: rng.integers(0, k, size=n),
+         "poisson": lambda: rng.poisson(1.0, size=(n, k)).astype(float)}[family]()
+    return X, y
+
+
+OPTIMIZERS = {"momentum": lambda: optim.SGD(lr=0.05, momentum=0.9, nesterov=True),
+              "adam": lambda: optim.Adam(lr=0.01)}
+
+
+def train(comm, family, opt, *, batch_size=10, epochs=7, **kw):
+    X, y = problem(family)
+    net = Network([5, 8, 3], activation="tanh", family=family, l1=1e-3, l2=1e-3, seed=1)
+    trainer = Trainer(net, OPTIMIZERS[opt](), batch_size=batch_size, epochs=epochs, seed=2,
+                      comm=comm, **kw)
+    history = trainer.fit(X, y, X[:13], y[:13])
+    return trainer, history
+
+
+@pytest.mark.parametrize("family", ["gaussian", "bernoulli", "multinomial", "poisson"])
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_p_ranks_train_like_one_rank(family, opt):
+    # 51 samples in global batches of 10: uneven shards, and a last batch of 1 (< P ranks)
+    world, world_hist = train(WORLD, family, opt)
+    single, single_hist = train(MPI.COMM_SELF, family, opt)
+    assert world.step == single.step == 7 * 6  # 42 steps
+    rel = np.abs(world.net.params - single.net.params).max() / np.abs(single.net.params).max()
+    assert all_ranks(rel <= 1e-10), rel
+    for a, b in zip(world_hist, single_hist):
+        assert all_ranks(abs(a["loss"] - b["loss"]) <= 1e-10 * abs(b["loss"]))
+        assert all_ranks(abs(a["val_loss"] - b["val_loss"]) <= 1e-10 * abs(b["val_loss"]))
+
+
+def test_ranks_hold_bit_identical_parameters_after_every_epoch():
+    digests = []
+
+    def record(_):
+        digests.append(hashlib.sha256(trainer.net.params.tobytes()).hexdigest())
+
+    X, y = problem("multinomial", n=200)
+    net = Network([5, 16, 3], family="multinomial", seed=3)
+    trainer = Trainer(net, optim.Adam(lr=0.01), batch_size=32, epochs=5, comm=WORLD,
+                      callback=record)
+    history = trainer.fit(X, y)
+    everyone = WORLD.allgather(digests)
+    assert all_ranks(all(d == everyone[0] for d in everyone) and len(digests) == 5)
+    assert all_ranks(history == WORLD.bcast(history))  # identical metrics on every rank
+
+
+def test_training_learns_a_separable_problem():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(300, 5))
+    y = np.argmax(X[:, :3], axis=1)  # classes a linear model can tell apart
+    net = Network([5, 16, 3], family="multinomial", seed=5)
+    history = Trainer(net, optim.Adam(lr=0.02), batch_size=30, epochs=15, comm=WORLD).fit(X, y)
+    assert all_ranks(history[-1]["loss"] < 0.3 * history[0]["loss"])
+    assert all_ranks(history[-1]["accuracy"] > 0.95)
+
+
+def test_resume_mid_epoch_continues_bit_identically():
+    directory = shared_dir()
+    full, _ = train(WORLD, "multinomial", "momentum", checkpoint_dir=directory, checkpoint_every=9,
+                    keep_checkpoints=100)
+    step9 = [p for p in list_checkpoints(directory) if p.name == "ckpt-000000009.npz"][0]
+    resumed = Trainer.resume(step9, comm=WORLD, checkpoint_dir=None)
+    assert resumed.step == 9 and resumed.epoch == 1 and resumed.batch == 3  # mid-epoch
+    X, y = problem("multinomial")
+    history = resumed.fit(X, y, X[:13], y[:13])
+    assert all_ranks(np.array_equal(resumed.net.params, full.net.params))
+    assert all_ranks(without_time(history) == without_time(full.history))
+
+
+def test_resume_with_another_rank_count_agrees_to_round_off():
+    directory = shared_dir()
+    full, _ = train(WORLD, "gaussian", "adam", checkpoint_dir=directory, checkpoint_every=20,
+                    keep_checkpoints=100)
+    path = [p for p in list_checkpoints(directory) if p.name == "ckpt-000000020.npz"][0]
+    alone = Trainer.resume(path, comm=MPI.COMM_SELF, checkpoint_dir=None)  # P ranks -> 1 rank
+    X, y = problem("gaussian")
+    alone.fit(X, y, X[:13], y[:13])
+    rel = np.abs(alone.net.params - full.net.params).max() / np.abs(full.net.params).max()
+    assert all_ranks(rel <= 1e-10)
+
+
+def test_truncated_checkpoint_is_refused_and_the_previous_one_is_kept():
+    directory = shared_dir()
+    train(WORLD, "multinomial", "momentum", epochs=2, checkpoint_dir=directory)
+    good, newest = list_checkpoints(directory)[-2:]
+    if WORLD.rank == 0:
+        data = newest.read_bytes()
+        newest.write_bytes(data[: len(data) // 2])  # an interrupted write
+    WORLD.Barrier()
+    with pytest.raises(CheckpointError, match=newest.name):
+        Trainer.resume(newest, comm=WORLD)  # every rank raises, none hangs
+    assert all_ranks(Trainer.resume(good, comm=WORLD).step == 6)
