@@ -18,12 +18,14 @@ The data order comes from `data.epoch_permutation(seed, epoch)`, so a checkpoint
 Only rank 0 writes files; every rank returns the same `history`.
 """
 
+import contextlib
 import math
 import signal
 import threading
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import checkpoint, data, optim
 from .comm import Comm
@@ -96,7 +98,7 @@ class Trainer:
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
         self.schedule.setdefault("total_steps", max(1, self.epochs * len(batches)))
-        with _StopOnSignals(self):
+        with _StopOnSignals(self), _pinned_blas(self.deterministic):
             while self.epoch < self.epochs:
                 started = time.perf_counter()
                 perm = data.epoch_permutation(self.seed, self.epoch, len(X))
@@ -283,9 +285,9 @@ class Trainer:
                                  f"for a network with {self.net.sizes[0]} inputs")
             if len(X) < 1:
                 raise ValueError(f"{what} data is empty")
-            if what == "training" and len(X) < self.comm.size:
-                raise ValueError(f"{what} data has {len(X)} samples but the job has "
-                                 f"{self.comm.size} ranks")
+            if what == "training" and len(X) < max(self.comm.size, self.batch_size):
+                raise ValueError(f"{what} data has {len(X)} samples, fewer than the batch size "
+                                 f"{self.batch_size} or the {self.comm.size} ranks")
             Y = self.net.check_targets(y, len(X))
             a, b = data.shard(0, len(X), self.comm.size, self.comm.rank)
             data.check_finite(X, np.arange(a, b), name=f"{what} X")
@@ -297,8 +299,10 @@ class Trainer:
     def _sync_start(self):
         """Everyone starts from rank 0's parameters and optimizer state, verified by checksum."""
         self.comm.bcast(self.net.params)
-        for v in self.optimizer.state.values():
-            self.comm.bcast(v)
+        state = self.optimizer.state_dict()  # vectors and the step count, as arrays
+        for key in sorted(state):
+            self.comm.bcast(state[key])
+        self.optimizer.load_state_dict(state)
         if self.best_params is not None:
             self.comm.bcast(self.best_params)
         self.comm.check_agree(self.net.params, what="parameters at start")
@@ -371,6 +375,12 @@ class _StopOnSignals:
     def __exit__(self, *exc):
         for s, h in self.saved.items():
             signal.signal(s, h)
+
+
+def _pinned_blas(deterministic):
+    """Deterministic mode runs BLAS on 1 thread per rank: a GEMM's rounding may depend on how
+    its work is split between threads, and the thread count per rank may differ between runs."""
+    return threadpool_limits(1, user_api="blas") if deterministic else contextlib.nullcontext()
 
 
 def _is_classifier(net):

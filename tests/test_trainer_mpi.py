@@ -96,9 +96,10 @@ def test_training_learns_a_separable_problem():
     assert all_ranks(history[-1]["accuracy"] > 0.95)
 
 
-def test_resume_mid_epoch_continues_bit_identically():
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_resume_mid_epoch_continues_bit_identically(opt):
     directory = shared_dir()
-    full, _ = train(WORLD, "multinomial", "momentum", checkpoint_dir=directory, checkpoint_every=9,
+    full, _ = train(WORLD, "multinomial", opt, checkpoint_dir=directory, checkpoint_every=9,
                     keep_checkpoints=100)
     step9 = [p for p in list_checkpoints(directory) if p.name == "ckpt-000000009.npz"][0]
     resumed = Trainer.resume(step9, comm=WORLD, checkpoint_dir=None)
@@ -132,3 +133,11 @@ def test_truncated_checkpoint_is_refused_and_the_previous_one_is_kept():
     with pytest.raises(CheckpointError, match=newest.name):
         Trainer.resume(newest, comm=WORLD)  # every rank raises, none hangs
     assert all_ranks(Trainer.resume(good, comm=WORLD).step == 6)
+
+
+def test_deterministic_mode_agrees_with_the_default_mode_to_round_off():
+    exact, _ = train(WORLD, "multinomial", "adam", epochs=6, deterministic=True, chunk_size=4)
+    plain, _ = train(MPI.COMM_SELF, "multinomial", "adam", epochs=6)
+    assert exact.step == 36
+    rel = np.abs(exact.net.params - plain.net.params).max() / np.abs(plain.net.params).max()
+    assert all_ranks(rel <= 1e-10), rel

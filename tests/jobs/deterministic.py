@@ -1,0 +1,74 @@
+"""Job for tests/test_deterministic.py: train in deterministic mode, print SHA-256 of the parameters.
+
+mpiexec -n P python tests/jobs/deterministic.py OUT_DIR [--save-at STEP] [--resume-from PATH]
+Rank 0 prints one JSON object: {case name: sha256 of the final parameter bytes}.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from distnn import Network, optim
+from distnn.trainer import Trainer
+
+FAMILIES = ("gaussian", "bernoulli", "multinomial", "poisson")
+
+
+def problem(family, n=83, d=6, k=3):
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(n, d))
+    y = {"gaussian": lambda: rng.normal(size=(n, k)),
+         "bernoulli": lambda: rng.integers(0, 2, size=(n, k)).astype(float),
+         "multinomial": lambda: rng.integers(0, k, size=n),
+         "poisson": lambda: rng.poisson(1.0, size=(n, k)).astype(float)}[family]()
+    return X, y
+
+
+def cases():
+    for family in FAMILIES:
+        for dtype in ("float64", "float32"):
+            for opt in ("momentum", "adam"):
+                yield f"{family}-{dtype}-{opt}", family, dtype, opt
+
+
+def trainer_for(family, dtype, opt, directory=None, save_every=0):
+    net = Network([6, 10, 3], activation="tanh", family=family, l2=1e-3, dtype=dtype, seed=3)
+    optimizer = optim.SGD(lr=0.05, momentum=0.9) if opt == "momentum" else optim.Adam(lr=0.01)
+    # 83 samples, global batch 13 (not divisible by P = 2, 3, 4 nor by chunk_size 5); the last
+    # batch of each epoch has 5 samples = one chunk, so most ranks own no chunk there.
+    return Trainer(net, optimizer, batch_size=13, epochs=15, seed=11, comm=MPI.COMM_WORLD,
+                   deterministic=True, chunk_size=5, checkpoint_dir=directory,
+                   checkpoint_every=save_every, keep_checkpoints=1000)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--save-at", type=int, default=0)
+    parser.add_argument("--resume-from", type=Path)
+    args = parser.parse_args()
+    digests = {}
+    for name, family, dtype, opt in cases():
+        X, y = problem(family)
+        if args.resume_from:
+            path = args.resume_from / name / f"ckpt-{args.save_at:09d}.npz"
+            trainer = Trainer.resume(path, comm=MPI.COMM_WORLD, checkpoint_dir=None)
+        else:
+            directory = args.out / name if args.save_at else None
+            trainer = trainer_for(family, dtype, opt, directory, args.save_at)
+        history = trainer.fit(X, y, X[:20], y[:20])
+        losses = [(r["loss"], r["val_loss"]) for r in history]
+        digests[name] = hashlib.sha256(trainer.net.params.tobytes()
+                                       + json.dumps(losses).encode()).hexdigest()
+        digests[name + ":steps"] = trainer.step
+    if MPI.COMM_WORLD.rank == 0:
+        json.dump(digests, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

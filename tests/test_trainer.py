@@ -1,0 +1,104 @@
+"""The trainer in one process: signals, divergence, early stopping, input checks, checkpoints."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from distnn import Network, optim
+from distnn.checkpoint import latest_checkpoint, list_checkpoints
+from distnn.trainer import DivergenceError, Interrupted, Trainer
+
+
+def blobs(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 4))
+    return X, np.argmax(X[:, :3] + 0.5 * rng.normal(size=(n, 3)), axis=1)
+
+
+def make(directory=None, **kw):
+    net = Network([4, 12, 3], family="multinomial", seed=1)
+    settings = dict(batch_size=16, epochs=6, seed=2, comm=MPI.COMM_SELF, checkpoint_dir=directory)
+    return Trainer(net, optim.Adam(lr=0.01), **(settings | kw))
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_is_bit_identical(tmp_path):
+    X, y = blobs()
+    straight = make()
+    straight.fit(X, y)
+
+    def kill_in_epoch_3(record):
+        if record["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = make(tmp_path, callback=kill_in_epoch_3)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at epoch 3") as info:
+        stopped.fit(X, y)
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = Trainer.resume(latest_checkpoint(tmp_path), comm=MPI.COMM_SELF)
+    assert resumed.step == 8 * 2 + 1  # two epochs of 8 batches, then the step that saw the flag
+    resumed.fit(X, y)
+    np.testing.assert_array_equal(resumed.net.params, straight.net.params)
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    X, y = blobs()
+    trainer = make(tmp_path, epochs=50)
+    trainer.optimizer = optim.SGD(lr=1.0)
+    trainer.optimizer.init(trainer.net.params)
+
+    def blow_up(record):
+        if record["epoch"] == 2:
+            trainer.optimizer.lr = 1e300  # the next steps overflow to Inf, then NaN
+
+    trainer.callback = blow_up
+    with pytest.raises(DivergenceError, match=r"diverged at epoch 3, step \d+.*lower the learning rate"):
+        trainer.fit(X, y)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000008.npz", "ckpt-000000016.npz"]
+    assert Trainer.resume(latest_checkpoint(tmp_path), comm=MPI.COMM_SELF).step == 16
+
+
+def test_early_stopping_keeps_the_best_model():
+    X, y = blobs(n=60, seed=3)
+    y = np.random.default_rng(4).integers(0, 3, size=60)  # noise: validation loss must turn up
+    net = Network([4, 64, 3], family="multinomial", seed=1)
+    trainer = Trainer(net, optim.Adam(lr=0.05), batch_size=10, epochs=300, patience=4,
+                      comm=MPI.COMM_SELF)
+    history = trainer.fit(X[:40], y[:40], X[40:], y[40:])
+    losses = [r["val_loss"] for r in history]
+    assert len(history) < 300
+    assert np.argmin(losses) == len(history) - 1 - 4  # stopped after 4 epochs without a new best
+    assert trainer.evaluate(X[40:], y[40:])[0] == pytest.approx(min(losses), rel=1e-12)
+
+
+def test_schedule_and_clipping_reach_the_update():
+    X, y = blobs()
+    trainer = make(schedule={"schedule": "step", "step_size": 8, "gamma": 0.5}, clip_norm=0.1)
+    history = trainer.fit(X, y)
+    assert [r["lr"] for r in history[:3]] == [0.005, 0.0025, 0.00125]
+
+
+@pytest.mark.parametrize("X,y,message", [
+    (np.full((20, 4), np.nan), np.zeros(20, int), "training X row 0, column 0 is NaN"),
+    (np.ones((20, 3)), np.zeros(20, int), r"training X has shape \(20, 3\); expected \(N, 4\)"),
+    (np.ones((20, 4)), np.full(20, 3), "label 3 at row 0 is outside 0..2"),
+    (np.ones((20, 4)), np.zeros(19, int), "X has 20 rows but y has 19"),
+    (np.ones((10, 4)), np.zeros(10, int), "10 samples, fewer than the batch size 16"),
+])
+def test_bad_training_data_is_a_clear_error(X, y, message):
+    with pytest.raises(ValueError, match=message):
+        make().fit(X, y)
+
+
+def test_deterministic_mode_does_not_depend_on_the_blas_thread_count():
+    X, y = blobs()
+    a = make(deterministic=True, chunk_size=5)
+    a.fit(X, y)
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(2, user_api="blas"):
+        b = make(deterministic=True, chunk_size=5)
+        b.fit(X, y)
+    np.testing.assert_array_equal(a.net.params, b.net.params)
