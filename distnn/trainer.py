@@ -27,7 +27,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import checkpoint, data, optim
+from . import checkpoint, data, exactsum, optim
 from .comm import Comm
 from .network import Network
 
@@ -148,7 +148,8 @@ class Trainer:
         """A trainer that continues the run saved at `path` exactly where it stopped.
 
         Rank 0 reads the file; architecture, settings and progress reach the other ranks as JSON and
-        the arrays by broadcast. `overrides` may change settings (e.g. epochs) but not the network."""
+        the arrays by broadcast. `overrides` may change settings (e.g. epochs) and give an
+        `optimizer` of the same kind with other hyper-parameters, but not change the network."""
         comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=overrides.get("watchdog"))
         arrays, meta, error = None, None, None
         if comm.is_root:
@@ -159,17 +160,26 @@ class Trainer:
         comm.fail_together(error)
         meta = comm.bcast_json(meta)
         net = Network(**meta["network"])
-        opt = optim.make_optimizer(**meta["optimizer"])
+        # A given optimizer (e.g. a new learning rate) takes over the saved state; else the saved one.
+        opt = overrides.pop("optimizer", None) or optim.make_optimizer(**meta["optimizer"])
         settings = meta["trainer"] | {k: v for k, v in overrides.items() if k != "watchdog"}
         trainer = cls(net, opt, comm=comm, **settings)
-        trainer._restore(arrays, meta["progress"])
+        error = None
+        try:
+            trainer._restore(arrays, meta["progress"])
+        except ValueError as e:  # e.g. the state of another kind of optimizer: only rank 0 sees it
+            error = e
+        comm.fail_together(error)
         return trainer
 
     # ---- one step ----------------------------------------------------------------------------
     def _train_step(self, X, Y, perm, lo, hi):
         n = self.net.n_params
         if self.deterministic:
-            total = self._exact_grad_sum(X, Y, perm, lo, hi)
+            try:
+                total = self._exact_grad_sum(X, Y, perm, lo, hi)
+            except exactsum.NonFiniteError:  # a NaN/Inf has no integer image: found before the sum
+                self._diverged()
             total[n + 2] = float(self.comm.any(bool(self._stop_signal)))
             self.buf[...] = total
         else:
@@ -219,7 +229,7 @@ class Trainer:
         record = {"epoch": self.epoch, "step": self.step,
                   "loss": self.partial[0] / n_train + self.net.penalty()}
         if _is_classifier(self.net):
-            record["accuracy"] = self.partial[1] / n_train
+            record["accuracy"] = self.partial[1] / (n_train * _decisions(self.net))
         self.partial = [0.0, 0.0]
         stop = False
         if val is not None:
@@ -261,7 +271,10 @@ class Trainer:
                 idx = np.arange(j * c, min((j + 1) * c, n))
                 loss, correct = self.net.eval_sums(self._rows(X, idx), Y[idx])
                 sums[i] = loss, correct or 0
-            total = self.comm.exact_sum(sums, n_chunks, what="validation")
+            try:
+                total = self.comm.exact_sum(sums, n_chunks, what="validation")
+            except exactsum.NonFiniteError:
+                total = np.full(2, np.inf)  # an infinite validation loss, as the default mode reports
         else:
             a, b = data.shard(0, n, size, rank)
             total = np.zeros(2, np.float64)
@@ -270,7 +283,7 @@ class Trainer:
                 loss, correct = self.net.eval_sums(self._rows(X, idx), Y[idx])
                 total += loss, correct or 0
             self.comm.allreduce(total, what="validation")
-        accuracy = float(total[1] / n) if _is_classifier(self.net) else None
+        accuracy = float(total[1] / (n * _decisions(self.net))) if _is_classifier(self.net) else None
         return float(total[0] / n), accuracy
 
     # ---- start, checks, stops ----------------------------------------------------------------
@@ -385,6 +398,11 @@ def _pinned_blas(deterministic):
 
 def _is_classifier(net):
     return net.family in ("multinomial", "bernoulli")
+
+
+def _decisions(net):
+    """Classification decisions per sample: one label, or one 0/1 decision per Bernoulli output."""
+    return net.sizes[-1] if net.family == "bernoulli" else 1
 
 
 def _positive_int(name, value, low=1):

@@ -1,0 +1,194 @@
+"""The trained model a user keeps: network, standardization and class labels in one checkpoint file.
+
+    save_model("runs/digits/model.npz", net, scaler=scaler, classes=classes, meta={...})
+    model = load_model("runs/digits/model.npz")
+    model.predict(X)          # (N, n_out) mean response: values, probabilities or rates
+    model.predict_labels(X)   # classifiers: the original class labels
+    model.scores(X, y)        # {"loss": ..., "accuracy" | "r2" | "deviance" and "null_deviance"}
+
+The file is a checkpoint.save file (atomic, checksummed, no pickle) with arrays `params`,
+`scaler/mean`, `scaler/scale` and meta {"kind": "model", "network": net.spec(), "classes": [...],
+...}; class labels live in the meta JSON because they may be strings. Inputs go through exactly the
+trainer's path: cast to the network dtype, standardize, forward, so predictions equal the trainer's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .data import DataError, Standardizer
+from .network import Network
+
+KIND = "model"
+BLOCK = 65536  # rows per forward pass: bounded memory for memory-mapped inputs
+
+
+@dataclass
+class Model:
+    """A network with the standardization and class labels it was trained with."""
+
+    net: Network
+    scaler: Standardizer | None = None
+    classes: np.ndarray | None = None  # multinomial: label of each output, sorted
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.net.family in ("multinomial", "bernoulli")
+
+    def inputs(self, X) -> np.ndarray:
+        """Rows as the network sees them in training: network dtype, then standardized."""
+        X = np.asarray(X, dtype=self.net.dtype)  # the trainer casts before it standardizes
+        d = self.net.sizes[0]
+        if X.ndim != 2 or X.shape[1] != d:
+            raise DataError(f"X has shape {X.shape}; the model takes (N, {d}): {d} features "
+                            f"({_names(self.meta.get('features'))})")
+        return X if self.scaler is None else self.scaler.transform(X)
+
+    def predict(self, X) -> np.ndarray:
+        """Mean response (N, n_out): values, probabilities or rates."""
+        return self._blocks(X, self.net.predict)
+
+    def logits(self, X) -> np.ndarray:
+        """Output pre-activations (N, n_out)."""
+        return self._blocks(X, self.net.logits)
+
+    def predict_labels(self, X) -> np.ndarray:
+        """Classifiers: original class labels (N,) for multinomial, 0/1 (N,) or (N, K) for bernoulli."""
+        if self.net.family == "multinomial":
+            return self.classes[self.logits(X).argmax(axis=1)]
+        if self.net.family == "bernoulli":
+            labels = (self.logits(X) > 0).astype(np.int64)  # p > 1/2 exactly when the logit > 0
+            return labels[:, 0] if labels.shape[1] == 1 else labels
+        raise ValueError(f"predict_labels: a {self.net.family} model predicts values, not labels; "
+                         f"use predict")
+
+    def targets(self, y) -> np.ndarray:
+        """y encoded as the network expects: multinomial labels -> codes of `classes`."""
+        if self.net.family != "multinomial":
+            return self.net.check_targets(y)
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(f"class labels must be one column, got shape {y.shape}")
+        code = {str(c): i for i, c in enumerate(self.classes)}  # str: CSV labels may be text
+        values, inverse = np.unique(y, return_inverse=True)
+        for v in values:
+            if str(v) not in code:
+                row = int(np.flatnonzero(y == v)[0])
+                raise DataError(f"label {v.item()!r} at row {row} is not one of the model's classes "
+                                f"{self.classes.tolist()}")
+        codes = np.array([code[str(v)] for v in values], np.int64)
+        return codes[inverse.reshape(-1)]
+
+    def scores(self, X, y) -> dict:
+        """Metrics on (X, y): mean loss (NLL, no penalty) and accuracy, r2 or Poisson deviances."""
+        Y = self.targets(y)
+        n = len(Y)
+        if len(X) != n:
+            raise DataError(f"X has {len(X)} rows but y has {n}")
+        if n == 0:
+            raise DataError("cannot score an empty data set")
+        loss, correct = 0.0, 0
+        for lo in range(0, n, BLOCK):
+            block_loss, block_correct = self.net.eval_sums(self.net.check_inputs(
+                self.inputs(X[lo:lo + BLOCK])), Y[lo:lo + BLOCK])
+            loss, correct = loss + block_loss, correct + (block_correct or 0)
+        out = {"loss": loss / n}
+        if self.is_classifier:
+            out["accuracy"] = correct / Y.size  # bernoulli (N, K): every output counts
+        elif self.net.family == "gaussian":
+            out["r2"] = _r2(Y, self.predict(X))
+        else:
+            out.update(_poisson_deviances(Y, self.logits(X)))
+        return out
+
+    def _blocks(self, X, forward) -> np.ndarray:
+        if len(X) == 0:
+            return np.empty((0, self.net.sizes[-1]), self.net.dtype)
+        return np.concatenate([forward(self.inputs(X[lo:lo + BLOCK]))
+                               for lo in range(0, len(X), BLOCK)])
+
+
+def _names(names, shown=6) -> str:
+    """'a, b, c, ... (64 in all)' for messages; 'unnamed' when the model has no names."""
+    if not names:
+        return "unnamed"
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(map(str, names[:shown])) + more
+
+
+def _r2(Y, mean) -> float:
+    """1 - SS_res / SS_tot per output column, averaged over the columns (sklearn's default)."""
+    Y, mean = Y.astype(np.float64), mean.astype(np.float64)
+    ss_res = ((Y - mean) ** 2).sum(axis=0)
+    ss_tot = ((Y - Y.mean(axis=0)) ** 2).sum(axis=0)
+    r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 0.0)
+    return float(r2.mean())
+
+
+def _poisson_deviances(Y, logits) -> dict:
+    """Mean Poisson deviance 2 Σ_k [y log(y/μ) - (y - μ)] per sample, of the model and of the
+    intercept-only model (μ = the mean of y); from the logits (log μ), so μ never underflows to 0."""
+    Y, z = Y.astype(np.float64), logits.astype(np.float64)
+
+    def deviance(log_mu):
+        log_y = np.log(np.where(Y > 0, Y, 1.0))  # y log y -> 0 at y = 0
+        return float(2 * (Y * (log_y - log_mu) - Y + np.exp(log_mu)).sum(axis=1).mean())
+
+    mean_y = Y.mean(axis=0)
+    null = deviance(np.log(np.where(mean_y > 0, mean_y, np.finfo(np.float64).tiny)))
+    return {"deviance": deviance(z), "null_deviance": null}
+
+
+def save_model(path, net, *, scaler=None, classes=None, meta=None) -> None:
+    """Write the model file (atomic); `meta` adds JSON-able facts (target, features, config, ...)."""
+    arrays = {"params": net.params}
+    if scaler is not None:
+        arrays |= {f"scaler/{k}": v for k, v in scaler.to_arrays().items()}
+    info = dict(meta or {}) | {"kind": KIND, "network": net.spec(),
+                               "classes": None if classes is None else np.asarray(classes).tolist()}
+    checkpoint.save(path, arrays, info)
+
+
+def load_model(path) -> Model:
+    """The model saved at `path`; a training checkpoint or a foreign file is a CheckpointError."""
+    arrays, meta = checkpoint.load(path)
+    if meta.get("kind") != KIND:
+        what = "a training checkpoint" if meta.get("kind") == "training" else "not a model file"
+        raise CheckpointError(f"{path}: {what}; expected a model written by `distnn train` "
+                              f"(RUN_DIR/model.npz)")
+    try:
+        net = Network(**meta["network"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad network description in the model: {e}") from None
+    params = arrays.get("params")
+    if params is None or params.shape != net.params.shape or params.dtype != net.dtype:
+        got = "none" if params is None else f"{params.shape} {params.dtype}"
+        raise CheckpointError(f"{path}: params are {got}, the network needs "
+                              f"{net.params.shape} {net.dtype}")
+    net.params[...] = params
+    return Model(net, _scaler(path, arrays, net.sizes[0]), _classes(path, meta, net), meta)
+
+
+def _scaler(path, arrays, d) -> Standardizer | None:
+    if "scaler/mean" not in arrays:
+        return None
+    scaler = Standardizer.from_arrays({k: arrays.get(f"scaler/{k}") for k in ("mean", "scale")})
+    if scaler.mean.shape != (d,) or scaler.scale.shape != (d,):
+        raise CheckpointError(f"{path}: standardization arrays do not match the {d} inputs")
+    return scaler
+
+
+def _classes(path, meta, net) -> np.ndarray | None:
+    classes = meta.get("classes")
+    if net.family != "multinomial":
+        return None if classes is None else np.asarray(classes)
+    if not isinstance(classes, list) or len(classes) != net.sizes[-1]:
+        raise CheckpointError(f"{path}: a multinomial model needs {net.sizes[-1]} class labels, "
+                              f"got {classes!r}")
+    return np.asarray(classes)
