@@ -1,0 +1,49 @@
+"""Fault injection for tests/test_failures.py, active only when DISTNN_TEST_FAULT is set.
+
+Put this folder on PYTHONPATH and set DISTNN_TEST_FAULT=MODE:RANK:STEP; every Python process of
+the job (mpiexec passes the environment on) then misbehaves on rank RANK before training step STEP:
+  raise   an exception (a bug, bad data only that rank reads)
+  kill    SIGKILL of that rank
+  exit0   the rank exits with status 0 mid-run (mpiexec alone would report success)
+  stall   the rank sleeps for an hour without exiting
+  nan     that rank's gradient becomes NaN (every rank sees it after the allreduce)
+  sigterm SIGTERM to that rank only (the ranks must agree to stop at the same step)
+"""
+
+import os
+
+_SPEC = os.environ.get("DISTNN_TEST_FAULT")
+
+if _SPEC:
+    import signal
+    import time
+
+    import numpy as np
+
+    import distnn.trainer
+
+    _MODE, _RANK, _STEP = _SPEC.split(":")
+    _original = distnn.trainer.Trainer._train_step
+
+    def _faulty_step(self, X, Y, perm, lo, hi):
+        if self.comm.rank == int(_RANK) and self.step == int(_STEP):
+            if _MODE == "raise":
+                raise RuntimeError(f"injected failure on rank {_RANK} at step {_STEP}")
+            if _MODE == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if _MODE == "exit0":
+                os._exit(0)
+            if _MODE == "stall":
+                time.sleep(3600)
+            if _MODE == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            if _MODE == "nan":
+                transform = self._transform
+                self._transform = lambda rows: np.full_like(rows, np.nan)
+                try:
+                    return _original(self, X, Y, perm, lo, hi)
+                finally:
+                    self._transform = transform
+        return _original(self, X, Y, perm, lo, hi)
+
+    distnn.trainer.Trainer._train_step = _faulty_step
