@@ -31,6 +31,7 @@ from distnn.comm import Comm, install_excepthook
 mode, timeout = sys.argv[1], None if sys.argv[2] == "none" else float(sys.argv[2])
 comm = Comm(timeout=timeout)
 install_excepthook(comm)
+comm.comm.Barrier()  # no deadline while ranks start up: a loaded machine may start them seconds apart
 buf = np.ones(1000)
 comm.allreduce(buf, "warm-up")
 if comm.rank == comm.size - 1:
