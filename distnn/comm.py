@@ -31,6 +31,7 @@ SPIN_S = 0.005  # poll without sleeping this long first: small collectives pay n
 SLEEP_S = 0.0005  # then sleep between polls; MPICH progresses a collective only inside MPI calls
 READ_S = 1.0  # bounded wait for the peers' arrival counters after a timeout
 WATCHDOG_EXIT = 3
+ABORT_GRACE_S = 0.3  # without it MPICH's mpiexec sometimes dropped the last message of an aborting rank
 _REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64))
 
 
@@ -159,6 +160,7 @@ class Comm:
         sys.stderr.flush()
         if self.size == 1:
             sys.exit(code)
+        time.sleep(ABORT_GRACE_S)  # let mpiexec forward the message before the abort kills the pipes
         self.comm.Abort(code)
 
     # -- internals --------------------------------------------------------------------------------
