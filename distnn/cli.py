@@ -100,6 +100,7 @@ def _train(args, comm) -> int:
         trainer = Trainer.resume(resume_from, comm=tcomm, optimizer=make_optimizer(cfg.optim),
                                  **settings)
         _same_network(resume_from, trainer.net, job.net)
+        _together(comm, _same_run, resume_from, run, cfg, comm.is_root)
     _together(comm, _start_run_dir, run, cfg, trainer.history, resume_from is None, comm.is_root)
     # NaN/Inf is the trainer's to report (one message naming the step), not numpy's warnings
     with log.progress(trainer.epoch), np.errstate(all="ignore"):
@@ -228,6 +229,9 @@ def prepare(cfg, rank, size) -> Job:
     except ValueError as e:
         raise DataError(f"{ds.source}: target '{ds.target_name}': {e}") from None
     train_rows, val_rows = data.train_val_split(len(ds.X), dc.val_fraction, cfg.train.seed)
+    if len(train_rows) < max(size, cfg.train.batch_size):
+        raise DataError(f"{ds.source}: {len(train_rows)} training rows, fewer than train.batch_size "
+                        f"{cfg.train.batch_size} or the {size} ranks")
     test = None
     if dc.test_source:
         t = data.load(dc.test_source, target=dc.target or None, features=ds.feature_names)
@@ -294,7 +298,7 @@ def _latest(comm, directory):
     """The newest checkpoint in `directory` that loads, as rank 0 sees it, on every rank; or None.
     Rank 0 names each newer one it had to pass over (truncated, corrupted)."""
     path = None
-    for candidate in reversed(checkpoint.list_checkpoints(directory) if comm.is_root else []):
+    for candidate in reversed(_together(comm, _candidates, directory, comm.is_root)):
         try:
             checkpoint.load(candidate)
         except CheckpointError as e:
@@ -304,6 +308,27 @@ def _latest(comm, directory):
         path = str(candidate)
         break
     return comm.bcast_json(path)
+
+
+def _candidates(directory, is_root):
+    return checkpoint.list_checkpoints(directory) if is_root else []
+
+
+def _same_run(path, run, cfg, is_root) -> None:
+    """A resumed run must keep its data split and order: the seed, the batch size, the data."""
+    saved = run / "config.toml"
+    if not is_root or not saved.is_file():
+        return
+    before = config.to_dict(config.load_config(saved))
+    now = config.to_dict(cfg)
+    keys = [("data", k) for k in now["data"]] + [("train", "seed"), ("train", "batch_size"),
+                                                 ("train", "chunk_size")]
+    differ = [f"{a}.{b} {before[a].get(b)!r} there, {now[a][b]!r} here" for a, b in keys
+              if before[a].get(b) != now[a][b]]
+    if differ:
+        raise CheckpointError(f"{path}: the run was trained with other data settings "
+                              f"({'; '.join(differ)}); resuming would mix its training and "
+                              f"validation rows. Train into a new --out directory, or drop --resume")
 
 
 def _same_network(path, resumed, configured) -> None:

@@ -126,21 +126,27 @@ class Comm:
             raise error
         raise _same_kind(info, f"rank {first}: {info['message']}")
 
-    def exact_sum(self, rows, n_chunks_total, what="step") -> np.ndarray:
+    def exact_sum(self, rows, n_chunks_total, what="step", flag=None):
         """Sum over all ranks' chunks (rows: (n_local, m)), equal in bits for any rank count and split.
 
-        Raises exactsum.NonFiniteError on every rank alike if any chunk holds NaN or Inf.
+        With `flag` (a bool) given, returns (sum, whether any rank's flag is set): the flag rides
+        in the MAX allreduce, so a training step still makes two collectives. Raises
+        exactsum.NonFiniteError on every rank alike if any chunk holds NaN or Inf.
         """
         rows = exactsum.check_rows(rows)
         if rows.shape[0] > n_chunks_total:
             raise ValueError(f"rank {self.rank} holds {rows.shape[0]} chunks, more than the "
                              f"{n_chunks_total} chunks in total")
+        m = rows.shape[1]
         maxabs = exactsum.local_maxabs(rows)
+        if flag is not None:
+            maxabs = np.append(maxabs, 1.0 if flag else 0.0)  # (m + 1,)
         self.allreduce_max(maxabs, f"{what} (exact sum: max)")
-        e = exactsum.exponents(maxabs, n_chunks_total)
+        e = exactsum.exponents(maxabs[:m], n_chunks_total)
         total = exactsum.to_fixed(rows, e)
         self.allreduce(total, f"{what} (exact sum: int64)")
-        return exactsum.from_fixed(total, e, rows.dtype)
+        result = exactsum.from_fixed(total, e, rows.dtype)
+        return result if flag is None else (result, bool(maxabs[m] > 0))
 
     def local_ranks(self) -> int:
         """How many ranks of this communicator share this node (for BLAS threads per rank)."""

@@ -97,9 +97,10 @@ class Trainer:
         self._transform = transform
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
-        self.schedule.setdefault("total_steps", max(1, self.epochs * len(batches)))
+        # total_steps follows this fit's epochs (a resumed run may be given more), unless set
+        self._lr_args = {"total_steps": max(1, self.epochs * len(batches))} | self.schedule
         with _StopOnSignals(self), _pinned_blas(self.deterministic):
-            while self.epoch < self.epochs:
+            while self.epoch < self.epochs and not self._stopped_early():
                 started = time.perf_counter()
                 perm = data.epoch_permutation(self.seed, self.epoch, len(X))
                 while self.batch < len(batches):
@@ -129,9 +130,7 @@ class Trainer:
         arrays |= {f"opt/{k}": v for k, v in self.optimizer.state_dict().items()}
         if self.best_params is not None:
             arrays["best_params"] = self.best_params
-        if self.comm.is_root:
-            checkpoint.save(path, arrays, self._meta())
-        self.comm.barrier()
+        self._together(checkpoint.save, path, arrays, self._meta(), root_only=True)
 
     def save_checkpoint(self):
         """Save into checkpoint_dir as ckpt-<step>.npz and keep the newest `keep_checkpoints`."""
@@ -139,9 +138,19 @@ class Trainer:
             return None
         path = checkpoint.checkpoint_path(self.checkpoint_dir, self.step)
         self.save(path)
-        if self.comm.is_root:
-            checkpoint.prune(self.checkpoint_dir, self.keep_checkpoints)
+        self._together(checkpoint.prune, self.checkpoint_dir, self.keep_checkpoints, root_only=True)
         return path
+
+    def _together(self, fn, *args, root_only=False):
+        """fn(*args), on rank 0 alone if root_only (files); a failure there (disk full, a callback's
+        error) is raised on every rank instead of leaving the others waiting in a collective."""
+        error = None
+        if self.comm.is_root or not root_only:
+            try:
+                fn(*args)
+            except (OSError, ValueError) as e:
+                error = e
+        self.comm.fail_together(error)
 
     @classmethod
     def resume(cls, path, comm=None, **overrides):
@@ -177,10 +186,10 @@ class Trainer:
         n = self.net.n_params
         if self.deterministic:
             try:
-                total = self._exact_grad_sum(X, Y, perm, lo, hi)
+                total, stop = self._exact_grad_sum(X, Y, perm, lo, hi)
             except exactsum.NonFiniteError:  # a NaN/Inf has no integer image: found before the sum
                 self._diverged()
-            total[n + 2] = float(self.comm.any(bool(self._stop_signal)))
+            total[n + 2] = float(stop)
             self.buf[...] = total
         else:
             a, b = data.shard(lo, hi, self.comm.size, self.comm.rank)
@@ -197,7 +206,7 @@ class Trainer:
         self.net.add_penalty_grad(self.grad)
         if self.clip_norm > 0:
             optim.clip_by_global_norm(self.grad, self.clip_norm)
-        lr = optim.lr_at(self.step, self.optimizer.lr, **self.schedule)
+        lr = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
         self.optimizer.step(self.net.params, self.grad, lr)
         self.partial[0] += float(loss_sum)
         self.partial[1] += float(correct)
@@ -206,7 +215,7 @@ class Trainer:
             self.comm.check_agree(self.net.params, what=f"parameters after step {self.step + 1}")
 
     def _exact_grad_sum(self, X, Y, perm, lo, hi):
-        """Deterministic mode: per-chunk sums, exactly added over all chunks of all ranks."""
+        """Deterministic mode: per-chunk sums exactly added over all ranks' chunks, and the stop flag."""
         n, c = self.net.n_params, self.chunk_size
         n_chunks = -(-(hi - lo) // c)
         first, last = data.chunk_range(n_chunks, self.comm.size, self.comm.rank)
@@ -216,7 +225,8 @@ class Trainer:
             Xb, Yb = self._rows(X, idx), Y[idx]
             rows[i, n] = self.net.grad_sum(Xb, Yb, rows[i, :n])
             rows[i, n + 1] = self.net.last_correct(Yb) or 0
-        return self.comm.exact_sum(rows, n_chunks, what=f"step {self.step + 1}")
+        return self.comm.exact_sum(rows, n_chunks, what=f"step {self.step + 1}",
+                                   flag=bool(self._stop_signal))
 
     def _rows(self, X, idx):
         rows = np.asarray(X[idx], dtype=self.net.dtype)
@@ -238,12 +248,12 @@ class Trainer:
             if val_acc is not None:
                 record["val_accuracy"] = val_acc
             stop = self._early_stopping(val_loss)
-        record["lr"] = optim.lr_at(self.step, self.optimizer.lr, **self.schedule)
+        record["lr"] = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
         record["seconds"] = self._root_value(seconds)  # wall time differs per rank: report rank 0's
         self.history.append(record)
         self.comm.check_agree(self.net.params, what=f"parameters after epoch {self.epoch}")
-        if self.callback is not None:
-            self.callback(record)
+        if self.callback is not None:  # e.g. rank 0 appending to a metrics file: may fail there only
+            self._together(self.callback, record)
         if self.checkpoint_dir is not None:
             self.save_checkpoint()
         return stop
@@ -258,6 +268,9 @@ class Trainer:
             return False
         self.best["bad_epochs"] += 1
         return self.best["bad_epochs"] >= self.patience
+
+    def _stopped_early(self):
+        return bool(self.patience) and self.best["bad_epochs"] >= self.patience
 
     def _evaluate(self, X, Y):
         """Mean loss and accuracy over X, Y sharded across ranks; deterministic mode sums exactly."""

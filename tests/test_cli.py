@@ -155,6 +155,21 @@ def test_resume_refuses_a_checkpoint_of_another_network(work):
     assert (work / "run" / "config.toml").read_text() == before  # the refused run wrote nothing
 
 
+@pytest.mark.parametrize("change", ["train.seed=6", "data.val_fraction=0.3", "train.batch_size=32"])
+def test_resume_refuses_other_data_settings_which_would_mix_training_and_validation_rows(work, change):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", change))
+    assert f"{change.split('=')[0]} " in line and "other data settings" in line
+
+
+def test_a_batch_larger_than_the_training_rows_is_refused_before_the_run_directory_is_touched(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    before = {p.name: p.read_bytes() for p in (work / "run").rglob("*") if p.is_file()}
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--set", "train.batch_size=1000"))
+    assert "90 training rows, fewer than train.batch_size 1000" in line
+    assert {p.name: p.read_bytes() for p in (work / "run").rglob("*") if p.is_file()} == before
+
+
 def test_resume_without_a_checkpoint_starts_afresh(work):
     done = distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=1")
     assert done.returncode == 0, done.stderr

@@ -102,3 +102,46 @@ def test_deterministic_mode_does_not_depend_on_the_blas_thread_count():
         b = make(deterministic=True, chunk_size=5)
         b.fit(X, y)
     np.testing.assert_array_equal(a.net.params, b.net.params)
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
+    X, y = blobs(n=60, seed=3)
+    y = np.random.default_rng(4).integers(0, 3, size=60)
+    net = Network([4, 64, 3], family="multinomial", seed=1)
+    trainer = Trainer(net, optim.Adam(lr=0.05), batch_size=10, epochs=300, patience=4,
+                      comm=MPI.COMM_SELF, checkpoint_dir=tmp_path, keep_checkpoints=1)
+    history = trainer.fit(X[:40], y[:40], X[40:], y[40:])
+    resumed = Trainer.resume(latest_checkpoint(tmp_path), comm=MPI.COMM_SELF)
+    assert resumed.fit(X[:40], y[:40], X[40:], y[40:]) == history
+    np.testing.assert_array_equal(resumed.net.params, trainer.net.params)  # the best, as saved
+
+
+def test_a_resumed_run_given_more_epochs_stretches_its_schedule(tmp_path):
+    X, y = blobs()
+    cosine = {"schedule": "cosine"}
+    make(tmp_path, epochs=2, schedule=cosine).fit(X, y)
+    longer = Trainer.resume(latest_checkpoint(tmp_path), comm=MPI.COMM_SELF, epochs=4)
+    straight = make(epochs=4, schedule=cosine)
+    assert [r["lr"] for r in longer.fit(X, y)][2:] == [r["lr"] for r in straight.fit(X, y)][2:]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ValueError, match="file"):
+        make(tmp_path / "file" / "checkpoints").fit(*blobs())
+
+
+def test_deterministic_steps_make_two_collectives(monkeypatch):
+    from distnn.comm import Comm
+
+    calls = []
+    for name in ("allreduce", "allreduce_max", "any", "bcast", "barrier"):
+        original = getattr(Comm, name)
+        monkeypatch.setattr(Comm, name, lambda self, *a, _f=original, _n=name, **k:
+                            (calls.append(_n), _f(self, *a, **k))[1])
+    trainer = make(deterministic=True, chunk_size=5, epochs=1, check_every=0)
+    X, y = blobs()
+    calls.clear()
+    trainer.fit(X, y)
+    # one MAX (carrying the stop flag) and one int64 SUM per step; no separate flag collective
+    assert calls.count("allreduce_max") == trainer.step and calls.count("any") == 0
