@@ -478,12 +478,13 @@ def plot(args) -> int:
 
 # --------------------------------------------------------------- evaluate, predict, info
 
-def _model_data(args):
+def _model_data(args, require_target=True):
     """(model, dataset) for evaluate/predict; CSV columns are picked by the model's feature names."""
     model = load_model(args.model)
     target = args.target or model.meta.get("target") or None
     features = model.meta.get("features") if args.data.lower().endswith(".csv") else None
-    return model, data.load(args.data, target=target, features=features)
+    return model, data.load(args.data, target=target, features=features,
+                            require_target=require_target)
 
 
 def evaluate(args) -> int:
@@ -500,7 +501,7 @@ def evaluate(args) -> int:
 
 def predict(args) -> int:
     """`distnn predict MODEL DATA -o OUT.csv`: mean response per row, and labels for classifiers."""
-    model, ds = _model_data(args)
+    model, ds = _model_data(args, require_target=False)  # data to predict on needs no labels
     mean = model.predict(ds.X)
     columns = prediction_columns(model)
     labels = model.predict_labels(ds.X) if model.is_classifier else None

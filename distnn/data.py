@@ -42,22 +42,26 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------- loading
 
-def load(source: str, *, target: str | None = None, features: list[str] | None = None) -> Dataset:
-    """Load a data source (see the module docstring); `features` selects columns by name."""
+def load(source: str, *, target: str | None = None, features: list[str] | None = None,
+         require_target: bool = True) -> Dataset:
+    """Load a data source (see the module docstring); `features` selects columns by name.
+
+    With require_target=False (data to predict on) a file without the target gives y = None."""
     kind, _, rest = source.partition(":")
     if kind == "sklearn":
         ds = _load_sklearn(rest)
     elif kind == "synthetic":
         ds = _load_synthetic(source, rest)
     else:
-        ds = _load_file(source, target, features)
+        ds = _load_file(source, target, features, require_target)
     if features and ds.feature_names != list(features):  # CSV selects while parsing
         ds = _select_features(ds, features)
     _check_shapes(ds)
     return ds
 
 
-def _load_file(path: str, target: str | None, features: list[str] | None) -> Dataset:
+def _load_file(path: str, target: str | None, features: list[str] | None,
+               require_target: bool = True) -> Dataset:
     """Dispatch on the file extension after checking the file exists."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".npz", ".npy", ".csv"):
@@ -66,21 +70,24 @@ def _load_file(path: str, target: str | None, features: list[str] | None) -> Dat
     if not os.path.isfile(path):
         raise DataError(f"no such data file: {path}")
     if ext == ".csv":
-        return _load_csv(path, target, features)
-    return _load_npz(path, target) if ext == ".npz" else _load_npy(path, target)
+        return _load_csv(path, target, features, require_target)
+    if ext == ".npz":
+        return _load_npz(path, target, require_target)
+    return _load_npy(path, target, require_target)
 
 
-def _load_npz(path: str, target: str | None) -> Dataset:
+def _load_npz(path: str, target: str | None, require_target: bool = True) -> Dataset:
     """Arrays "X" and `target` (default "y") from an .npz, memory-mapping uncompressed members."""
     ykey = target or "y"
     try:
         with zipfile.ZipFile(path) as zf:
             names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-            for key in ("X", ykey):
+            for key in ("X", ykey) if require_target else ("X",):
                 if key not in names:
                     have = ", ".join(names) or "none"
                     raise DataError(f"{path} has no array '{key}' (arrays: {have})")
-            X, y = (_npz_member(path, zf, key) for key in ("X", ykey))
+            X = _npz_member(path, zf, "X")
+            y = _npz_member(path, zf, ykey) if ykey in names else None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise DataError(f"{path}: truncated or corrupt .npz ({e})") from None
     return Dataset(X, y, _default_names(X), ykey, path)
@@ -143,21 +150,32 @@ def _read_npy(f, name: str) -> np.ndarray:
         raise DataError(f"{name}: truncated or corrupt .npy ({e})") from None
 
 
-def _load_npy(path: str, target: str | None) -> Dataset:
+def _load_npy(path: str, target: str | None, require_target: bool = True) -> Dataset:
     """X from `path` (memory-mapped); y from the .npy named by `target`.
 
     `target` is taken as given when that file exists, else relative to X's directory, so
     source="data/X.npy", target="X_y.npy" finds data/X_y.npy.
     """
+    if not require_target and not (target and _sibling(path, target)):
+        X = _mmap_npy(path)
+        return Dataset(X, None, _default_names(X), "", path)
     if not target:
         stem = os.path.splitext(os.path.basename(path))[0]
         raise DataError(f"{path}: a .npy source holds X only; name the targets file as the target "
                         f"(e.g. '{stem}_y.npy')")
-    ypath = target if os.path.isfile(target) else os.path.join(os.path.dirname(path), target)
-    if not os.path.isfile(ypath):
+    ypath = _sibling(path, target)
+    if ypath is None:
         raise DataError(f"no such data file: {target} (targets for {path})")
     X, y = _mmap_npy(path), _mmap_npy(ypath)
     return Dataset(X, y, _default_names(X), os.path.splitext(os.path.basename(ypath))[0], path)
+
+
+def _sibling(path: str, target: str) -> str | None:
+    """The targets file: `target` as given when it exists, else beside X's file; None if neither."""
+    for candidate in (target, os.path.join(os.path.dirname(path), target)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
 
 
 def _mmap_npy(path: str) -> np.ndarray:
@@ -168,20 +186,22 @@ def _mmap_npy(path: str) -> np.ndarray:
         raise DataError(f"{path}: truncated or corrupt .npy ({e})") from None
 
 
-def _load_csv(path: str, target: str | None, features: list[str] | None) -> Dataset:
+def _load_csv(path: str, target: str | None, features: list[str] | None,
+              require_target: bool = True) -> Dataset:
     """Header row, numeric feature columns, a target column of numbers or class names."""
-    if not target:
+    if not target and require_target:
         raise DataError(f"{path}: a CSV source needs the name of its target column (data.target)")
     header, body, lines = _read_csv(path)
     col = {name: j for j, name in enumerate(header)}
-    _require_columns(path, [target], col)
+    if require_target:
+        _require_columns(path, [target], col)
     names = list(features) if features else [h for h in header if h != target]
     _require_columns(path, names, col)
     if target in names:
         raise DataError(f"{path}: column '{target}' is the target and cannot also be a feature")
     X = _numeric_columns(path, body, lines, [col[n] for n in names], names)
-    y = _target_column(path, body, lines, col[target], target)
-    return Dataset(X, y, names, target, path)
+    y = _target_column(path, body, lines, col[target], target) if target in col else None
+    return Dataset(X, y, names, target or "", path)
 
 
 def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
@@ -273,7 +293,7 @@ def _check_shapes(ds: Dataset) -> None:
     if 0 in ds.X.shape:
         raise DataError(f"{src}: X has shape {ds.X.shape}; expected at least one row and "
                         f"one feature")
-    if ds.y.ndim not in (1, 2) or ds.y.shape[0] != ds.X.shape[0]:
+    if ds.y is not None and (ds.y.ndim not in (1, 2) or ds.y.shape[0] != ds.X.shape[0]):
         raise DataError(f"{src}: X has {ds.X.shape[0]} rows but y has shape {ds.y.shape}; "
                         f"expected ({ds.X.shape[0]},) or ({ds.X.shape[0]}, K)")
 

@@ -134,6 +134,21 @@ def test_a_run_writes_its_directory_and_predict_reproduces_the_trainers_numbers(
     assert np.mean(labels == y[val]) == history[-1]["val_accuracy"]
 
 
+def test_predict_needs_no_labels(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    X, y = flowers(10, seed=3)
+    write_csv(work / "labelled.csv", X, y)
+    (work / "features.csv").write_text("\n".join(
+        ["d,c,b,a", *(",".join(repr(float(v)) for v in x[::-1]) for x in X)]) + "\n")  # reordered
+    np.savez(work / "features.npz", X=X)
+    outputs = []
+    for source in ("labelled.csv", "features.csv", "features.npz"):
+        done = distnn(work, "predict", "run/model.npz", source, "-o", f"{source}.out")
+        assert done.returncode == 0, done.stderr
+        outputs.append((work / f"{source}.out").read_text())
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
 def test_resume_continues_exactly_where_the_run_stopped(work):
     assert distnn(work, "train", "cfg.toml", "--out", "full", "--set", "train.epochs=4").returncode == 0
     assert distnn(work, "train", "cfg.toml", "--out", "part", "--set", "train.epochs=2").returncode == 0
