@@ -7,19 +7,10 @@ import pytest
 
 from distnn import activations, families
 from distnn.network import Network
+from problems import random_targets
 
 FAMILIES = families.NAMES
 ACTIVATIONS = activations.NAMES
-
-
-def targets(family, n, k, rng):
-    """Random valid targets for a family with k outputs."""
-    return {
-        "gaussian": lambda: rng.normal(size=(n, k)),
-        "bernoulli": lambda: rng.integers(0, 2, size=(n, k)).astype(float),
-        "multinomial": lambda: rng.integers(0, k, size=n),
-        "poisson": lambda: rng.poisson(1.5, size=(n, k)).astype(float),
-    }[family]()
 
 
 def numeric_grad(f, x, h=1e-6):
@@ -54,7 +45,7 @@ def test_gradient_equals_central_differences(family, activation, penalty, hidden
     net = random_net(family, activation, hidden, *penalty, seed=3)
     net.biases[0][...] = rng.normal(scale=0.3, size=net.biases[0].shape)  # leave the symmetric start
     X = rng.normal(size=(7, 4))
-    y = targets(family, 7, net.sizes[-1], rng)
+    y = random_targets(family, 7, net.sizes[-1], rng)
     grad = net.gradient(X, y)
     numeric = numeric_grad(lambda: net.loss(X, y), net.params)
     assert rel_err(grad, numeric) <= 1e-6
@@ -83,7 +74,7 @@ def test_gradient_sums_add_over_any_split_of_the_batch(family):
     rng = np.random.default_rng(2)
     net = random_net(family, "tanh", [6])
     X = rng.normal(size=(30, 4))
-    Y = net.check_targets(targets(family, 30, net.sizes[-1], rng))
+    Y = net.check_targets(random_targets(family, 30, net.sizes[-1], rng))
     whole = net.grad_buffer()
     whole_loss = net.grad_sum(X, Y, whole)
     parts, part_loss = net.grad_buffer(), 0.0
@@ -204,7 +195,7 @@ def test_float32_network_stays_float32(family):
     rng = np.random.default_rng(9)
     net = Network([4, 6, 3], activation="tanh", family=family, l1=0.01, l2=0.01, dtype="float32")
     X = rng.normal(size=(5, 4))  # float64 input is cast down, never the network up
-    y = targets(family, 5, 3, rng)
+    y = random_targets(family, 5, 3, rng)
     assert net.params.dtype == np.float32 and all(w.dtype == np.float32 for w in net.weights)
     assert net.predict(X).dtype == np.float32
     assert net.gradient(X, y).dtype == np.float32

@@ -16,6 +16,8 @@ from distnn import Network, optim
 from distnn.checkpoint import CheckpointError, list_checkpoints
 from distnn.trainer import Trainer
 
+import problems
+
 WORLD = MPI.COMM_WORLD
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -34,13 +36,7 @@ def shared_dir():
 
 
 def problem(family, n=51, d=5, k=3, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, d))
-    y = {"gaussian": lambda: rng.normal(size=(n, k)),
-         "bernoulli": lambda: rng.integers(0, 2, size=(n, k)).astype(float),
-         "multinomial": lambda: rng.integers(0, k, size=n),
-         "poisson": lambda: rng.poisson(1.0, size=(n, k)).astype(float)}[family]()
-    return X, y
+    return problems.problem(family, n, d, k, seed)
 
 
 OPTIMIZERS = {"momentum": lambda: optim.SGD(lr=0.05, momentum=0.9, nesterov=True),

@@ -16,17 +16,14 @@ from mpi4py import MPI
 from distnn import Network, optim
 from distnn.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for problems.py
+import problems  # noqa: E402
+
 FAMILIES = ("gaussian", "bernoulli", "multinomial", "poisson")
 
 
-def problem(family, n=83, d=6, k=3):
-    rng = np.random.default_rng(7)
-    X = rng.normal(size=(n, d))
-    y = {"gaussian": lambda: rng.normal(size=(n, k)),
-         "bernoulli": lambda: rng.integers(0, 2, size=(n, k)).astype(float),
-         "multinomial": lambda: rng.integers(0, k, size=n),
-         "poisson": lambda: rng.poisson(1.0, size=(n, k)).astype(float)}[family]()
-    return X, y
+def problem(family):
+    return problems.problem(family, n=83, d=6, k=3, seed=7)
 
 
 def cases():
