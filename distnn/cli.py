@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config, data, optim
+from . import checkpoint, config, data, exactsum, optim
 from .checkpoint import CheckpointError
 from .data import DataError, Standardizer
 from .model import Model, load_model, save_model
@@ -216,6 +216,9 @@ def prepare(cfg, rank, size) -> Job:
     classes = None
     if mc.family == "multinomial":
         y, classes = data.encode_labels(ds.y)
+        if classes.dtype.kind not in "biufU":  # the model file keeps class labels as JSON
+            raise DataError(f"{ds.source}: target '{ds.target_name}' holds {classes.dtype} values; "
+                            f"class labels must be numbers or strings")
         if len(classes) < 2:
             raise DataError(f"{ds.source}: target '{ds.target_name}' has a single class "
                             f"{classes.tolist()}; multinomial needs at least 2")
@@ -256,7 +259,11 @@ def fit_scaler(X, rows, comm) -> Standardizer:
     for i, j in enumerate(range(first, last)):
         chunk = rows[j * SCALER_CHUNK:(j + 1) * SCALER_CHUNK]
         moments[i] = Standardizer.moments(X, chunk, shift=shift)
-    m = comm.exact_sum(moments, n_chunks, what="standardization")
+    try:
+        m = comm.exact_sum(moments, n_chunks, what="standardization")
+    except exactsum.NonFiniteError:  # the same verdict on every rank: the check follows the MAX
+        raise DataError("X has values too large to standardize (their squares overflow, |x| > "
+                        "1e154); rescale the data or set data.standardize = false") from None
     return Standardizer.from_moments(m[0], m[1:d + 1], m[d + 1:], shift)
 
 

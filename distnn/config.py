@@ -102,11 +102,13 @@ def _one_of(names):
 
 
 def _at_least(lo):
-    return lambda v: None if v >= lo else f"expected a value >= {lo}, got {v!r}"
+    ok = lambda v: math.isfinite(v) and v >= lo  # noqa: E731
+    return lambda v: None if ok(v) else f"expected a finite value >= {lo}, got {v!r}"
 
 
 def _above(lo):
-    return lambda v: None if v > lo else f"expected a value > {lo}, got {v!r}"
+    ok = lambda v: math.isfinite(v) and v > lo  # noqa: E731
+    return lambda v: None if ok(v) else f"expected a finite value > {lo}, got {v!r}"
 
 
 def _unit(v):

@@ -135,7 +135,7 @@ def _npy_header(f, name: str):
         if reader is None:
             return None
         shape, fortran, dtype = reader(f)
-    except ValueError as e:
+    except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...
         raise DataError(f"{name}: corrupt .npy header ({e})") from None
     if dtype.hasobject:
         raise DataError(f"{name}: holds Python objects; only numeric or string arrays are loaded")
@@ -146,7 +146,7 @@ def _read_npy(f, name: str) -> np.ndarray:
     """Read a whole .npy stream without pickle."""
     try:
         return npformat.read_array(f, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...
         raise DataError(f"{name}: truncated or corrupt .npy ({e})") from None
 
 
@@ -182,7 +182,7 @@ def _mmap_npy(path: str) -> np.ndarray:
     """np.load with mmap_mode="r" and no pickle; errors name the file."""
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...
         raise DataError(f"{path}: truncated or corrupt .npy ({e})") from None
 
 

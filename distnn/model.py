@@ -162,22 +162,50 @@ def load_model(path) -> Model:
         what = "a training checkpoint" if meta.get("kind") == "training" else "not a model file"
         raise CheckpointError(f"{path}: {what}; expected a model written by `distnn train` "
                               f"(RUN_DIR/model.npz)")
+    _check_meta(path, meta)
+    params = arrays.get("params")
+    n_params = _n_params(meta["network"].get("sizes"))
+    if params is None or params.shape != (n_params,):  # checked before the network is allocated
+        got = "none" if params is None else f"shape {params.shape}"
+        raise CheckpointError(f"{path}: params are {got}, the network described needs "
+                              f"({n_params},)")
     try:
         net = Network(**meta["network"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad network description in the model: {e}") from None
-    params = arrays.get("params")
-    if params is None or params.shape != net.params.shape or params.dtype != net.dtype:
-        got = "none" if params is None else f"{params.shape} {params.dtype}"
-        raise CheckpointError(f"{path}: params are {got}, the network needs "
-                              f"{net.params.shape} {net.dtype}")
+    if params.dtype != net.dtype:
+        raise CheckpointError(f"{path}: params are {params.dtype}, the network is {net.dtype}")
     net.params[...] = params
     return Model(net, _scaler(path, arrays, net.sizes[0]), _classes(path, meta, net), meta)
+
+
+# What the commands read from a model's meta, and the type each must have (a crafted file may lie).
+META_TYPES = {"network": dict, "features": list, "target": (str, type(None)), "metrics": dict,
+              "source": str}
+
+
+def _check_meta(path, meta) -> None:
+    for key, kind in META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{path}: model field '{key}' is {type(meta[key]).__name__}")
+    if "network" not in meta:
+        raise CheckpointError(f"{path}: the model has no network description")
+    if not all(isinstance(f, str) for f in meta.get("features", [])):
+        raise CheckpointError(f"{path}: model field 'features' must list names")
+
+
+def _n_params(sizes) -> int:
+    """Parameter count of a network of `sizes`, or -1 for a malformed list."""
+    ok = isinstance(sizes, list) and len(sizes) >= 2 and all(
+        isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes)
+    return sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:])) if ok else -1
 
 
 def _scaler(path, arrays, d) -> Standardizer | None:
     if "scaler/mean" not in arrays:
         return None
+    if any(arrays.get(f"scaler/{k}", np.empty(0)).dtype.kind != "f" for k in ("mean", "scale")):
+        raise CheckpointError(f"{path}: standardization arrays must be real floating point")
     scaler = Standardizer.from_arrays({k: arrays.get(f"scaler/{k}") for k in ("mean", "scale")})
     if scaler.mean.shape != (d,) or scaler.scale.shape != (d,):
         raise CheckpointError(f"{path}: standardization arrays do not match the {d} inputs")
