@@ -1,0 +1,145 @@
+"""`distnn bench --quick`, the smoke test CI runs: well-formed output, never a timing assertion.
+
+One quick run (about 10 s on 2 cores) is shared by the tests below; the rest check the benchmark's
+arithmetic (FLOP counts, bucket counts, baselines) against closed forms.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from distnn import Network, bench
+
+pytestmark = pytest.mark.skipif(bench.launched_size() > 1,
+                                reason="spawns its own mpiexec jobs; run it outside mpiexec")
+
+
+def mpiexec_or_skip():
+    try:
+        return bench.find_mpiexec()
+    except bench.BenchError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    mpiexec_or_skip()
+    out = tmp_path_factory.mktemp("bench-out")
+    code = bench.main(["--quick", "--no-torch", "--out", str(out)])
+
+    def refuse(name):
+        raise ValueError(f"bench.json holds {name}: not standard JSON")
+
+    text = (out / "bench.json").read_text()
+    return code, out, json.loads(text, parse_constant=refuse)
+
+
+def positive(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_succeeds_and_writes_json_and_plot(quick):
+    code, out, res = quick
+    assert code == 0
+    assert res["schema"] == 1 and res["mode"] == "quick"
+    pytest.importorskip("matplotlib")
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_machine_is_described(quick):
+    m = quick[2]["machine"]
+    assert m["cores"] >= 1 and m["cpu"] and m["numpy"] == np.__version__ and m["mpi"]
+    assert any(lib.get("user_api") == "blas" for lib in m["blas"])  # threadpoolctl's view of the BLAS
+    assert positive(m["memcpy_GBps"])
+
+
+def test_roofline_and_step_figures_are_finite_and_positive(quick):
+    res = quick[2]
+    assert {r["net"] for r in res["roofline"]} == {"large", "small"}
+    for r in res["roofline"]:
+        for key in ("gflop_per_step", "gemm_s", "gemm_gflops", "grad_s", "grad_fraction", "step_s",
+                    "step_fraction"):
+            assert positive(r[key]), (key, r[key])
+        assert r["gflop_per_step"] * 1e9 == bench.step_flops(r["sizes"], r["batch"])
+        assert all(positive(layer["gflops"]) for layer in r["layers"])
+    assert {r["optimizer"] for r in res["steps"]} == set(bench.OPTIMIZERS)
+    for r in res["steps"]:
+        assert positive(r["samples_per_s"]) and positive(r["step_s"]) and math.isfinite(r["overhead"])
+
+
+def test_scaling_rows_cover_one_and_two_ranks_with_a_phase_split(quick):
+    sc = quick[2]["scaling"]
+    assert {r["ranks"] for r in sc["strong"]} == {1, 2}
+    assert {r["ranks"] for r in sc["weak"]} == {1, 2}
+    for r in sc["strong"] + sc["weak"]:
+        assert positive(r["step_s"]) and positive(r["samples_per_s"]) and positive(r["efficiency"])
+        assert len(r["per_rank"]) == r["ranks"]
+        for p in r["per_rank"]:
+            assert positive(p["step_s"]) and positive(p["compute_s"]) and positive(p["update_s"])
+            assert p["allreduce_s"] >= 0
+    one = next(r for r in sc["strong"] if r["ranks"] == 1 and r["threads"] == 1)
+    assert one["speedup"] == 1.0  # the baseline is itself
+    for r in sc["deterministic"]:
+        assert positive(r["default_step_s"]) and positive(r["deterministic_step_s"])
+
+
+def test_communication_and_memory_figures(quick):
+    res = quick[2]
+    comm = res["comm"]
+    assert comm["ranks"] == 2 and len(comm["sweep"]) >= 2
+    for r in comm["sweep"]:
+        assert all(positive(r[k]) for k in ("bytes", "bucketed_s", "bucketed_busbw_GBps", "one_call_s",
+                                             "one_call_busbw_GBps"))
+    for r in res["memory"]:
+        assert positive(r["file_mb"]) and len(r["per_rank_mb"]) == r["ranks"] == 2
+        assert all(positive(p["peak_rss"]) for p in r["per_rank_mb"])
+
+
+def test_targets_are_reported_with_a_verdict(quick):
+    found = quick[2]["targets"]
+    assert found
+    for t in found:
+        assert isinstance(t["pass"], bool) and math.isfinite(t["value"]) and t["where"]
+
+
+@pytest.mark.parametrize("sizes", [bench.LARGE, bench.SMALL, [3, 2]])
+def test_step_flops_are_the_flops_of_the_step_s_matrix_products(sizes):
+    # forward 2·weights + backward 4·weights, less the input layer's dX, per sample
+    net = Network(sizes, dtype="float32")
+    ops = bench.gemm_ops(net, 5)
+    assert sum(op[-1] for op in ops) == bench.step_flops(sizes, 5)
+    assert len(ops) == 3 * len(net.weights) - 1
+    for kind, l, a, b, out, _ in ops:
+        assert (a @ b).shape == out.shape
+
+
+def test_allreduce_calls_per_step_are_buckets_of_the_gradient_buffer():
+    calls = {(r["net"], r["dtype"]): r for r in bench.calls_per_step(4 << 20)}
+    n_large = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10 + 3  # + 3 riding statistics
+    assert calls["large", "float32"]["calls"] == math.ceil(4 * n_large / (4 << 20)) == 2
+    assert calls["large", "float64"]["calls"] == 4
+    assert calls["small", "float64"]["calls"] == 1
+
+
+def test_workers_drop_the_blas_overrides_unless_kept(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert "OPENBLAS_CORETYPE" not in bench.worker_env(False, 1)
+    kept = bench.worker_env(True, 2)
+    assert kept["OPENBLAS_CORETYPE"] == "Haswell" and kept["OPENBLAS_NUM_THREADS"] == "2"
+
+
+def test_torch_step_runs_when_torch_is_installed():
+    torch = pytest.importorskip("torch")
+    net = Network(bench.SMALL, dtype="float32")
+    X, _, labels = bench.synthetic_batch(net, 8, seed=0)
+    config = {"sizes": bench.SMALL, "dtype": "float32", "threads": 1}
+    assert positive(bench.torch_step_s(torch, config, X, labels, 0.01))
+
+
+def test_best_of_keeps_each_figures_fastest_run():
+    runs = [{"step_s": {"adam": 2.0}, "grad_s": 1.0, "gflops": 5.0, "batch": 64, "rows": [{"x_s": 3.0}]},
+            {"step_s": {"adam": 1.0}, "grad_s": 4.0, "gflops": 9.0, "batch": 64, "rows": [{"x_s": 2.0}]}]
+    assert bench.best_of(runs) == {"step_s": {"adam": 1.0}, "grad_s": 1.0, "gflops": 9.0, "batch": 64,
+                                   "rows": [{"x_s": 2.0}]}
