@@ -54,9 +54,14 @@ def check_rows(rows) -> np.ndarray:
 def local_maxabs(rows) -> np.ndarray:
     """Element-wise max |x| over the rows, (m,), with NaN mapped to Inf so an MPI MAX carries it."""
     rows = check_rows(rows)
-    out = np.zeros(rows.shape[1], rows.dtype)
-    for row in rows:  # one row at a time: no (n_chunks, m) temporary
-        np.maximum(out, np.abs(row), out=out)  # np.maximum propagates NaN
+    n, m = rows.shape
+    out = np.zeros(m, rows.dtype)
+    if n == 0:  # a rank without chunks still takes part in the MAX, with zeros
+        return out
+    work = np.empty((n, _block(n)), rows.dtype)
+    for lo, hi in _blocks(n, m):  # column blocks: the work stays in cache, no (n, m) temporary
+        w = np.abs(rows[:, lo:hi], out=work[:, :hi - lo])
+        np.maximum.reduce(w, axis=0, out=out[lo:hi])  # propagates NaN
     out[np.isnan(out)] = np.inf
     return out
 
@@ -82,12 +87,13 @@ def exponents(maxabs, n_chunks_total) -> np.ndarray:
 
 def _pow2(p) -> np.ndarray:
     """Exactly 2.0**p as float64, for integer p in [-1022, 1023], written into the exponent bits."""
-    return ((p.astype(np.int64) + 1023) << 52).view(np.float64)
+    biased = np.add(p, 1023, dtype=np.int64)  # p is an int64 array: no copy beyond this one
+    return np.left_shift(biased, 52, out=biased).view(np.float64)
 
 
 def _pow2_factors(p) -> list[np.ndarray]:
     """One or two float64 arrays whose product is exactly 2.0**p, for |p| < 2045 (past one float's range)."""
-    first = np.clip(p, -1022, 1023)
+    first = np.maximum(np.minimum(p, 1023), -1022)  # np.clip's wrapper cost more than this
     rest = p - first  # nonzero only next to float64's underflow: elements with max |x| < 2**-960
     return [_pow2(first)] + ([_pow2(rest)] if rest.any() else [])
 
@@ -98,24 +104,37 @@ def to_fixed(rows, e) -> np.ndarray:
     rows: (n, m), all |x| <= the maxabs that e came from (else int64 may overflow).
     """
     rows = check_rows(rows)
+    n, m = rows.shape
     scales = _pow2_factors(-e)
-    total = np.zeros(rows.shape[1], np.int64)
-    y = np.empty(rows.shape[1])  # float64 work row: float32 chunks scale exactly in it too
-    q = np.empty(rows.shape[1], np.int64)
-    for row in rows:
-        np.multiply(row, scales[0], out=y)
+    total = np.zeros(m, np.int64)
+    y = np.empty((n, _block(n)))  # float64 work: float32 chunks scale exactly in it too
+    q = np.empty((n, _block(n)), np.int64)
+    for lo, hi in _blocks(n, m):  # column blocks of all chunks at once: cache-resident, few calls
+        yb, qb = y[:, :hi - lo], q[:, :hi - lo]
+        np.multiply(rows[:, lo:hi], scales[0][lo:hi], out=yb)
         for s in scales[1:]:
-            y *= s  # scaling up from tiny values, exact
-        np.rint(y, out=y)  # round half to even; y is exact before it
-        np.copyto(q, y, casting="unsafe")  # integers below 2**63: exact
-        total += q
+            yb *= s[lo:hi]  # scaling up from tiny values, exact
+        np.rint(yb, out=yb)  # round half to even; yb is exact before it
+        np.copyto(qb, yb, casting="unsafe")  # integers below 2**63: exact
+        np.add.reduce(qb, axis=0, out=total[lo:hi])  # integer sums: exact in any order
     return total
+
+
+def _block(n) -> int:
+    """Columns per block: about 64 K elements (512 KB of float64) of work for all n rows."""
+    return max(256, (1 << 16) // max(n, 1))
+
+
+def _blocks(n, m):
+    step = _block(n)
+    return ((lo, min(lo + step, m)) for lo in range(0, m, step))
 
 
 def from_fixed(total, e, dtype) -> np.ndarray:
     """The float values total * 2**e in dtype, rounded once (int64 -> dtype)."""
     dtype = np.dtype(dtype)
-    out = total.astype(dtype).astype(np.float64)  # the one rounding; integer-valued, so exact in float64
+    # the one rounding (int64 -> dtype); integer-valued, so exact in float64
+    out = total.astype(dtype).astype(np.float64, copy=False)
     for s in _pow2_factors(e):
         out *= s  # exact unless the result is subnormal
     return out.astype(dtype)

@@ -51,7 +51,7 @@ class Trainer:
 
     def __init__(self, net, optimizer=None, batch_size=256, epochs=20, seed=0, comm=None, *,
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
-                 keep_checkpoints=3, deterministic=False, chunk_size=32, watchdog=None,
+                 keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=None,
                  bucket_bytes=4 << 20, check_every=100, callback=None):
         if not isinstance(net, Network):
             raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
@@ -83,6 +83,7 @@ class Trainer:
         self.optimizer.init(net.params)
         self.buf = np.zeros(net.n_params + _STATS, net.dtype)
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
+        self._chunk_buf = np.empty((0, net.n_params + _STATS), net.dtype)  # deterministic mode
         self._stop_signal = 0  # set by the signal handler on this rank only
         self._stop_agreed = False
 
@@ -219,7 +220,7 @@ class Trainer:
         n, c = self.net.n_params, self.chunk_size
         n_chunks = -(-(hi - lo) // c)
         first, last = data.chunk_range(n_chunks, self.comm.size, self.comm.rank)
-        rows = np.zeros((last - first, n + _STATS), self.net.dtype)  # one chunk's sums per row
+        rows = self._chunk_rows(last - first)  # one chunk's sums per row
         for i, j in enumerate(range(first, last)):
             idx = np.sort(perm[lo + j * c:min(lo + (j + 1) * c, hi)])
             Xb, Yb = self._rows(X, idx), Y[idx]
@@ -227,6 +228,14 @@ class Trainer:
             rows[i, n + 1] = self.net.last_correct(Yb) or 0
         return self.comm.exact_sum(rows, n_chunks, what=f"step {self.step + 1}",
                                    flag=bool(self._stop_signal))
+
+    def _chunk_rows(self, count):
+        """(count, n_params + stats) rows for chunk sums, allocated once, statistics zeroed."""
+        if self._chunk_buf.shape[0] < count:
+            self._chunk_buf = np.empty((count, self.net.n_params + _STATS), self.net.dtype)
+        rows = self._chunk_buf[:count]
+        rows[:, self.net.n_params:] = 0
+        return rows
 
     def _rows(self, X, idx):
         rows = np.asarray(X[idx], dtype=self.net.dtype)
