@@ -76,6 +76,20 @@ LOSS_SUM = {"gaussian": _loss_gaussian, "bernoulli": _loss_bernoulli,
             "multinomial": _loss_multinomial, "poisson": _loss_poisson}
 
 
+def mean_and_loss_sum(family, z, y, out):
+    """out = mean(z); returns the loss sum. Softmax and its loss share one pass: with the row max
+    m and s = Σ exp(z - m), p = exp(z - m) / s and the loss is Σ log s - (z_y - m)."""
+    if family != "multinomial":
+        MEAN[family](z, out)
+        return LOSS_SUM[family](z, y)
+    np.subtract(z, z.max(axis=1, keepdims=True), out=out)  # (N, K), each row's max is 0
+    picked = out[np.arange(len(y)), y]  # z_y - m, (N,)
+    np.exp(out, out=out)
+    s = out.sum(axis=1, keepdims=True)  # in [1, K]: its log is finite
+    np.divide(out, s, out=out)
+    return float(np.log(s).sum(dtype=np.float64) - picked.sum(dtype=np.float64))
+
+
 def residual(family, mean, y, out):
     """out = mean - y, the output proxy error P_L; multinomial labels act as one-hot rows."""
     np.copyto(out, mean)

@@ -65,6 +65,7 @@ class Network:
         self._dact = activations.DERIVATIVE[activation]
         self._mean = families.MEAN[family]
         self._buffers = {}
+        self._views_of, self._views = None, None  # see _grad_views
         self.init_params(seed)
 
     # ---- construction ------------------------------------------------------------------------
@@ -127,8 +128,9 @@ class Network:
         self._buffers[n] = buf  # re-insert: dict order is recency order
         return buf
 
-    def _forward(self, X):
-        """Fill the work buffers for X (N, n_in) already checked; returns them."""
+    def _forward(self, X, mean=True):
+        """Fill the work buffers for X (N, n_in) already checked; returns them. mean=False leaves
+        the output mean to the caller (grad_sum computes it together with the loss)."""
         buf = self._buffers_for(len(X))
         inp = X
         last = len(self.weights) - 1
@@ -137,18 +139,19 @@ class Network:
             z += b
             if l < last:
                 inp = self._act(z, z)  # O_l overwrites Z_l: backward needs only O_l
-        self._mean(buf.z[-1], buf.mean)
+        if mean:
+            self._mean(buf.z[-1], buf.mean)
         return buf
 
     def _backward(self, X, Y, buf, out):
         """Proxy-error recursion: write the batch-summed gradient into `out` (params layout)."""
-        g_w, g_b = _layer_views(out, [w.shape for w in self.weights])
+        g_w, g_b = self._grad_views(out)
         families.residual(self.family, buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
         for l in range(len(self.weights) - 1, -1, -1):
             p = buf.delta[l]  # (N, |O_l|)
             inp = X if l == 0 else buf.z[l - 1]  # I_l = O_{l-1}
             np.matmul(p.T, inp, out=g_w[l])  # Σ_n P_l[n] ⊗ I_l[n]
-            np.sum(p, axis=0, out=g_b[l])
+            np.add.reduce(p, axis=0, out=g_b[l])
             if l > 0:
                 prev = buf.delta[l - 1]
                 np.matmul(p, self.weights[l], out=prev)  # P_l W_l, (N, |I_l|)
@@ -156,14 +159,21 @@ class Network:
                     prev *= self._dact(buf.z[l - 1], buf.deriv[l - 1])  # ∘ A'_{l-1}(O_{l-1})
         return out
 
+    def _grad_views(self, out):
+        """Per-layer views of a gradient vector; the last one's are kept, as a step reuses it."""
+        if self._views_of is not out:
+            self._views_of, self._views = out, _layer_views(out, [w.shape for w in self.weights])
+        return self._views
+
     def grad_sum(self, X, Y, out):
         """Hot path: the data-loss gradient summed over the batch into `out`; returns the loss sum.
 
         X is (N, n_in) in the network dtype and Y comes from `check_targets`: no validation here.
         An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
-        buf = self._forward(X)
+        buf = self._forward(X, mean=False)
+        loss = families.mean_and_loss_sum(self.family, buf.z[-1], Y, buf.mean)
         self._backward(X, Y, buf, out)
-        return families.LOSS_SUM[self.family](buf.z[-1], Y)
+        return loss
 
     def loss_sum(self, X, Y):
         """Sum of per-sample losses (no penalty) for checked X and encoded Y."""
