@@ -84,6 +84,7 @@ def test_gradient_sums_add_over_any_split_of_the_batch(family):
         parts += g
     np.testing.assert_allclose(parts, whole, rtol=1e-12, atol=1e-12)
     assert part_loss == pytest.approx(whole_loss, rel=1e-12)
+    assert whole_loss == pytest.approx(net.loss_sum(X, Y), rel=1e-13)  # the fused softmax loss too
 
 
 def test_empty_batch_contributes_nothing():
