@@ -92,7 +92,7 @@ def _train(args, comm) -> int:
     run = Path(cfg.out_dir)
     tcomm = Comm(timeout=cfg.train.watchdog or None, bucket_bytes=int(cfg.train.bucket_mb * 2**20))
     log = _EpochLog(run, cfg.train.epochs, comm.is_root)
-    settings = trainer_settings(cfg, run / "checkpoints", log)
+    settings = trainer_settings(cfg, run / "checkpoints", log) | {"threads": n}
     resume_from = _latest(comm, run / "checkpoints") if args.resume else None
     if resume_from is None:
         trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=tcomm, **settings)

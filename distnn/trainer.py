@@ -18,7 +18,6 @@ The data order comes from `data.epoch_permutation(seed, epoch)`, so a checkpoint
 Only rank 0 writes files; every rank returns the same `history`.
 """
 
-import contextlib
 import math
 import signal
 import threading
@@ -27,7 +26,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import checkpoint, data, exactsum, optim
+from . import checkpoint, data, exactsum, optim, threads
 from .comm import Comm
 from .network import Network
 
@@ -52,7 +51,7 @@ class Trainer:
     def __init__(self, net, optimizer=None, batch_size=256, epochs=20, seed=0, comm=None, *,
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
                  keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=None,
-                 bucket_bytes=4 << 20, check_every=100, callback=None):
+                 bucket_bytes=4 << 20, check_every=100, threads=None, callback=None):
         if not isinstance(net, Network):
             raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
         self.net = net
@@ -70,6 +69,7 @@ class Trainer:
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         self.check_every = _positive_int("check_every", check_every, low=0)
         self.callback = callback  # called on every rank with each epoch's record
+        self.threads = threads  # BLAS threads per rank during fit; None: cores / ranks on the node
         self.comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=watchdog,
                                                               bucket_bytes=bucket_bytes)
         # Progress, all of it in the checkpoint: the run continues from exactly here.
@@ -100,7 +100,7 @@ class Trainer:
         batches = data.batches(len(X), self.batch_size)
         # total_steps follows this fit's epochs (a resumed run may be given more), unless set
         self._lr_args = {"total_steps": max(1, self.epochs * len(batches))} | self.schedule
-        with _StopOnSignals(self), _pinned_blas(self.deterministic):
+        with _StopOnSignals(self), threadpool_limits(self._blas_threads(), user_api="blas"):
             while self.epoch < self.epochs and not self._stopped_early():
                 started = time.perf_counter()
                 perm = data.epoch_permutation(self.seed, self.epoch, len(X))
@@ -278,6 +278,16 @@ class Trainer:
         self.best["bad_epochs"] += 1
         return self.best["bad_epochs"] >= self.patience
 
+    def _blas_threads(self):
+        """Threads per rank for this fit (None: leave BLAS as it is). Ranks sharing a node split its
+        cores, or their GEMMs fight over them and P ranks run slower than one. Deterministic mode
+        pins 1: a GEMM's rounding may depend on how its work is split between threads."""
+        if self.deterministic:
+            return 1
+        if self.threads is None and self.comm.size > 1:
+            return max(1, threads.usable_cpus() // self.comm.local_ranks())  # collective
+        return self.threads or None
+
     def _stopped_early(self):
         return bool(self.patience) and self.best["bad_epochs"] >= self.patience
 
@@ -410,12 +420,6 @@ class _StopOnSignals:
     def __exit__(self, *exc):
         for s, h in self.saved.items():
             signal.signal(s, h)
-
-
-def _pinned_blas(deterministic):
-    """Deterministic mode runs BLAS on 1 thread per rank: a GEMM's rounding may depend on how
-    its work is split between threads, and the thread count per rank may differ between runs."""
-    return threadpool_limits(1, user_api="blas") if deterministic else contextlib.nullcontext()
 
 
 def _is_classifier(net):

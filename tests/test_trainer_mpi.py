@@ -137,3 +137,18 @@ def test_deterministic_mode_agrees_with_the_default_mode_to_round_off():
     assert exact.step == 36
     rel = np.abs(exact.net.params - plain.net.params).max() / np.abs(plain.net.params).max()
     assert all_ranks(rel <= 1e-10), rel
+
+
+def test_ranks_sharing_a_node_split_its_cores_between_their_blas_threads():
+    from threadpoolctl import threadpool_info
+
+    from distnn.threads import usable_cpus
+
+    seen = []
+    X, y = problem("multinomial")
+    trainer = Trainer(Network([5, 8, 3], seed=1), optim.SGD(lr=0.1), batch_size=10, epochs=1,
+                      comm=WORLD, callback=lambda _: seen.extend(
+                          p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
+    trainer.fit(X, y)
+    share = max(1, usable_cpus() // WORLD.Get_size())  # every rank of the test runs on one node
+    assert all_ranks(seen and all(n == share for n in seen)), seen
