@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from distnn import Network, bench
+from distnn import Network, bench, bench_report, bench_workers
 
 pytestmark = pytest.mark.skipif(bench.launched_size() > 1,
                                 reason="spawns its own mpiexec jobs; run it outside mpiexec")
@@ -62,9 +62,9 @@ def test_roofline_and_step_figures_are_finite_and_positive(quick):
         for key in ("gflop_per_step", "gemm_s", "gemm_gflops", "grad_s", "grad_fraction", "step_s",
                     "step_fraction"):
             assert positive(r[key]), (key, r[key])
-        assert r["gflop_per_step"] * 1e9 == bench.step_flops(r["sizes"], r["batch"])
+        assert r["gflop_per_step"] * 1e9 == bench_workers.step_flops(r["sizes"], r["batch"])
         assert all(positive(layer["gflops"]) for layer in r["layers"])
-    assert {r["optimizer"] for r in res["steps"]} == set(bench.OPTIMIZERS)
+    assert {r["optimizer"] for r in res["steps"]} == set(bench_workers.OPTIMIZERS)
     for r in res["steps"]:
         assert positive(r["samples_per_s"]) and positive(r["step_s"]) and math.isfinite(r["overhead"])
 
@@ -104,19 +104,19 @@ def test_targets_are_reported_with_a_verdict(quick):
         assert isinstance(t["pass"], bool) and math.isfinite(t["value"]) and t["where"]
 
 
-@pytest.mark.parametrize("sizes", [bench.LARGE, bench.SMALL, [3, 2]])
+@pytest.mark.parametrize("sizes", [bench_workers.LARGE, bench_workers.SMALL, [3, 2]])
 def test_step_flops_are_the_flops_of_the_step_s_matrix_products(sizes):
     # forward 2·weights + backward 4·weights, less the input layer's dX, per sample
     net = Network(sizes, dtype="float32")
-    ops = bench.gemm_ops(net, 5)
-    assert sum(op[-1] for op in ops) == bench.step_flops(sizes, 5)
+    ops = bench_workers.gemm_ops(net, 5)
+    assert sum(op[-1] for op in ops) == bench_workers.step_flops(sizes, 5)
     assert len(ops) == 3 * len(net.weights) - 1
     for kind, l, a, b, out, _ in ops:
         assert (a @ b).shape == out.shape
 
 
 def test_allreduce_calls_per_step_are_buckets_of_the_gradient_buffer():
-    calls = {(r["net"], r["dtype"]): r for r in bench.calls_per_step(4 << 20)}
+    calls = {(r["net"], r["dtype"]): r for r in bench_report.calls_per_step(4 << 20)}
     n_large = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10 + 3  # + 3 riding statistics
     assert calls["large", "float32"]["calls"] == math.ceil(4 * n_large / (4 << 20)) == 2
     assert calls["large", "float64"]["calls"] == 4
@@ -132,10 +132,10 @@ def test_workers_drop_the_blas_overrides_unless_kept(monkeypatch):
 
 def test_torch_step_runs_when_torch_is_installed():
     torch = pytest.importorskip("torch")
-    net = Network(bench.SMALL, dtype="float32")
-    X, _, labels = bench.synthetic_batch(net, 8, seed=0)
-    config = {"sizes": bench.SMALL, "dtype": "float32", "threads": 1}
-    assert positive(bench.torch_step_s(torch, config, X, labels, 0.01))
+    net = Network(bench_workers.SMALL, dtype="float32")
+    X, _, labels = bench_workers.synthetic_batch(net, 8, seed=0)
+    config = {"sizes": bench_workers.SMALL, "dtype": "float32", "threads": 1}
+    assert positive(bench_workers.torch_step_s(torch, config, X, labels, 0.01))
 
 
 def test_best_of_keeps_each_figures_fastest_run():

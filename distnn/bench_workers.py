@@ -1,0 +1,338 @@
+"""What runs inside the benchmark's worker processes: the nets measured, the timing loops, and the workers.
+
+    python -m distnn.bench --worker single|mpi|memory --spec JSON     (started by `distnn bench`)
+
+`single` times GEMMs on the net's own shapes, the gradient, the step and PyTorch's step in one
+process; `mpi` runs on every rank of an `mpiexec -n P` job (data-parallel steps split into phases,
+Trainer.fit in default and deterministic mode, the allreduce sweep); `memory` trains one epoch from
+a memory-mapped .npy and reports each rank's RSS. Each prints its result as one JSON line on stdout
+(the MPI ones from rank 0 only); distnn/bench.py plans their specs and reads that line back.
+"""
+
+import json
+import math
+import resource
+import time
+
+import numpy as np
+
+from . import data, optim
+from .network import Network
+
+# the nets measured: MNIST-shaped (its step is GEMM-bound) and small (the overhead outside BLAS shows)
+LARGE, SMALL = [784, 1024, 1024, 10], [64, 128, 128, 10]
+OPTIMIZERS = {"sgd-momentum": lambda: optim.SGD(lr=0.01, momentum=0.9),
+              "adam": lambda: optim.Adam(lr=1e-3)}
+
+
+def step_flops(sizes, batch):
+    """FLOPs of one step: forward 2·weights, backward 4·weights less the input layer's dX, per sample."""
+    weights = sum(o * i for i, o in zip(sizes[:-1], sizes[1:]))
+    return batch * (6 * weights - 2 * sizes[0] * sizes[1])
+
+
+# ============================================================================ timing
+
+def timeit(fn, min_s, min_reps=5):
+    """Seconds of the fastest call of fn, after two warm-up calls, over >= min_reps calls and min_s."""
+    # the best of many: other programs on the machine only ever add time to a call
+    fn()
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def blas_threads(n):
+    """Context manager limiting the BLAS (and OpenMP) pools of this process to n threads."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=n)
+
+
+def synthetic_batch(net, n, seed):
+    """(X, Y): n standard-normal rows in the net's dtype and encoded random class labels."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, net.sizes[0])).astype(net.dtype)
+    labels = rng.integers(0, net.sizes[-1], n)
+    return X, net.check_targets(labels), labels
+
+
+# ============================================================================ worker: single process
+
+def gemm_ops(net, n, seed=0):
+    """The step's matrix products for batch n as [(kind, l, a, b, out, flops)], laid out as Network's own."""
+    # Per layer l: forward Z_l = I_l W_lᵀ (n, out) with I_l = Z_{l-1}; backward Wgrad = P_lᵀ I_l
+    # (out, in) into layer l's view of a flat gradient vector; dX = P_l W_l (n, in) into P_{l-1} for
+    # l > 0. Every array is filled by one pass before returning.
+    rng = np.random.default_rng(seed)
+    grad, g_w, at = net.grad_buffer(), [], 0
+    for w in net.weights:  # layout [W_0, b_0, W_1, b_1, ...]
+        g_w.append(grad[at:at + w.size].reshape(w.shape))
+        at += w.size + w.shape[0]
+    outs = [np.empty((n, k), net.dtype) for k in net.sizes[1:]]
+    ins = [rng.standard_normal((n, net.sizes[0])).astype(net.dtype)] + outs[:-1]
+    deltas = [rng.standard_normal((n, k)).astype(net.dtype) for k in net.sizes[1:]]
+    ops = [("forward", l, ins[l], w.T, outs[l], 2 * n * w.size) for l, w in enumerate(net.weights)]
+    for l in range(len(net.weights) - 1, -1, -1):
+        w = net.weights[l]
+        ops.append(("wgrad", l, deltas[l].T, ins[l], g_w[l], 2 * n * w.size))
+        if l > 0:
+            ops.append(("dx", l, deltas[l], w, deltas[l - 1], 2 * n * w.size))
+    run_ops(ops)
+    return ops
+
+
+def run_ops(ops):
+    """All the step's matrix products, nothing else."""
+    for _, _, a, b, out, _ in ops:
+        np.matmul(a, b, out=out)
+
+
+def local_step(net, opt, X, Y, grad):
+    """One single-process step as the trainer takes it: gradient sum, mean, optimizer update."""
+    net.grad_sum(X, Y, grad)
+    grad /= len(X)
+    opt.step(net.params, grad)
+
+
+def measure_config(c, min_s, torch):
+    """Roofline, gradient and step timings (and PyTorch's step) for one net/batch/dtype/threads."""
+    net = Network(c["sizes"], dtype=c["dtype"], seed=0)
+    X, Y, labels = synthetic_batch(net, c["batch"], seed=1)
+    ops = gemm_ops(net, c["batch"])
+    layers = [{"kind": kind, "layer": l, "shape": [a.shape[0], a.shape[1], b.shape[1]],
+               "gflops": flops / timeit(lambda a=a, b=b, o=o: np.matmul(a, b, out=o), min_s / 4) / 1e9}
+              for kind, l, a, b, o, flops in ops]
+    grad = net.grad_buffer()
+    result = dict(c, flops=step_flops(c["sizes"], c["batch"]), layers=layers,
+                  gemm_s=timeit(lambda: run_ops(ops), min_s),
+                  grad_s=timeit(lambda: net.grad_sum(X, Y, grad), min_s), step_s={})
+    for name, make in OPTIMIZERS.items():
+        net.init_params(0)
+        opt = make()
+        opt.init(net.params)
+        result["step_s"][name] = timeit(lambda: local_step(net, opt, X, Y, grad), min_s)
+    if torch is not None:
+        result["torch_step_s"] = torch_step_s(torch, c, X, labels, min_s)
+    return result
+
+
+def torch_step_s(torch, c, X, labels, min_s):
+    """The same step in PyTorch: Linear+ReLU, CrossEntropyLoss, SGD momentum, same threads and dtype."""
+    torch.set_num_threads(c["threads"])
+    nn, sizes = torch.nn, c["sizes"]
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).to(getattr(torch, c["dtype"]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.from_numpy(X), torch.from_numpy(labels)
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return timeit(step, min_s)
+
+
+def memcpy_gbps(nbytes=64 << 20):
+    """Memory copy rate (read + write bytes per second / 1e9) of a large buffer, for scale."""
+    src, dst = np.ones(nbytes // 8), np.empty(nbytes // 8)
+    return 2 * nbytes / timeit(lambda: np.copyto(dst, src), 0.1) / 1e9
+
+
+def import_torch():
+    """torch if it imports, else None (it is optional and never a dependency)."""
+    try:
+        import torch
+    except Exception:
+        return None
+    return torch
+
+
+def single_worker(spec):
+    """Worker for section 1 and 2: every single-process config of the plan."""
+    from threadpoolctl import threadpool_info
+    torch = import_torch() if spec["torch"] else None
+    out = {"blas": threadpool_info(), "memcpy_GBps": memcpy_gbps(),
+           "torch": None if torch is None else torch.__version__, "configs": []}
+    for c in spec["configs"]:
+        with blas_threads(c["threads"]):
+            out["configs"].append(measure_config(c, spec["seconds"], torch))
+    return out
+
+
+# ============================================================================ worker: MPI ranks
+
+def agreed_reps(comm, fn, min_s):
+    """Warm fn up and pick a repetition count from the slowest rank's call time, the same on all ranks."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    fn()
+    slowest = np.array([(time.perf_counter() - t0) / 2])
+    comm.allreduce_max(slowest, "bench: timing")
+    return int(min(max(math.ceil(min_s / max(slowest[0], 1e-9)), 5), 5000))
+
+
+def per_rank(comm, values):
+    """Every rank's values as a (size, len(values)) array, the same on every rank."""
+    table = np.zeros((comm.size, len(values)))
+    table[comm.rank] = values
+    comm.allreduce(table.reshape(-1), "bench: gather")
+    return table
+
+
+def dist_step(net, opt, comm, X, Y, buf, global_batch):
+    """One data-parallel step as the trainer takes it; (compute, allreduce, update) seconds."""
+    n = net.n_params
+    t0 = time.perf_counter()
+    buf[n] = net.grad_sum(X, Y, buf[:n])
+    t1 = time.perf_counter()
+    comm.allreduce(buf, "bench: step")
+    t2 = time.perf_counter()
+    grad = buf[:n]
+    grad /= global_batch
+    opt.step(net.params, grad)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def scaling_run(comm, run, min_s):
+    """Time the step loop on this communicator for one net and global batch; per-rank phase split."""
+    # The step reported is the fastest (as in timeit) by its slowest rank's wall time; every rank
+    # gives its (wall, compute, allreduce, update) seconds of that same step.
+    net = Network(run["sizes"], dtype=run["dtype"], seed=0)
+    a, b = data.shard(0, run["batch"], comm.size, comm.rank)
+    X, Y, _ = synthetic_batch(net, b - a, seed=1 + comm.rank)
+    opt = OPTIMIZERS["sgd-momentum"]()
+    opt.init(net.params)
+    buf = np.zeros(net.n_params + 3, net.dtype)  # gradient + the trainer's 3 riding statistics
+    step = lambda: dist_step(net, opt, comm, X, Y, buf, run["batch"])  # noqa: E731
+    reps = agreed_reps(comm, step, min_s)
+    times = np.empty((reps, 4))  # per step: wall, compute, allreduce, update
+    comm.barrier()
+    for i in range(reps):
+        t0 = time.perf_counter()
+        times[i, 1:] = step()
+        times[i, 0] = time.perf_counter() - t0
+    walls = times[:, 0].copy()
+    comm.allreduce_max(walls, "bench: step times")
+    best = int(np.argmin(walls))  # the same step on every rank
+    table = per_rank(comm, times[best])
+    return dict(run, ranks=comm.size, steps=reps, step_s=float(walls[best]),
+                per_rank=[dict(zip(("step_s", "compute_s", "allreduce_s", "update_s"), map(float, r)))
+                          for r in table])
+
+
+def trainer_run(comm, run):
+    """Trainer.fit step time in default and deterministic mode (SGD momentum; fastest epoch after the first)."""
+    from .trainer import Trainer
+    rng = np.random.default_rng(0)
+    n = run["batch"] * run["steps"]
+    X = rng.standard_normal((n, run["sizes"][0])).astype(run["dtype"])
+    y = rng.integers(0, run["sizes"][-1], n)
+    out = dict(run, ranks=comm.size)
+    for mode in ("default", "deterministic"):
+        net = Network(run["sizes"], dtype=run["dtype"], seed=0)
+        trainer = Trainer(net, OPTIMIZERS["sgd-momentum"](), batch_size=run["batch"], epochs=4,
+                          seed=0, comm=comm, deterministic=mode == "deterministic",
+                          chunk_size=run["chunk_size"])
+        history = trainer.fit(X, y)[1:]  # epoch 1 allocates the buffers
+        out[f"{mode}_step_s"] = min(h["seconds"] for h in history) / run["steps"]
+    return out
+
+
+def comm_sweep(comm, sizes, min_s):
+    """Allreduce seconds of a float32 buffer per size: in Comm's buckets and as one MPI call."""
+    from .comm import Comm
+    rows = []
+    for nbytes in sizes:
+        buf = np.zeros(nbytes // 4, np.float32)  # zeros: repeated sums stay finite
+        row = {"bytes": nbytes, "ranks": comm.size}
+        for key, bucket in (("bucketed", comm.bucket_bytes), ("one_call", nbytes)):
+            c = Comm(comm.comm, bucket_bytes=bucket)
+            call = lambda: c.allreduce(buf, "bench: sweep")  # noqa: E731
+            reps = agreed_reps(comm, call, min_s)
+            seconds = np.empty(reps)
+            comm.barrier()
+            for i in range(reps):
+                t0 = time.perf_counter()
+                call()
+                seconds[i] = time.perf_counter() - t0
+            comm.allreduce_max(seconds, "bench: sweep times")  # a call lasts until its last rank is done
+            row[f"{key}_s"] = float(seconds.min())
+            row[f"{key}_busbw_GBps"] = 2 * (comm.size - 1) / comm.size * nbytes / seconds.min() / 1e9
+        rows.append(row)
+    return rows
+
+
+def mpi_worker(spec):
+    """Worker for sections 3 and 4 on every rank of this job; rank 0's return value is printed."""
+    from .comm import install_excepthook, world
+    comm = world(bucket_bytes=spec["bucket_bytes"])
+    install_excepthook(comm)  # a failing rank ends the job instead of hanging the others
+    from threadpoolctl import threadpool_info
+    out = {"ranks": comm.size, "blas": threadpool_info(), "scaling": [], "trainer": [], "comm": []}
+    for t in spec["threads"]:
+        with blas_threads(t):
+            out["scaling"] += [dict(scaling_run(comm, run, spec["seconds"]), threads=t)
+                               for run in spec["runs"]]
+    with blas_threads(spec["threads"][-1]):  # the standard layout only: cores // P threads
+        out["trainer"] = [dict(trainer_run(comm, run), threads=spec["threads"][-1])
+                          for run in spec["trainer"]]
+    if spec["comm_bytes"]:
+        with blas_threads(1):
+            out["comm"] = comm_sweep(comm, spec["comm_bytes"], spec["seconds"])
+    return out if comm.is_root else None
+
+
+# ============================================================================ worker: memory
+
+def proc_status():
+    """(RssAnon, RssFile) of this process in bytes from /proc/self/status; zeros where absent."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return 0.0, 0.0
+    return tuple(float(fields.get(k, "0 kB").split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
+
+
+def memory_worker(spec):
+    """Train one epoch from a memory-mapped .npy on every rank; per-rank peak and current RSS."""
+    from .comm import install_excepthook, world
+    from .trainer import Trainer
+    comm = world()
+    install_excepthook(comm)
+    before = proc_status()
+    ds = data.load(spec["x"], target=spec["y"])
+    net = Network([ds.X.shape[1], 64, 10], dtype="float32", seed=0)
+    Trainer(net, OPTIMIZERS["sgd-momentum"](), batch_size=spec["batch"], epochs=1, seed=0,
+            comm=comm).fit(ds.X, ds.y)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    table = per_rank(comm, [peak, *proc_status(), *before])
+    keys = ("peak_rss", "anon_rss", "file_rss", "anon_rss_before", "file_rss_before")
+    rows = [{k: float(v) / 2**20 for k, v in zip(keys, r)} for r in table]
+    if not comm.is_root:
+        return None
+    return {"ranks": comm.size, "file_mb": spec["file_bytes"] / 2**20,
+            "shard_mb": spec["file_bytes"] / 2**20 / comm.size, "per_rank_mb": rows}
+
+
+# ============================================================================ the worker entry
+
+WORKERS = {"single": single_worker, "mpi": mpi_worker, "memory": memory_worker}
+
+
+def worker_main(kind, spec):
+    """Entry of a worker process: run one kind of measurement and print its JSON on stdout."""
+    result = WORKERS[kind](json.loads(spec))
+    if result is not None:
+        print(json.dumps(result, default=float), flush=True)
+    return 0
+
