@@ -1,0 +1,396 @@
+"""One training run, the same code on every rank: `distnn train` (cli.py) calls train(args, comm).
+
+Every rank loads the config and the data, checks and splits it, fits the standardization (moments
+summed exactly across ranks), builds the network or resumes the newest checkpoint that loads, then
+fits. A user error (USER_ERRORS) on any rank is raised on every rank, so the command line reports it
+once; divergence and signals are the trainer's (DivergenceError, Interrupted).
+
+A run directory (rank 0 writes it) holds config.toml (resolved), metrics.jsonl (one line per
+epoch), checkpoints/, model.npz, curves.png and, as the very last act of a successful run,
+done.json: the completion record. `train -n NP` fails a run that ended without it.
+
+Progress: one summary line per epoch on stdout, and a tqdm bar below them when stdout is a terminal
+(DISTNN_PROGRESS=1 forces it on, =0 off; `train -n` sets it for its ranks, whose stdout is
+mpiexec's pipe). Bar and lines share stdout: through mpiexec two streams would interleave.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, config, data, exactsum, optim
+from .checkpoint import CheckpointError
+from .data import DataError, Standardizer
+from .model import Model, save_model
+from .network import Network
+
+DONE = "done.json"  # the completion record
+SCALER_CHUNK = 4096  # rows per standardization chunk: moments are summed exactly over chunks
+
+
+# ------------------------------------------------------------------- user errors and the config
+
+class UsageError(ValueError):
+    """A bad command-line flag or combination; the message names the flag (cli.py raises it too)."""
+
+
+# Bad input, said in one line with exit code 2. OSError: unwritable run directory, disk full.
+USER_ERRORS = (ValueError, OSError)
+
+
+def _together(comm, fn, *args):
+    """fn(*args) on every rank; a user error on any rank is raised on every rank."""
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except USER_ERRORS as e:
+        error = e
+    comm.fail_together(error)
+    return result
+
+
+def load_train_config(args) -> config.Config:
+    """The config file with --set overrides applied and --out as its out_dir."""
+    cfg = config.load_config(args.config, overrides=args.set)
+    if args.out is not None:
+        if not args.out.strip():
+            raise UsageError("--out: expected a directory, got an empty string")
+        cfg.out_dir = args.out
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- train
+
+def train(args, comm) -> int:
+    """Every rank: config, data, standardization, network, then fit; rank 0 writes the run dir."""
+    from . import threads
+    from .comm import Comm
+    from .trainer import Trainer
+
+    started = time.perf_counter()
+    cfg = _together(comm, load_train_config, args)
+    n = args.threads if args.threads is not None else cfg.train.threads
+    n = threads.limit_blas_threads(n or None, ranks_per_node=comm.local_ranks())
+    job = _together(comm, prepare, cfg, comm.rank, comm.size)
+    scaler = fit_scaler(job.X, job.train, comm) if cfg.data.standardize else None
+    run = Path(cfg.out_dir)
+    tcomm = Comm(timeout=cfg.train.watchdog or None, bucket_bytes=int(cfg.train.bucket_mb * 2**20))
+    log = _EpochLog(run, cfg.train.epochs, comm.is_root)
+    settings = trainer_settings(cfg, run / "checkpoints", log) | {"threads": n}
+    resume_from = _latest(comm, run / "checkpoints") if args.resume else None
+    if resume_from is None:
+        trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=tcomm, **settings)
+    else:
+        trainer = Trainer.resume(resume_from, comm=tcomm, optimizer=make_optimizer(cfg.optim),
+                                 **settings)
+        _same_network(resume_from, trainer.net, job.net)
+        _together(comm, _same_run, resume_from, run, cfg, comm.is_root)
+    _together(comm, _start_run_dir, run, cfg, trainer.history, resume_from is None, comm.is_root)
+    # NaN/Inf is the trainer's to report (one message naming the step), not numpy's warnings
+    with log.progress(trainer.epoch), np.errstate(all="ignore"):
+        trainer.fit(_Rows(job.X, job.train), job.y[job.train], *job.val_split(),
+                    transform=None if scaler is None else scaler.transform)
+    model = Model(trainer.net, scaler, job.classes, job.meta(cfg))
+    done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
+            "threads": n, "last": trainer.history[-1] if trainer.history else None}
+    _together(comm, _finish_run_dir, run, model, job, done, started, comm.is_root)
+    return 0
+
+
+# ------------------------------------------------------------------------ data and the network
+
+@dataclass
+class Job:
+    """What every rank prepared from the config: data, split, encoded targets and a fresh network."""
+
+    X: np.ndarray            # (N, d), the whole source (a memory map for .npz/.npy)
+    y: np.ndarray            # (N,) or (N, K) targets as the network takes them
+    labels: np.ndarray       # (N,) or (N, K) targets as the source has them
+    train: np.ndarray        # sorted row indices
+    val: np.ndarray          # sorted row indices, maybe empty
+    classes: np.ndarray | None
+    dataset: data.Dataset
+    test: tuple | None       # (X, labels) of data.test_source
+    net: Network
+
+    def val_split(self):
+        """(X_val, y_val) for Trainer.fit, or (None, None) without validation rows."""
+        if len(self.val) == 0:
+            return None, None
+        return _Rows(self.X, self.val), self.y[self.val]
+
+    def meta(self, cfg) -> dict:
+        """Facts the model file keeps besides the network."""
+        ds = self.dataset
+        return {"source": ds.source, "target": cfg.data.target or ds.target_name,
+                "features": ds.feature_names, "config": config.to_dict(cfg)}
+
+
+def prepare(cfg, rank, size) -> Job:
+    """Load, check and split the data and build the network; the same on every rank."""
+    dc, mc = cfg.data, cfg.model
+    ds = data.load(dc.source, target=dc.target or None, features=dc.features or None)
+    a, b = data.shard(0, len(ds.X), size, rank)  # each rank checks a block; all fail together
+    data.check_finite(ds.X, np.arange(a, b), name=f"{ds.source}: X")
+    classes = None
+    if mc.family == "multinomial":
+        y, classes = data.encode_labels(ds.y)
+        if classes.dtype.kind not in "biufU":  # the model file keeps class labels as JSON
+            raise DataError(f"{ds.source}: target '{ds.target_name}' holds {classes.dtype} values; "
+                            f"class labels must be numbers or strings")
+        if len(classes) < 2:
+            raise DataError(f"{ds.source}: target '{ds.target_name}' has a single class "
+                            f"{classes.tolist()}; multinomial needs at least 2")
+        n_out = len(classes)
+    else:
+        y, n_out = ds.y, 1 if ds.y.ndim == 1 else ds.y.shape[1]
+    net = Network([ds.X.shape[1], *mc.hidden, n_out], activation=mc.activation, family=mc.family,
+                  l1=mc.l1, l2=mc.l2, dtype=mc.dtype, seed=cfg.train.seed)
+    try:
+        y = net.check_targets(y, len(ds.X))  # targets that do not fit the family fail here
+    except ValueError as e:
+        raise DataError(f"{ds.source}: target '{ds.target_name}': {e}") from None
+    train_rows, val_rows = data.train_val_split(len(ds.X), dc.val_fraction, cfg.train.seed)
+    if len(train_rows) < max(size, cfg.train.batch_size):
+        raise DataError(f"{ds.source}: {len(train_rows)} training rows, fewer than train.batch_size "
+                        f"{cfg.train.batch_size} or the {size} ranks")
+    test = None
+    if dc.test_source:
+        t = data.load(dc.test_source, target=dc.target or None, features=ds.feature_names)
+        data.check_finite(t.X, name=f"{t.source}: X")
+        try:
+            Model(net, None, classes).targets(t.y)  # labels the model cannot know fail now
+        except ValueError as e:
+            raise DataError(f"{t.source}: target '{t.target_name}': {e}") from None
+        test = (t.X, t.y)
+    make_optimizer(cfg.optim)  # bad hyper-parameters fail before anything starts
+    return Job(ds.X, y, ds.y, train_rows, val_rows, classes, ds, test, net)
+
+
+def fit_scaler(X, rows, comm) -> Standardizer:
+    """Standardization of X[rows]; each rank reads its chunks of rows and the moments are summed
+    exactly, so every rank count yields the same bits (what deterministic mode promises)."""
+    d = X.shape[1]
+    shift = np.asarray(X[0], np.float64)
+    n_chunks = max(1, -(-len(rows) // SCALER_CHUNK))
+    first, last = data.chunk_range(n_chunks, comm.size, comm.rank)
+    moments = np.zeros((last - first, 2 * d + 1))  # one chunk's [count, sum, sumsq] per row
+    for i, j in enumerate(range(first, last)):
+        chunk = rows[j * SCALER_CHUNK:(j + 1) * SCALER_CHUNK]
+        moments[i] = Standardizer.moments(X, chunk, shift=shift)
+    try:
+        m = comm.exact_sum(moments, n_chunks, what="standardization")
+    except exactsum.NonFiniteError:  # the same verdict on every rank: the check follows the MAX
+        raise DataError("X has values too large to standardize (their squares overflow, |x| > "
+                        "1e154); rescale the data or set data.standardize = false") from None
+    return Standardizer.from_moments(m[0], m[1:d + 1], m[d + 1:], shift)
+
+
+class _Rows:
+    """Rows `idx` of X without copying them: of a memory map the trainer reads only its batches."""
+
+    def __init__(self, X, idx):
+        self.X, self.idx = X, idx
+        self.shape, self.ndim, self.dtype = (len(idx), X.shape[1]), 2, X.dtype
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, rows):
+        return self.X[self.idx[rows]]
+
+
+def make_optimizer(oc):
+    """The optimizer the [optim] section describes (each takes only its own hyper-parameters)."""
+    hyper = {"sgd": ("lr", "momentum", "nesterov", "weight_decay"),
+             "adam": ("lr", "betas", "eps", "weight_decay"),
+             "adamw": ("lr", "betas", "eps", "weight_decay")}[oc.name]
+    return optim.make_optimizer(oc.name, **{k: getattr(oc, k) for k in hyper})
+
+
+def trainer_settings(cfg, checkpoint_dir, log) -> dict:
+    """Trainer keyword arguments from the config (also the overrides of a resumed run)."""
+    t, o = cfg.train, cfg.optim
+    return {"batch_size": t.batch_size, "epochs": t.epochs, "seed": t.seed,
+            "schedule": {"schedule": o.schedule, "step_size": o.step_size, "gamma": o.gamma,
+                         "warmup_steps": o.warmup_steps, "min_lr": o.min_lr},
+            "clip_norm": o.clip_norm, "patience": t.patience, "checkpoint_dir": str(checkpoint_dir),
+            "checkpoint_every": t.checkpoint_every, "keep_checkpoints": t.keep_checkpoints,
+            "deterministic": t.deterministic, "chunk_size": t.chunk_size,
+            "check_every": t.check_every, "callback": log}
+
+
+def _latest(comm, directory):
+    """The newest checkpoint in `directory` that loads, as rank 0 sees it, on every rank; or None.
+    Rank 0 names each newer one it had to pass over (truncated, corrupted)."""
+    path = None
+    for candidate in reversed(_together(comm, _candidates, directory, comm.is_root)):
+        try:
+            checkpoint.load(candidate)
+        except CheckpointError as e:
+            print(f"distnn: warning: cannot resume from {e}; trying an older checkpoint",
+                  file=sys.stderr, flush=True)
+            continue
+        path = str(candidate)
+        break
+    return comm.bcast_json(path)
+
+
+def _candidates(directory, is_root):
+    return checkpoint.list_checkpoints(directory) if is_root else []
+
+
+def _same_run(path, run, cfg, is_root) -> None:
+    """A resumed run must keep its data split and order: the seed, the batch size, the data."""
+    saved = run / "config.toml"
+    if not is_root or not saved.is_file():
+        return
+    before = config.to_dict(config.load_config(saved))
+    now = config.to_dict(cfg)
+    keys = [("data", k) for k in now["data"]] + [("train", "seed"), ("train", "batch_size"),
+                                                 ("train", "chunk_size")]
+    differ = [f"{a}.{b} {before[a].get(b)!r} there, {now[a][b]!r} here" for a, b in keys
+              if before[a].get(b) != now[a][b]]
+    if differ:
+        raise CheckpointError(f"{path}: the run was trained with other data settings "
+                              f"({'; '.join(differ)}); resuming would mix its training and "
+                              f"validation rows. Train into a new --out directory, or drop --resume")
+
+
+def _same_network(path, resumed, configured) -> None:
+    a, b = resumed.spec(), configured.spec()
+    differ = "; ".join(f"{k} {a[k]} there, {b[k]} here" for k in a if a[k] != b[k])
+    if differ:
+        raise CheckpointError(f"{path}: the checkpoint's network differs from the config's "
+                              f"({differ}); train into a new --out directory, or drop --resume")
+
+
+# ------------------------------------------------------------------------ the run directory
+
+def _start_run_dir(run, cfg, history, fresh, is_root) -> None:
+    """Rank 0: remove a stale completion record, write the config, restart metrics.jsonl from
+    the history the run continues (none when fresh, whose old checkpoints are removed)."""
+    if not is_root:
+        return
+    (run / DONE).unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for old in checkpoint.list_checkpoints(run / "checkpoints"):
+            old.unlink()
+    (run / "config.toml").write_text(config.to_toml(cfg))
+    with open(run / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+
+
+def _finish_run_dir(run, model, job, done, started, is_root) -> None:
+    """Rank 0: model.npz, curves.png, then done.json, the completion record, last of all."""
+    if not is_root:
+        return
+    if len(job.val):
+        done["val"] = model.scores(_Rows(job.X, job.val), job.labels[job.val])
+    if job.test is not None:
+        done["test"] = model.scores(*job.test)
+    save_model(run / "model.npz", model.net, scaler=model.scaler, classes=model.classes,
+               meta=model.meta | {"metrics": done})
+    try:
+        if done["last"] is not None:  # epochs = 0 trains nothing and has nothing to plot
+            plot_curves(read_metrics(run / "metrics.jsonl"), run / "curves.png")
+    except ImportError:
+        print("distnn: note: no matplotlib, so no curves.png (pip install 'distnn[examples]')",
+              file=sys.stderr)
+    scores = "  ".join(f"{k} {v:.4g}" for k, v in done.get("val", {}).items())
+    print(f"done: {run}/model.npz" + (f"  (validation: {scores})" if scores else ""), flush=True)
+    done["seconds"] = time.perf_counter() - started
+    _write_json(run / DONE, done)
+
+
+def _write_json(path, obj) -> None:
+    """Write JSON atomically: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class _EpochLog:
+    """The trainer's per-epoch callback: rank 0 appends to metrics.jsonl, prints, moves the bar."""
+
+    def __init__(self, run, epochs, is_root):
+        self.path, self.epochs, self.is_root, self.bar = run / "metrics.jsonl", epochs, is_root, None
+
+    def __call__(self, record):
+        if not self.is_root:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")  # closed, so flushed: a crash loses no epoch
+        line = epoch_line(record, self.epochs)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.write(line)  # above the bar, on the bar's stream: the two never interleave
+        else:
+            print(line, flush=True)
+
+    def progress(self, done):
+        """Context: a tqdm bar over the epochs on rank 0 while training."""
+        from tqdm import tqdm
+
+        env = os.environ.get("DISTNN_PROGRESS")
+        show = self.is_root and (env == "1" or (env != "0" and sys.stdout.isatty()))
+        self.bar = tqdm(total=self.epochs, initial=done, unit="epoch", disable=not show,
+                        leave=False, dynamic_ncols=True, file=sys.stdout)
+        return self.bar
+
+
+def epoch_line(r, epochs) -> str:
+    """One concise line per epoch: epoch, losses, accuracies, seconds."""
+    names = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc"}
+    parts = [f"epoch {r['epoch']}/{epochs}"]
+    parts += [f"{short} {r[key]:.4g}" for key, short in names.items() if key in r]
+    return "  ".join(parts + [f"{r['seconds']:.2f}s"])
+
+
+# ------------------------------------------------------------------------------ curves.png
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl; a missing file or a bad line is a DataError naming it."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read metrics ({e.strerror})") from None
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"{path} line {i}: not a JSON record") from None
+    if not records:
+        raise DataError(f"{path}: no epochs recorded yet")
+    return records
+
+
+def plot_curves(records, path) -> None:
+    """Loss and validation loss (and accuracies, for classifiers) against the epoch, as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [("loss", "val_loss")] + [("accuracy", "val_accuracy")] * ("accuracy" in records[0])
+    fig = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
+    epochs = [r["epoch"] for r in records]
+    for ax, keys in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
+        for key in keys:
+            if key in records[0]:
+                ax.plot(epochs, [r.get(key, np.nan) for r in records], marker=".", label=key)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(keys[0])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
