@@ -95,7 +95,8 @@ def train(args, comm) -> int:
     # NaN/Inf is the trainer's to report (one message naming the step), not numpy's warnings
     with log.progress(trainer.epoch), np.errstate(all="ignore"):
         trainer.fit(_Rows(job.X, job.train), job.y[job.train], *job.val_split(),
-                    transform=None if scaler is None else scaler.transform)
+                    transform=None if scaler is None else scaler.transform,
+                    scan=False)  # prepare() scanned every row of X already
     model = Model(trainer.net, scaler, job.classes, job.meta(cfg))
     done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
             "threads": n, "last": trainer.history[-1] if trainer.history else None}

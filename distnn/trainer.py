@@ -88,13 +88,15 @@ class Trainer:
         self._stop_agreed = False
 
     # ---- the public surface ------------------------------------------------------------------
-    def fit(self, X, y, X_val=None, y_val=None, transform=None):
+    def fit(self, X, y, X_val=None, y_val=None, transform=None, scan=True):
         """Train on rows of X, y (this process's view of the whole data set; memory-maps welcome).
 
         `transform(rows) -> rows`, if given, maps each gathered batch of X (e.g. standardization).
+        scan=False skips the NaN/Inf scan of X for a caller that made it already (one pass over
+        a large memory map); shapes and targets are checked either way.
         Returns `history`, a list of per-epoch dicts of reduced metrics, the same on every rank."""
-        X, Y = self._checked_data(X, y, "training")
-        val = None if X_val is None else self._checked_data(X_val, y_val, "validation")
+        X, Y = self._checked_data(X, y, "training", scan)
+        val = None if X_val is None else self._checked_data(X_val, y_val, "validation", scan)
         self._transform = transform
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
@@ -319,7 +321,7 @@ class Trainer:
         return float(total[0] / n), accuracy
 
     # ---- start, checks, stops ----------------------------------------------------------------
-    def _checked_data(self, X, y, what):
+    def _checked_data(self, X, y, what, scan=True):
         """Validate shapes and values; each rank checks a block of X, all fail together."""
         error = None
         try:
@@ -334,8 +336,9 @@ class Trainer:
                 raise ValueError(f"{what} data has {len(X)} samples, fewer than the batch size "
                                  f"{self.batch_size} or the {self.comm.size} ranks")
             Y = self.net.check_targets(y, len(X))
-            a, b = data.shard(0, len(X), self.comm.size, self.comm.rank)
-            data.check_finite(X, np.arange(a, b), name=f"{what} X")
+            if scan:
+                a, b = data.shard(0, len(X), self.comm.size, self.comm.rank)
+                data.check_finite(X, np.arange(a, b), name=f"{what} X")
         except ValueError as e:
             error = e
         self.comm.fail_together(error)
