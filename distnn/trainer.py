@@ -50,7 +50,7 @@ class Trainer:
 
     def __init__(self, net, optimizer=None, batch_size=256, epochs=20, seed=0, comm=None, *,
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
-                 keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=None,
+                 keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=600.0,
                  bucket_bytes=4 << 20, check_every=100, threads=None, callback=None):
         if not isinstance(net, Network):
             raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
@@ -70,6 +70,8 @@ class Trainer:
         self.check_every = _positive_int("check_every", check_every, low=0)
         self.callback = callback  # called on every rank with each epoch's record
         self.threads = threads  # BLAS threads per rank during fit; None: cores / ranks on the node
+        # watchdog: seconds a collective may wait for the other ranks before the job is aborted
+        # (a rank that stalled or left); None turns it off
         self.comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=watchdog,
                                                               bucket_bytes=bucket_bytes)
         # Progress, all of it in the checkpoint: the run continues from exactly here.
@@ -162,7 +164,7 @@ class Trainer:
         Rank 0 reads the file; architecture, settings and progress reach the other ranks as JSON and
         the arrays by broadcast. `overrides` may change settings (e.g. epochs) and give an
         `optimizer` of the same kind with other hyper-parameters, but not change the network."""
-        comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=overrides.get("watchdog"))
+        comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=overrides.get("watchdog", 600.0))
         arrays, meta, error = None, None, None
         if comm.is_root:
             try:
