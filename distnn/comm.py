@@ -64,7 +64,8 @@ class Comm:
             atexit.register(self.close)  # an unfreed window makes UCX complain at MPI_Finalize
             # More ranks than cores on a node: a spinning rank takes the core a peer needs to reach
             # the collective (measured: 6x slower at 4 ranks on 2 cores), so it yields instead.
-            self._oversubscribed = self.local_ranks() > usable_cpus()
+            ranks, cpus = self._node()
+            self._oversubscribed = ranks > cpus
 
     def close(self) -> None:
         """Free the watchdog's window (collective; idempotent; also run at exit)."""
@@ -154,14 +155,28 @@ class Comm:
         return result if flag is None else (result, bool(maxabs[m] > 0))
 
     def local_ranks(self) -> int:
-        """How many ranks of this communicator share this node (for BLAS threads per rank)."""
+        """How many ranks of this communicator share this node (collective)."""
+        return self._node()[0]
+
+    def blas_share(self) -> int:
+        """BLAS threads per rank so the node's ranks together use its CPUs once (collective)."""
+        ranks, cpus = self._node()
+        return max(1, cpus // ranks)
+
+    def _node(self):
+        """(ranks on this node, CPUs they may run on together): the union of their affinity masks,
+        since a rank bound to one core by the launcher sees only that core."""
+        mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         if self.size == 1:
-            return 1
+            return 1, usable_cpus()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         try:
-            return node.Get_size()
+            masks = node.allgather(mine)  # a few small lists, once: the pickling call is fine here
         finally:
             node.Free()
+        if any(m is None for m in masks):
+            return len(masks), os.cpu_count() or 1
+        return len(masks), len(set().union(*masks))
 
     def abort(self, code=1, message=None) -> NoReturn:
         """Print message to stderr, flush, and end the whole job with exit code `code` (size 1: sys.exit)."""

@@ -200,7 +200,8 @@ def _load_csv(path: str, target: str | None, features: list[str] | None,
     if target in names:
         raise DataError(f"{path}: column '{target}' is the target and cannot also be a feature")
     X = _numeric_columns(path, body, lines, [col[n] for n in names], names)
-    y = _target_column(path, body, lines, col[target], target) if target in col else None
+    # data to predict on: a target column, if there, is not read (it may well be empty)
+    y = _target_column(path, body, lines, col[target], target) if require_target else None
     return Dataset(X, y, names, target or "", path)
 
 

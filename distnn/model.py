@@ -165,6 +165,9 @@ def load_model(path) -> Model:
     _check_meta(path, meta)
     params = arrays.get("params")
     n_params = _n_params(meta["network"].get("sizes"))
+    if n_params < 0:
+        raise CheckpointError(f"{path}: bad network description in the model: sizes must be a "
+                              f"list of at least 2 positive integers")
     if params is None or params.shape != (n_params,):  # checked before the network is allocated
         got = "none" if params is None else f"shape {params.shape}"
         raise CheckpointError(f"{path}: params are {got}, the network described needs "

@@ -76,7 +76,7 @@ def train(args, comm) -> int:
     started = time.perf_counter()
     cfg = _together(comm, load_train_config, args)
     n = args.threads if args.threads is not None else cfg.train.threads
-    n = threads.limit_blas_threads(n or None, ranks_per_node=comm.local_ranks())
+    n = threads.limit_blas_threads(n or comm.blas_share())
     job = _together(comm, prepare, cfg, comm.rank, comm.size)
     scaler = fit_scaler(job.X, job.train, comm) if cfg.data.standardize else None
     run = Path(cfg.out_dir)
@@ -99,7 +99,7 @@ def train(args, comm) -> int:
                     scan=False)  # prepare() scanned every row of X already
     model = Model(trainer.net, scaler, job.classes, job.meta(cfg))
     done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
-            "threads": n, "last": trainer.history[-1] if trainer.history else None}
+            "threads": 1 if cfg.train.deterministic else n, "last": trainer.history[-1] if trainer.history else None}
     _together(comm, _finish_run_dir, run, model, job, done, started, comm.is_root)
     return 0
 
@@ -248,20 +248,20 @@ def _candidates(directory, is_root):
 
 
 def _same_run(path, run, cfg, is_root) -> None:
-    """A resumed run must keep its data split and order: the seed, the batch size, the data."""
+    """A resumed run must keep its data split and order: the data, the seed, the batch size."""
     saved = run / "config.toml"
     if not is_root or not saved.is_file():
         return
     before = config.to_dict(config.load_config(saved))
     now = config.to_dict(cfg)
-    keys = [("data", k) for k in now["data"]] + [("train", "seed"), ("train", "batch_size"),
-                                                 ("train", "chunk_size")]
+    keys = [("data", k) for k in ("source", "target", "features", "val_fraction", "standardize")]
+    keys += [("train", "seed"), ("train", "batch_size")]
     differ = [f"{a}.{b} {before[a].get(b)!r} there, {now[a][b]!r} here" for a, b in keys
               if before[a].get(b) != now[a][b]]
     if differ:
         raise CheckpointError(f"{path}: the run was trained with other data settings "
-                              f"({'; '.join(differ)}); resuming would mix its training and "
-                              f"validation rows. Train into a new --out directory, or drop --resume")
+                              f"({'; '.join(differ)}); resuming would change its data split or "
+                              f"order. Train into a new --out directory, or drop --resume")
 
 
 def _same_network(path, resumed, configured) -> None:

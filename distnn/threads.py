@@ -1,6 +1,6 @@
 """BLAS threads per rank: ranks x threads should not exceed the cores, or GEMMs fight for them.
 
-The rank count per node comes from the caller (Comm.local_ranks()), so this module needs no MPI.
+The share per rank comes from the caller (Comm.blas_share()), so this module needs no MPI.
 Deterministic mode pins the thread count too: a different count may change GEMM rounding.
 """
 import os

@@ -26,7 +26,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import checkpoint, data, exactsum, optim, threads
+from . import checkpoint, data, exactsum, optim
 from .comm import Comm
 from .network import Network
 
@@ -69,7 +69,8 @@ class Trainer:
         self.chunk_size = _positive_int("chunk_size", chunk_size)
         self.check_every = _positive_int("check_every", check_every, low=0)
         self.callback = callback  # called on every rank with each epoch's record
-        self.threads = threads  # BLAS threads per rank during fit; None: cores / ranks on the node
+        # BLAS threads per rank during fit; None or 0: the node's cores / its ranks
+        self.threads = None if threads is None else _positive_int("threads", threads, low=0)
         # watchdog: seconds a collective may wait for the other ranks before the job is aborted
         # (a rank that stalled or left); None turns it off
         self.comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=watchdog,
@@ -120,7 +121,7 @@ class Trainer:
                 stop = self._end_epoch(len(X), val, time.perf_counter() - started)
                 if stop:
                     break
-        if self.best_params is not None:
+        if self.patience and self.best_params is not None:
             self.net.params[...] = self.best_params  # early stopping keeps the best model
         return self.history
 
@@ -153,7 +154,7 @@ class Trainer:
         if self.comm.is_root or not root_only:
             try:
                 fn(*args)
-            except (OSError, ValueError) as e:
+            except Exception as e:  # whatever it is, the other ranks must not wait for this one
                 error = e
         self.comm.fail_together(error)
 
@@ -288,8 +289,8 @@ class Trainer:
         pins 1: a GEMM's rounding may depend on how its work is split between threads."""
         if self.deterministic:
             return 1
-        if self.threads is None and self.comm.size > 1:
-            return max(1, threads.usable_cpus() // self.comm.local_ranks())  # collective
+        if not self.threads and self.comm.size > 1:
+            return self.comm.blas_share()  # collective: every rank gets here alike
         return self.threads or None
 
     def _stopped_early(self):

@@ -141,12 +141,13 @@ def test_predict_needs_no_labels(work):
     (work / "features.csv").write_text("\n".join(
         ["d,c,b,a", *(",".join(repr(float(v)) for v in x[::-1]) for x in X)]) + "\n")  # reordered
     np.savez(work / "features.npz", X=X)
+    write_csv(work / "blank.csv", X, [""] * len(X))  # the target column is there, but empty
     outputs = []
-    for source in ("labelled.csv", "features.csv", "features.npz"):
+    for source in ("labelled.csv", "features.csv", "features.npz", "blank.csv"):
         done = distnn(work, "predict", "run/model.npz", source, "-o", f"{source}.out")
         assert done.returncode == 0, done.stderr
         outputs.append((work / f"{source}.out").read_text())
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
 
 
 def test_resume_continues_exactly_where_the_run_stopped(work):
@@ -175,6 +176,13 @@ def test_resume_refuses_other_data_settings_which_would_mix_training_and_validat
     assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
     line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", change))
     assert f"{change.split('=')[0]} " in line and "other data settings" in line
+
+
+def test_resume_accepts_settings_that_keep_the_split_and_order(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    done = distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2",
+                  "--set", "train.chunk_size=16", "--set", "optim.lr=0.02")
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_batch_larger_than_the_training_rows_is_refused_before_the_run_directory_is_touched(work):

@@ -116,6 +116,25 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
     np.testing.assert_array_equal(resumed.net.params, trainer.net.params)  # the best, as saved
 
 
+def test_an_early_stopped_run_resumed_without_early_stopping_trains_on(tmp_path):
+    X, y = blobs(n=60, seed=3)
+    y = np.random.default_rng(4).integers(0, 3, size=60)
+    net = Network([4, 64, 3], family="multinomial", seed=1)
+    stopped = Trainer(net, optim.Adam(lr=0.05), batch_size=10, epochs=300, patience=4,
+                      comm=MPI.COMM_SELF, checkpoint_dir=tmp_path, keep_checkpoints=1)
+    epochs = len(stopped.fit(X[:40], y[:40], X[40:], y[40:]))
+    more = Trainer.resume(latest_checkpoint(tmp_path), comm=MPI.COMM_SELF, patience=0,
+                          epochs=epochs + 3, checkpoint_dir=None)
+    assert len(more.fit(X[:40], y[:40], X[40:], y[40:])) == epochs + 3
+    assert not np.array_equal(more.net.params, stopped.net.params)  # the new epochs are kept
+
+
+@pytest.mark.parametrize("threads", [-1, 2.5, "2"])
+def test_bad_thread_counts_are_refused_at_construction(threads):
+    with pytest.raises(ValueError, match="threads must be an integer >= 0"):
+        make(threads=threads)
+
+
 def test_a_resumed_run_given_more_epochs_stretches_its_schedule(tmp_path):
     X, y = blobs()
     cosine = {"schedule": "cosine"}

@@ -152,3 +152,16 @@ def test_ranks_sharing_a_node_split_its_cores_between_their_blas_threads():
     trainer.fit(X, y)
     share = max(1, usable_cpus() // WORLD.Get_size())  # every rank of the test runs on one node
     assert all_ranks(seen and all(n == share for n in seen)), seen
+
+
+def test_a_callback_failing_on_one_rank_fails_every_rank_instead_of_hanging():
+    def rank0_breaks(record):
+        if WORLD.rank == 0:
+            raise KeyError("metrics sink gone")
+
+    X, y = problem("multinomial")
+    trainer = Trainer(Network([5, 8, 3], seed=1), optim.SGD(lr=0.1), batch_size=10, epochs=2,
+                      comm=WORLD, callback=rank0_breaks)
+    with pytest.raises(Exception, match="metrics sink gone"):
+        trainer.fit(X, y)
+    assert trainer.epoch == 1  # all stopped after the first epoch's callback
