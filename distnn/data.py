@@ -402,7 +402,16 @@ def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> di
 
 # ------------------------------------------------------------------------------ checks, labels
 
-def check_finite(X, rows=None, *, name: str = "X", block: int = 65536) -> None:
+BLOCK_BYTES = 8 << 20  # rows of X read at a time when streaming: memory stays flat however wide
+
+
+def _block_rows(X, block):
+    """Rows per streamed block: `block` if given, else about BLOCK_BYTES of X."""
+    row_bytes = max(1, X.dtype.itemsize * (X.shape[1] if X.ndim > 1 else 1))
+    return block or max(1, BLOCK_BYTES // row_bytes)
+
+
+def check_finite(X, rows=None, *, name: str = "X", block: int | None = None) -> None:
     """Raise DataError naming the first NaN/Inf ("X row 12, column 3 is NaN"); streams in blocks.
 
     `rows` is None (all rows) or an array of row indices; row numbers in the message are 0-based
@@ -411,6 +420,7 @@ def check_finite(X, rows=None, *, name: str = "X", block: int = 65536) -> None:
     if X.dtype.kind != "f":
         return
     n = X.shape[0] if rows is None else len(rows)
+    block = _block_rows(X, block)
     for lo in range(0, n, block):
         hi = min(lo + block, n)
         part = np.asarray(X[lo:hi] if rows is None else X[np.asarray(rows[lo:hi])])
@@ -484,7 +494,7 @@ class Standardizer:
     scale: np.ndarray   # (d,) float64
 
     @staticmethod
-    def moments(X, rows=None, block: int = 65536, shift=None) -> np.ndarray:
+    def moments(X, rows=None, block: int | None = None, shift=None) -> np.ndarray:
         """(2d+1,) float64 [count, sum(x - shift), sum((x - shift)^2)] over rows, in blocks.
 
         Shifting by a value near the data (default X[0], the same on every rank) avoids the
@@ -495,6 +505,7 @@ class Standardizer:
         shift = np.asarray(X[0] if shift is None else shift, dtype=np.float64)
         m = np.zeros(2 * d + 1)
         n = X.shape[0] if rows is None else len(rows)
+        block = _block_rows(X, block)
         for lo in range(0, n, block):
             hi = min(lo + block, n)
             part = np.asarray(X[lo:hi] if rows is None else X[np.asarray(rows[lo:hi])])
@@ -515,7 +526,7 @@ class Standardizer:
         return cls(mean=mu + shift, scale=np.where(std == 0, 1.0, std))
 
     @classmethod
-    def fit(cls, X, rows=None, *, reduce=None, block: int = 65536) -> "Standardizer":
+    def fit(cls, X, rows=None, *, reduce=None, block: int | None = None) -> "Standardizer":
         """Fit on `rows` of X; `reduce(vec)` sums the moment vector across ranks in place."""
         shift = np.asarray(X[0], dtype=np.float64)
         m = cls.moments(X, rows, block, shift)
