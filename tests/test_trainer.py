@@ -61,17 +61,23 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
     assert Trainer.resume(latest_checkpoint(tmp_path), comm=MPI.COMM_SELF).step == 16
 
 
-def test_early_stopping_keeps_the_best_model():
-    X, y = blobs(n=60, seed=3)
-    y = np.random.default_rng(4).integers(0, 3, size=60)  # noise: validation loss must turn up
+def overfitting(directory=None):
+    """(trainer, train, validation): labels that are pure noise, so validation loss turns up."""
+    X, _ = blobs(n=60, seed=3)
+    y = np.random.default_rng(4).integers(0, 3, size=60)
     net = Network([4, 64, 3], family="multinomial", seed=1)
     trainer = Trainer(net, optim.Adam(lr=0.05), batch_size=10, epochs=300, patience=4,
-                      comm=MPI.COMM_SELF)
-    history = trainer.fit(X[:40], y[:40], X[40:], y[40:])
+                      comm=MPI.COMM_SELF, checkpoint_dir=directory, keep_checkpoints=1)
+    return trainer, (X[:40], y[:40]), (X[40:], y[40:])
+
+
+def test_early_stopping_keeps_the_best_model():
+    trainer, train, val = overfitting()
+    history = trainer.fit(*train, *val)
     losses = [r["val_loss"] for r in history]
     assert len(history) < 300
     assert np.argmin(losses) == len(history) - 1 - 4  # stopped after 4 epochs without a new best
-    assert trainer.evaluate(X[40:], y[40:])[0] == pytest.approx(min(losses), rel=1e-12)
+    assert trainer.evaluate(*val)[0] == pytest.approx(min(losses), rel=1e-12)
 
 
 def test_schedule_and_clipping_reach_the_update():
@@ -93,39 +99,31 @@ def test_bad_training_data_is_a_clear_error(X, y, message):
         make().fit(X, y)
 
 
-def test_deterministic_mode_does_not_depend_on_the_blas_thread_count():
-    X, y = blobs()
-    a = make(deterministic=True, chunk_size=5)
-    a.fit(X, y)
-    from threadpoolctl import threadpool_limits
+def test_deterministic_mode_runs_blas_on_one_thread_whatever_the_callers_limit():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen = []
+    trainer = make(deterministic=True, chunk_size=5, callback=lambda _: seen.extend(
+        p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
     with threadpool_limits(2, user_api="blas"):
-        b = make(deterministic=True, chunk_size=5)
-        b.fit(X, y)
-    np.testing.assert_array_equal(a.net.params, b.net.params)
+        trainer.fit(*blobs())
+    assert seen and set(seen) == {1}
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
-    X, y = blobs(n=60, seed=3)
-    y = np.random.default_rng(4).integers(0, 3, size=60)
-    net = Network([4, 64, 3], family="multinomial", seed=1)
-    trainer = Trainer(net, optim.Adam(lr=0.05), batch_size=10, epochs=300, patience=4,
-                      comm=MPI.COMM_SELF, checkpoint_dir=tmp_path, keep_checkpoints=1)
-    history = trainer.fit(X[:40], y[:40], X[40:], y[40:])
+    trainer, train, val = overfitting(tmp_path)
+    history = trainer.fit(*train, *val)
     resumed = Trainer.resume(latest_checkpoint(tmp_path), comm=MPI.COMM_SELF)
-    assert resumed.fit(X[:40], y[:40], X[40:], y[40:]) == history
+    assert resumed.fit(*train, *val) == history
     np.testing.assert_array_equal(resumed.net.params, trainer.net.params)  # the best, as saved
 
 
 def test_an_early_stopped_run_resumed_without_early_stopping_trains_on(tmp_path):
-    X, y = blobs(n=60, seed=3)
-    y = np.random.default_rng(4).integers(0, 3, size=60)
-    net = Network([4, 64, 3], family="multinomial", seed=1)
-    stopped = Trainer(net, optim.Adam(lr=0.05), batch_size=10, epochs=300, patience=4,
-                      comm=MPI.COMM_SELF, checkpoint_dir=tmp_path, keep_checkpoints=1)
-    epochs = len(stopped.fit(X[:40], y[:40], X[40:], y[40:]))
+    stopped, train, val = overfitting(tmp_path)
+    epochs = len(stopped.fit(*train, *val))
     more = Trainer.resume(latest_checkpoint(tmp_path), comm=MPI.COMM_SELF, patience=0,
                           epochs=epochs + 3, checkpoint_dir=None)
-    assert len(more.fit(X[:40], y[:40], X[40:], y[40:])) == epochs + 3
+    assert len(more.fit(*train, *val)) == epochs + 3
     assert not np.array_equal(more.net.params, stopped.net.params)  # the new epochs are kept
 
 
