@@ -55,12 +55,8 @@ def _loss_bernoulli(z, y):
 
 
 def _loss_multinomial(z, labels):
-    m = z.max(axis=1)
-    shifted = z - m[:, None]  # (N, K), max entry 0: exp cannot overflow
-    lse = np.log(np.exp(shifted).sum(axis=1))  # logsumexp(z) - m, in [0, log K]
-    # loss_i = logsumexp(z_i) - z_{i,y} = lse_i - (z_{i,y} - m_i)
-    picked = shifted[np.arange(len(labels)), labels]
-    return float(np.sum(lse - picked, dtype=np.float64))
+    # the same log-sum-exp as training's fused pass (mean_and_loss_sum), into a scratch mean
+    return mean_and_loss_sum("multinomial", z, labels, np.empty_like(z))
 
 
 def _loss_poisson(z, y):

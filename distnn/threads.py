@@ -23,13 +23,9 @@ def blas_env(n: int) -> dict[str, str]:
     return {name: str(n) for name in _ENV_VARS}
 
 
-def limit_blas_threads(n: int | None = None, *, ranks_per_node: int = 1) -> int:
-    """Limit this process (and its children) to n BLAS threads, by default its share of the CPUs."""
+def limit_blas_threads(n: int) -> int:
+    """Limit this process (and its children) to n BLAS threads for the rest of its life."""
     global _limiter
-    if ranks_per_node < 1:
-        raise ValueError(f"ranks_per_node must be at least 1, got {ranks_per_node!r}")
-    if n is None:
-        n = max(1, usable_cpus() // ranks_per_node)
     if n < 1:
         raise ValueError(f"BLAS threads must be at least 1, got {n!r}")
     os.environ.update(blas_env(n))  # for child processes; this process's BLAS is already loaded
