@@ -111,6 +111,11 @@ def _above(lo):
     return lambda v: None if ok(v) else f"expected a finite value > {lo}, got {v!r}"
 
 
+def _between(lo, hi):
+    ok = lambda v: math.isfinite(v) and lo <= v <= hi  # noqa: E731
+    return lambda v: None if ok(v) else f"expected a value in [{lo}, {hi}], got {v!r}"
+
+
 def _unit(v):
     return None if 0 <= v < 1 else f"expected 0 <= value < 1, got {v!r}"
 
@@ -141,7 +146,7 @@ CHECKS = {
     "optim.clip_norm": _at_least(0),
     "train.batch_size": _at_least(1), "train.epochs": _at_least(0), "train.seed": _at_least(0),
     "train.patience": _at_least(0), "train.checkpoint_every": _at_least(0),
-    "train.keep_checkpoints": _at_least(1), "train.chunk_size": _at_least(1),
+    "train.keep_checkpoints": _at_least(1), "train.chunk_size": _between(1, 2**20),
     "train.watchdog": _at_least(0), "train.bucket_mb": _above(0), "train.threads": _at_least(0),
     "train.check_every": _at_least(0),
 }

@@ -1,7 +1,11 @@
-"""Exact, order-free summation of float vectors through int64 fixed point (deterministic mode).
+"""Exact, order-free summation through integers (deterministic mode).
 
 Floating-point addition is not associative, so a sum over ranks depends on how the chunks are split
-and on the MPI library's reduction order. Integer addition is associative. Per element j:
+and on the MPI library's reduction order. Integer addition is associative. Two encodings share the
+idea: choose, before anything is rounded, a power-of-two quantum q per element that is the same on
+every rank; round every chunk's value to a multiple of q; add the multiples as integers.
+
+1. Statistics (loss and metric sums; `exact_sum_serial`, Comm.exact_sum), per element j:
 
     M_j = max_i |x_ij|                     (over ALL n chunks; an MPI MAX is exact and order-free)
     E_j : 2**(E_j-1) <= M_j < 2**E_j       (np.frexp's exponent)
@@ -25,15 +29,45 @@ size of one float64 rounding of the largest term, while a naive float64 sum of t
 by up to (n - 1) * 2**-53 * sum_i |x_ij| <= 31 * 32 * 2**-53 * M_j. Up to MAX_CHUNKS = 2**20 chunks
 the bound stays below 2**-22 * M_j, finer than float32 resolution.
 
+2. Gradients (`signal_grid`, `encode`, `decode`). A per-parameter MAX would cost a pass over every
+chunk's gradient and a second full-size collective. The proxy-error recursion offers a bound for
+free: a chunk of at most c samples contributes G = P_lᵀ I_l to layer l's weights (and Σ_s P_l[s] to
+its biases, as if I_l had a column of ones). With a_j >= max |P_l[s, j]| and b_k >= max |I_l[s, k]|
+over the rows of ALL chunks (an MPI MAX of per-chunk column maxima: Σ (|O_l| + |I_l|) numbers),
+whatever order and fused multiply-adds the BLAS uses (c * u <= 1/2, u the unit roundoff):
+
+    |fl(G_jk)| <= (1 + γ_c) Σ_s |P_sj| |I_sk| <= 2 c a_j b_k < 2**β_jk,
+    β_jk = A_j + B_k + h,   A, B the frexp exponents of a, b (B = 1 for biases),  h = ceil(log2 c) + 1.
+
+With k = ceil(log2 n) the quantum is q_jk = 2**(β_jk + k - 51) and the "magic" M_jk = 1.5 * 2**52 * q_jk.
+For |x| < 2**β = 2**(51 - k) q, M + x lies in [2**52 q, 2**53 q], where doubles are exactly q apart,
+so fl(M + x) = M + rint(x / q) * q (round half to even: M / q is even). Positive doubles are ordered
+like their bit patterns, so bits(fl(M + x)) = bits(M) + rint(x / q): ONE float64 addition per element
+quantizes a chunk, and adding the bit patterns as integers (wrapping uint64), less n * bits(M), gives
+S = Σ_i rint(x_i / q), |S| <= n * 2**(51 - k) <= 2**51, the same integer for every order and split.
+Decoding is one integer and one float pass: bits(M) + S is the pattern of M + S * q (still within
+[2**52 q, 2**53 q]), and (M + S q) - M = S q exactly (Sterbenz); then one rounding to the net's dtype.
+
+Error: n quantizations of at most q / 2 each; since 2**A < 2a, 2**B < 2b (a, b > 0) and 2**h < 4c,
+
+    |S q - Σ_i x_i| <= n q / 2 = n * 2**(β + k - 52) < n**2 * c * a_j * b_k * 2**-47,
+
+while the floating-point sum of the same c n products (what the default mode computes) may err by up
+to γ_cn Σ |P_sj| |I_sk| <= (c n)**2 * a_j * b_k * 2**-53: for c >= 64 the exact sum's bound is the
+smaller. For float32 nets the float64 grid is ~2**29 finer than float32 resolution of the bound.
+A quantum below 2**-1074 is raised to it (coarser is still exact; M stays a normal number); a bound
+so large that M would overflow (|values| near 2**1000) is refused like a NaN.
+
 Non-finite values have no integer image: local_maxabs maps NaN to Inf so that the MPI MAX carries it
-to every rank, and exponents() raises NonFiniteError on every rank alike, before anything is
-converted; the trainer turns it into its divergence stop.
+to every rank, and exponents() / signal_grid() raise NonFiniteError on every rank alike, before
+anything is converted; the trainer turns it into its divergence stop.
 """
 import operator
 
 import numpy as np
 
-MAX_CHUNKS = 2**20  # k <= 20 keeps the per-chunk quantum <= 2**-41 of the element's largest term
+MAX_CHUNKS = 2**20  # statistics: quantum <= 2**-41 of the largest term; gradients: 2**-31 of the bound
+MAX_CHUNK_SIZE = 2**20  # keeps c * u <= 1/2 for float32, which the gradient bound needs
 _BITS = 62  # every chunk sum fits in 2**62 < 2**63: one bit of headroom in int64
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -68,10 +102,7 @@ def local_maxabs(rows) -> np.ndarray:
 
 def exponents(maxabs, n_chunks_total) -> np.ndarray:
     """Per-element quantum exponent e (int64, (m,)) for the global max |x| over n_chunks_total chunks."""
-    n = operator.index(n_chunks_total)
-    if not 0 <= n <= MAX_CHUNKS:
-        raise ValueError(f"exact summation takes at most MAX_CHUNKS = 2**20 = {MAX_CHUNKS} chunks per "
-                         f"step, got {n}; use larger chunks")
+    n = _chunk_count(n_chunks_total)
     big = np.abs(np.asarray(maxabs), dtype=np.float64)  # float32 -> float64 is exact
     bad = ~np.isfinite(big)
     if bad.any():
@@ -81,8 +112,19 @@ def exponents(maxabs, n_chunks_total) -> np.ndarray:
     e = (big.view(np.int64) >> 52) - 1022
     small = big < np.finfo(np.float64).tiny
     e[small] = np.frexp(big[small])[1]
-    k = max(n - 1, 0).bit_length()  # ceil(log2 n)
-    return e - (_BITS - k)
+    return e - (_BITS - _log2_ceil(n))
+
+
+def _chunk_count(n_chunks_total) -> int:
+    n = operator.index(n_chunks_total)
+    if not 0 <= n <= MAX_CHUNKS:
+        raise ValueError(f"exact summation takes at most MAX_CHUNKS = 2**20 = {MAX_CHUNKS} chunks per "
+                         f"step, got {n}; use larger chunks")
+    return n
+
+
+def _log2_ceil(n) -> int:
+    return max(n - 1, 0).bit_length()
 
 
 def _pow2(p) -> np.ndarray:
@@ -138,6 +180,87 @@ def from_fixed(total, e, dtype) -> np.ndarray:
     for s in _pow2_factors(e):
         out *= s  # exact unless the result is subnormal
     return out.astype(dtype)
+
+
+# ---- gradients: a grid from the layers' signal bounds, one float64 addition per chunk element -----
+_HALF = 1 << 51  # the significand bits of 1.5
+_LOWEST = (1 << 52) + _HALF  # bits of 1.5 * 2**-1022: the magic of the smallest quantum, 2**-1074
+
+
+def signal_grid(bounds, shapes, chunk_size, n_chunks_total, out=None) -> np.ndarray:
+    """Bits (int64, params layout [W_0, b_0, W_1, ...]) of each parameter's magic M = 1.5 * 2**52 * q.
+
+    bounds: per layer l, the MAX over all chunks of max_s |P_l[s, :]| (|O_l|,) then of max_s
+    |I_l[s, :]| (|I_l|,), concatenated (Network.last_signal_maxabs); shapes: (|O_l|, |I_l|) per layer.
+    Raises NonFiniteError (the same on every rank) for a NaN/Inf bound or one beyond float64's range.
+    """
+    c = operator.index(chunk_size)
+    if not 1 <= c <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk size must be in [1, {MAX_CHUNK_SIZE}], got {c}")
+    offset = _log2_ceil(c) + 1 + _log2_ceil(_chunk_count(n_chunks_total)) - 51  # q = 2**(A + B + offset)
+    bounds = np.asarray(bounds, np.float64)
+    if not np.isfinite(bounds).all():
+        raise NonFiniteError(f"{int((~np.isfinite(bounds)).sum())} of {bounds.size} layer signals are "
+                             f"NaN or Inf; exact summation needs finite values")
+    exps = np.frexp(bounds)[1].astype(np.int64)  # a few thousand numbers: frexp's cost is nothing
+    size = sum(o * i + o for o, i in shapes)
+    out = np.empty(size, np.int64) if out is None else out
+    at = pos = 0
+    for o, i in shapes:
+        qa, qb = exps[pos:pos + o] + offset, exps[pos + o:pos + o + i]
+        top = int(qa.max()) + max(int(qb.max()), 1)
+        if top + 52 > 1023:  # M would not be a finite double
+            raise NonFiniteError(f"a gradient bound reaches 2**{top + 51}; exact summation needs "
+                                 f"finite values")
+        # bits(M_jk) = bits(M for B = 0)_j + B_k << 52: exponents add. uint64, since a row alone
+        # may leave the exponent field before B_k brings it back
+        row = ((qa + (52 + 1023)).astype(np.uint64) << 52) + _HALF
+        w = out[at:at + o * i].view(np.uint64).reshape(o, i)
+        np.add(row[:, None], qb.astype(np.uint64)[None, :] << 52, out=w)
+        out[at + o * i:at + o * i + o] = (row + (1 << 52)).view(np.int64)  # biases: ones, B = 1
+        if int(qa.min()) + min(int(qb.min()), 1) < -1074:  # raise tiny quanta to 2**-1074
+            np.maximum(out[at:at + o * i + o], _LOWEST, out=out[at:at + o * i + o])
+        at += o * i + o
+        pos += o + i
+    if pos != bounds.size or at != out.size:
+        raise ValueError(f"bounds of size {bounds.size} and a grid of size {out.size} do not fit "
+                         f"layers {list(shapes)}")
+    return out
+
+
+def encode(rows, grid, out, work) -> np.ndarray:
+    """out (int64, (m,)) = Σ_i rint(rows[i] / q): this rank's chunks on the grid, exactly.
+
+    rows: (n_local, m) chunk gradients bounded as signal_grid assumed; work: float64 (m,) scratch."""
+    bits, magic = out.view(np.uint64), grid.view(np.float64)  # uint64: sums wrap, by definition
+    if len(rows) == 0:
+        out[...] = 0
+        return out
+    np.add(rows[0], magic, out=out.view(np.float64))  # bits(M) + rint(x / q), one addition
+    for r in rows[1:]:
+        np.add(r, magic, out=work)
+        bits += work.view(np.uint64)
+    if len(rows) == 1:
+        bits -= grid.view(np.uint64)
+    else:
+        spare = work.view(np.uint64)
+        bits -= np.multiply(grid.view(np.uint64), len(rows), out=spare)  # n bits(M) + S - n bits(M)
+    return out
+
+
+def decode(total, grid, out) -> np.ndarray:
+    """out = total * q in out's dtype (one rounding); total (int64 sums from encode) is overwritten."""
+    bits = total.view(np.uint64)
+    bits += grid.view(np.uint64)  # the bits of M + S q
+    return np.subtract(total.view(np.float64), grid.view(np.float64), out=out)  # S q, exactly
+
+
+def grid_sum_serial(rows, bounds, shapes, chunk_size) -> np.ndarray:
+    """The exact gradient sum of one process's chunks, equal in bits to the trainer's over any ranks."""
+    rows = check_rows(rows)
+    grid = signal_grid(bounds, shapes, chunk_size, len(rows))
+    total = encode(rows, grid, np.empty(rows.shape[1], np.int64), np.empty(rows.shape[1]))
+    return decode(total, grid, np.empty(rows.shape[1], rows.dtype))
 
 
 def exact_sum_serial(rows) -> np.ndarray:

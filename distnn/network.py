@@ -175,6 +175,17 @@ class Network:
         self._backward(X, Y, buf, out)
         return loss
 
+    def last_signal_maxabs(self, X):
+        """Column maxima of |P_l| and |I_l| over the rows of the last grad_sum(X, ...), concatenated
+        per layer [P_0 (|O_0|), I_0 (|I_0|), P_1, I_1, ...]. They bound that gradient element-wise,
+        |Σ_s P_l[s, j] I_l[s, k]| <= N max|P_l[:, j]| max|I_l[:, k]|: deterministic mode's grid."""
+        buf = self._buffers[len(X)]
+        parts = []
+        for l, p in enumerate(buf.delta):
+            inp = X if l == 0 else buf.z[l - 1]
+            parts += [np.abs(p).max(axis=0), np.abs(inp).max(axis=0)]
+        return np.concatenate(parts)
+
     def loss_sum(self, X, Y):
         """Sum of per-sample losses (no penalty) for checked X and encoded Y."""
         return families.LOSS_SUM[self.family](self._forward(X).z[-1], Y)

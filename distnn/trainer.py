@@ -22,6 +22,7 @@ import math
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -66,7 +67,7 @@ class Trainer:
         self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, low=0)
         self.keep_checkpoints = _positive_int("keep_checkpoints", keep_checkpoints)
         self.deterministic = bool(deterministic)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.chunk_size = _positive_int("chunk_size", chunk_size, high=exactsum.MAX_CHUNK_SIZE)
         self.check_every = _positive_int("check_every", check_every, low=0)
         self.callback = callback  # called on every rank with each epoch's record
         # BLAS threads per rank during fit; None or 0: the node's cores / its ranks
@@ -86,7 +87,7 @@ class Trainer:
         self.optimizer.init(net.params)
         self.buf = np.zeros(net.n_params + _STATS, net.dtype)
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
-        self._chunk_buf = np.empty((0, net.n_params + _STATS), net.dtype)  # deterministic mode
+        self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
         self._stop_agreed = False
 
@@ -192,11 +193,9 @@ class Trainer:
         n = self.net.n_params
         if self.deterministic:
             try:
-                total, stop = self._exact_grad_sum(X, Y, perm, lo, hi)
+                self._exact_grad_sum(X, Y, perm, lo, hi)
             except exactsum.NonFiniteError:  # a NaN/Inf has no integer image: found before the sum
                 self._diverged()
-            total[n + 2] = float(stop)
-            self.buf[...] = total
         else:
             a, b = data.shard(lo, hi, self.comm.size, self.comm.rank)
             rows = np.sort(perm[a:b])  # forward reads of a memory map; the sum does not care
@@ -221,26 +220,49 @@ class Trainer:
             self.comm.check_agree(self.net.params, what=f"parameters after step {self.step + 1}")
 
     def _exact_grad_sum(self, X, Y, perm, lo, hi):
-        """Deterministic mode: per-chunk sums exactly added over all ranks' chunks, and the stop flag."""
-        n, c = self.net.n_params, self.chunk_size
+        """Deterministic mode: the chunks' gradient and statistic sums added exactly over all ranks,
+        in two collectives: a MAX of the layers' signal bounds, statistics and stop flag (a few
+        thousand numbers), then the int64 SUM of the chunks on the grid the bounds define."""
+        net, n, c = self.net, self.net.n_params, self.chunk_size
         n_chunks = -(-(hi - lo) // c)
         first, last = data.chunk_range(n_chunks, self.comm.size, self.comm.rank)
-        rows = self._chunk_rows(last - first)  # one chunk's sums per row
+        ex = self._exact_buffers(last - first)
+        rows, stats = ex.rows[:last - first], ex.stats[:last - first]
+        bounds, total = ex.bounds, ex.total
+        signals = bounds[:-3]
+        bounds[...] = 0
         for i, j in enumerate(range(first, last)):
             idx = np.sort(perm[lo + j * c:min(lo + (j + 1) * c, hi)])
             Xb, Yb = self._rows(X, idx), Y[idx]
-            rows[i, n] = self.net.grad_sum(Xb, Yb, rows[i, :n])
-            rows[i, n + 1] = self.net.last_correct(Yb) or 0
-        return self.comm.exact_sum(rows, n_chunks, what=f"step {self.step + 1}",
-                                   flag=bool(self._stop_signal))
+            stats[i] = net.grad_sum(Xb, Yb, rows[i]), net.last_correct(Yb) or 0
+            np.maximum(signals, net.last_signal_maxabs(Xb), out=signals)  # propagates NaN
+        bounds[-3:-1] = exactsum.local_maxabs(stats)
+        bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN; never an Inf
+        bounds[-1] = 1.0 if self._stop_signal else 0.0
+        what = f"step {self.step + 1}"
+        self.comm.allreduce_max(bounds, what=f"{what} (exact sum: bounds)")
+        grid = exactsum.signal_grid(signals, ex.shapes, c, n_chunks, out=ex.grid)
+        e = exactsum.exponents(bounds[-3:-1], n_chunks)
+        exactsum.encode(rows, grid, total[:n], ex.work)
+        total[n:] = exactsum.to_fixed(stats, e)
+        self.comm.allreduce(total, what=f"{what} (exact sum: int64)")
+        exactsum.decode(total[:n], grid, out=self.grad)
+        self.buf[n:n + 2] = exactsum.from_fixed(total[n:], e, np.float64)
+        self.buf[n + 2] = bounds[-1]
 
-    def _chunk_rows(self, count):
-        """(count, n_params + stats) rows for chunk sums, allocated once, statistics zeroed."""
-        if self._chunk_buf.shape[0] < count:
-            self._chunk_buf = np.empty((count, self.net.n_params + _STATS), self.net.dtype)
-        rows = self._chunk_buf[:count]
-        rows[:, self.net.n_params:] = 0
-        return rows
+    def _exact_buffers(self, count):
+        """Deterministic mode's work arrays, allocated once (the chunk rows again when count grows)."""
+        net, ex = self.net, self._exact
+        if ex is None:
+            shapes = [w.shape for w in net.weights]
+            n = net.n_params
+            ex = self._exact = SimpleNamespace(
+                shapes=shapes, rows=np.empty((0, n), net.dtype), stats=np.empty((0, 2)),
+                bounds=np.empty(sum(o + i for o, i in shapes) + 3),  # + loss, correct, stop flag
+                grid=np.empty(n, np.int64), total=np.empty(n + 2, np.int64), work=np.empty(n))
+        if len(ex.rows) < count:
+            ex.rows, ex.stats = np.empty((count, net.n_params), net.dtype), np.empty((count, 2))
+        return ex
 
     def _rows(self, X, idx):
         rows = np.asarray(X[idx], dtype=self.net.dtype)
@@ -437,9 +459,11 @@ def _decisions(net):
     return net.sizes[-1] if net.family == "bernoulli" else 1
 
 
-def _positive_int(name, value, low=1):
+def _positive_int(name, value, low=1, high=None):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be an integer <= {high}, got {value!r}")
     return int(value)
 
 
