@@ -73,11 +73,13 @@ def plan(quick, cores, ranks):
                    for n, s, dt in scaling],
         "weak": [{"net": n, "sizes": s, "dtype": dt, "per_rank": 64 if quick else 256}
                  for n, s, dt in scaling if dt == "float32"],
-        "trainer": [{"net": n, "sizes": s, "dtype": "float32", "batch": 128 if quick else 512,
+        # deterministic mode: chunk 256 is one chunk per rank of G = 512 at P = 2, 64 is four
+        "trainer": [{"net": n, "sizes": s, "dtype": dt, "batch": 128 if quick else 512,
                      "steps": st, "chunk_size": c}
-                    for n, s, st in ([("small", SMALL, 4)] if quick else
-                                     [("large", LARGE, 6), ("small", SMALL, 60)])
-                    for c in ((32,) if quick else (32, 128))],
+                    for n, s, dt, st in ([("small", SMALL, "float32", 4)] if quick else
+                                         [("large", LARGE, "float32", 6), ("large", LARGE, "float64", 6),
+                                          ("small", SMALL, "float32", 60)])
+                    for c in ((32,) if quick else (64, 256))],
         "comm_bytes": [4**k * 1024 for k in range(3, 6 if quick else 9)],  # 64 KiB .. 1 MiB | 64 MiB
         "memory_mb": [8] if quick else [100, 400],
         "memory_batch": 512 if quick else 4096,

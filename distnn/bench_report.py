@@ -155,7 +155,8 @@ def scaling_targets(res):
     """Section 3's targets: ranks vs threads, weak scaling, allreduce share, deterministic overhead."""
     sc = res.get("scaling", {})
     vs = sc.get("ranks_vs_threads", [])
-    det = [r for r in sc.get("deterministic", []) if r["net"] == "large" and r["chunk_size"] == 32]
+    det = {dt: [r for r in sc.get("deterministic", []) if r["net"] == "large" and r["chunk_size"] == 256
+                and r["dtype"] == dt] for dt in ("float32", "float64")}
     return [
         verdict("2 ranks x 1 thread vs 1 rank x 2 threads (time ratio)",
                 worst([dict(r, ranks=2, threads=1) for r in vs], "ratio", True), "ratio", 1.0, True),
@@ -165,8 +166,8 @@ def scaling_targets(res):
         verdict("allreduce share of a step, large net, 2 ranks",
                 worst([r for r in sc.get("strong", []) if r["net"] == "large" and r["ranks"] == 2],
                       "allreduce_share", False), "allreduce_share", 0.10, False),
-        verdict("deterministic mode step-time overhead, large net, chunk 32",
-                worst(det, "overhead", False), "overhead", 0.15, False)]
+        *(verdict(f"deterministic mode step-time overhead, large net {dt}, chunk 256",
+                  worst(rows, "overhead", False), "overhead", 0.15, False) for dt, rows in det.items())]
 
 
 def targets(res):

@@ -132,27 +132,21 @@ class Comm:
             raise error
         raise _same_kind(info, f"rank {first}: {info['message']}")
 
-    def exact_sum(self, rows, n_chunks_total, what="step", flag=None):
+    def exact_sum(self, rows, n_chunks_total, what="step"):
         """Sum over all ranks' chunks (rows: (n_local, m)), equal in bits for any rank count and split.
 
-        With `flag` (a bool) given, returns (sum, whether any rank's flag is set): the flag rides
-        in the MAX allreduce, so a training step still makes two collectives. Raises
-        exactsum.NonFiniteError on every rank alike if any chunk holds NaN or Inf.
-        """
+        Two collectives: the MAX that sets the grid, the float64 SUM on it (exactsum.py). Raises
+        exactsum.NonFiniteError on every rank alike if any chunk holds NaN or Inf."""
         rows = exactsum.check_rows(rows)
         if rows.shape[0] > n_chunks_total:
             raise ValueError(f"rank {self.rank} holds {rows.shape[0]} chunks, more than the "
                              f"{n_chunks_total} chunks in total")
         m = rows.shape[1]
         maxabs = exactsum.local_maxabs(rows)
-        if flag is not None:
-            maxabs = np.append(maxabs, 1.0 if flag else 0.0)  # (m + 1,)
         self.allreduce_max(maxabs, f"{what} (exact sum: max)")
-        e = exactsum.exponents(maxabs[:m], n_chunks_total)
-        total = exactsum.to_fixed(rows, e)
-        self.allreduce(total, f"{what} (exact sum: int64)")
-        result = exactsum.from_fixed(total, e, rows.dtype)
-        return result if flag is None else (result, bool(maxabs[m] > 0))
+        total = exactsum.encode(rows, exactsum.magic_for(maxabs, n_chunks_total), np.empty(m), np.empty(m))
+        self.allreduce(total, f"{what} (exact sum)")
+        return total.astype(rows.dtype)
 
     def local_ranks(self) -> int:
         """How many ranks of this communicator share this node (collective)."""

@@ -10,8 +10,8 @@ stop flag) that ride in the same allreduce, so a step makes one MPI call (one pe
 models). Sums are divided by the *global* count, so P ranks compute what 1 rank computes on the same
 global batches, up to the order of floating-point additions. With `deterministic=True` the order is
 removed as well: every global batch is cut into chunks of `chunk_size` samples, each chunk's gradient
-is a fixed computation wherever it runs, and the chunks are summed exactly in integers
-(exactsum.py), so 1, 2, 3, ... ranks produce the same bits.
+is a fixed computation wherever it runs, and the chunks are rounded to a grid every rank derives
+alike, on which float64 sums are exact (exactsum.py), so 1, 2, 3, ... ranks produce the same bits.
 
 The data order comes from `data.epoch_permutation(seed, epoch)`, so a checkpoint needs only
 (epoch, batch, step) and the parameters and optimizer state to continue bit-identically.
@@ -194,7 +194,7 @@ class Trainer:
         if self.deterministic:
             try:
                 self._exact_grad_sum(X, Y, perm, lo, hi)
-            except exactsum.NonFiniteError:  # a NaN/Inf has no integer image: found before the sum
+            except exactsum.NonFiniteError:  # a NaN/Inf has no grid: found before anything is rounded
                 self._diverged()
         else:
             a, b = data.shard(lo, hi, self.comm.size, self.comm.rank)
@@ -220,35 +220,32 @@ class Trainer:
             self.comm.check_agree(self.net.params, what=f"parameters after step {self.step + 1}")
 
     def _exact_grad_sum(self, X, Y, perm, lo, hi):
-        """Deterministic mode: the chunks' gradient and statistic sums added exactly over all ranks,
-        in two collectives: a MAX of the layers' signal bounds, statistics and stop flag (a few
-        thousand numbers), then the int64 SUM of the chunks on the grid the bounds define."""
+        """Deterministic mode: the chunks' gradient and statistics summed exactly over all ranks
+        (exactsum.py) in two collectives: a MAX of the layers' signal bounds and the statistics'
+        (a few thousand numbers), then the float64 SUM of the chunks rounded to the grid they define."""
         net, n, c = self.net, self.net.n_params, self.chunk_size
         n_chunks = -(-(hi - lo) // c)
         first, last = data.chunk_range(n_chunks, self.comm.size, self.comm.rank)
         ex = self._exact_buffers(last - first)
-        rows, stats = ex.rows[:last - first], ex.stats[:last - first]
-        bounds, total = ex.bounds, ex.total
-        signals = bounds[:-3]
+        rows, stats, bounds, total = ex.rows[:last - first], ex.stats[:last - first], ex.bounds, ex.total
+        signals = bounds[:-2]
         bounds[...] = 0
         for i, j in enumerate(range(first, last)):
             idx = np.sort(perm[lo + j * c:min(lo + (j + 1) * c, hi)])
             Xb, Yb = self._rows(X, idx), Y[idx]
             stats[i] = net.grad_sum(Xb, Yb, rows[i]), net.last_correct(Yb) or 0
             np.maximum(signals, net.last_signal_maxabs(Xb), out=signals)  # propagates NaN
-        bounds[-3:-1] = exactsum.local_maxabs(stats)
-        bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN; never an Inf
-        bounds[-1] = 1.0 if self._stop_signal else 0.0
+        bounds[-2:] = exactsum.local_maxabs(stats)
+        bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN, never an Inf
         what = f"step {self.step + 1}"
         self.comm.allreduce_max(bounds, what=f"{what} (exact sum: bounds)")
-        grid = exactsum.signal_grid(signals, ex.shapes, c, n_chunks, out=ex.grid)
-        e = exactsum.exponents(bounds[-3:-1], n_chunks)
-        exactsum.encode(rows, grid, total[:n], ex.work)
-        total[n:] = exactsum.to_fixed(stats, e)
-        self.comm.allreduce(total, what=f"{what} (exact sum: int64)")
-        exactsum.decode(total[:n], grid, out=self.grad)
-        self.buf[n:n + 2] = exactsum.from_fixed(total[n:], e, np.float64)
-        self.buf[n + 2] = bounds[-1]
+        magic = exactsum.signal_grid(signals, ex.shapes, c, n_chunks, out=ex.magic)
+        exactsum.encode(rows, magic, total[:n], ex.work)
+        exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), total[n:n + 2], ex.work[:2])
+        total[n + 2] = 1.0 if self._stop_signal else 0.0  # flags add exactly too
+        self.comm.allreduce(total, what=f"{what} (exact sum)")
+        if total is not self.buf:
+            self.buf[...] = total  # float32 nets: the one rounding of the exact sum
 
     def _exact_buffers(self, count):
         """Deterministic mode's work arrays, allocated once (the chunk rows again when count grows)."""
@@ -258,8 +255,10 @@ class Trainer:
             n = net.n_params
             ex = self._exact = SimpleNamespace(
                 shapes=shapes, rows=np.empty((0, n), net.dtype), stats=np.empty((0, 2)),
-                bounds=np.empty(sum(o + i for o, i in shapes) + 3),  # + loss, correct, stop flag
-                grid=np.empty(n, np.int64), total=np.empty(n + 2, np.int64), work=np.empty(n))
+                bounds=np.empty(sum(o + i for o, i in shapes) + 2),  # + |loss|, |correct|
+                magic=np.empty(n), work=np.empty(n),
+                # float64 sums: in the step's buffer itself for float64 nets
+                total=self.buf if net.dtype == np.float64 else np.empty(n + _STATS))
         if len(ex.rows) < count:
             ex.rows, ex.stats = np.empty((count, net.n_params), net.dtype), np.empty((count, 2))
         return ex

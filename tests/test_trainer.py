@@ -151,14 +151,22 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error(tmp_path):
 def test_deterministic_steps_make_two_collectives(monkeypatch):
     from distnn.comm import Comm
 
-    calls = []
+    calls, sizes = [], []
     for name in ("allreduce", "allreduce_max", "any", "bcast", "barrier"):
         original = getattr(Comm, name)
         monkeypatch.setattr(Comm, name, lambda self, *a, _f=original, _n=name, **k:
-                            (calls.append(_n), _f(self, *a, **k))[1])
+                            (calls.append(_n), sizes.append((_n, np.size(a[0]) if a else 0)),
+                             _f(self, *a, **k))[2])
     trainer = make(deterministic=True, chunk_size=5, epochs=1, check_every=0)
     X, y = blobs()
     calls.clear()
+    sizes.clear()
     trainer.fit(X, y)
-    # one MAX (carrying the stop flag) and one int64 SUM per step; no separate flag collective
+    # one MAX of the layers' signal bounds (one number per unit and input, not per parameter) and
+    # one float64 SUM carrying the stop flag; no separate flag collective
+    net = trainer.net
     assert calls.count("allreduce_max") == trainer.step and calls.count("any") == 0
+    bounds = sum(net.sizes[1:]) + sum(net.sizes[:-1]) + 2  # + the two statistics
+    assert sizes.count(("allreduce_max", bounds)) == trainer.step and bounds < net.n_params
+    assert all(s < bounds for n, s in sizes if n == "allreduce_max" and s != bounds)
+    assert sizes.count(("allreduce", net.n_params + 3)) == trainer.step
