@@ -23,7 +23,7 @@ Where the bound 2**E comes from:
 - Statistics (loss and metric sums, validation; `magic_for`): the element-wise max |x| over ALL
   chunks, an MPI MAX (exact and order-free), with 2**(E-1) <= max < 2**E (np.frexp's exponent). The
   error is then below n**2 * 2**-50 * max |x|: for n = 32 chunks 2**-40 of the largest term.
-- Gradients (`signal_grid`): a per-parameter MAX would cost a pass over every chunk's gradient and a
+- Gradients (`SignalGrid`): a per-parameter MAX would cost a pass over every chunk's gradient and a
   second full-size collective. The proxy-error recursion offers a bound for free: a chunk of at most
   c samples contributes G = P_lᵀ I_l to layer l's weights (and Σ_s P_l[s] to its biases, as if I_l
   had a column of ones). With a_j >= max_s |P_l[s, j]| and b_k >= max_s |I_l[s, k]| over the rows of
@@ -41,7 +41,7 @@ Where the bound 2**E comes from:
 Range: a quantum below 2**-1074 is raised to it (coarser is still exact, and M stays a normal
 number); a bound so large that M would overflow (E + k > 1022: values within a factor 2**(k+2) of
 float64's largest) is refused like a NaN. Non-finite values have no grid: local_maxabs maps NaN to
-Inf so that an MPI MAX carries it to every rank, and magic_for / signal_grid raise NonFiniteError on
+Inf so that an MPI MAX carries it to every rank, and magic_for / SignalGrid raise NonFiniteError on
 every rank alike, before anything is rounded; the trainer turns it into its divergence stop.
 """
 import operator
@@ -127,46 +127,88 @@ def magic_for(maxabs, n_chunks_total) -> np.ndarray:
     return _magic_bits(e).view(np.float64)
 
 
-def signal_grid(bounds, shapes, chunk_size, n_chunks_total, out=None) -> np.ndarray:
-    """float64 magic M per parameter (params layout [W_0, b_0, W_1, ...]) for chunk gradients.
+class SignalGrid:
+    """The gradient grid: each parameter's magic M = 1.5 * 2**52 * q, params layout [W_0, b_0, ...].
 
-    bounds: per layer l, the MAX over all chunks of max_s |P_l[s, :]| (|O_l|,) then of max_s
-    |I_l[s, :]| (|I_l|,), concatenated (Network.last_signal_maxabs); shapes: (|O_l|, |I_l|) per layer.
+    Built from bounds: per layer l, the MAX over all chunks of max_s |P_l[s, :]| (|O_l|,) then of
+    max_s |I_l[s, :]| (|I_l|,), concatenated (Network.last_signal_maxabs); shapes: (|O_l|, |I_l|).
     Raises NonFiniteError (the same on every rank) for a NaN/Inf bound or one beyond float64's range.
+    M_jk is never stored whole: it is an outer sum of exponents, so `encode` rebuilds it block by
+    block in cache, right where it rounds the chunks.
     """
-    c = operator.index(chunk_size)
-    if not 1 <= c <= MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk size must be in [1, {MAX_CHUNK_SIZE}], got {c}")
-    offset = (c - 1).bit_length() + 1 + chunk_bits(n_chunks_total) - 51  # e = A + B + offset
-    exps = np.frexp(_finite(bounds, "layer signals"))[1].astype(np.int64)  # a few thousand: cheap
-    if exps.size != sum(o + i for o, i in shapes):
-        raise ValueError(f"{exps.size} bounds do not fit layers {list(shapes)}")
-    size = sum(o * i + o for o, i in shapes)
-    out = np.empty(size, np.float64) if out is None else out
-    bits = out.view(np.int64)
-    at = pos = 0
-    for o, i in shapes:
-        a, b = exps[pos:pos + o] + offset, exps[pos + o:pos + o + i]
-        top, low = int(a.max()) + max(int(b.max()), 1), int(a.min()) + min(int(b.min()), 1)
-        if top + 52 > 1023:  # B = 1 for the biases
-            raise NonFiniteError(f"a gradient bound reaches 2**{top + 51}, too close to float64's "
-                                 f"largest value for exact summation")
-        # bits(M_jk) = bits(M)(A_j) + B_k << 52: exponents add. In uint64, as a row's bits alone
-        # may leave the exponent field before B_k brings them back
-        row = ((a + _BIAS).astype(np.uint64) << 52) + _HALF
-        w = bits[at:at + o * i + o]
-        np.add(row[:, None], b.astype(np.uint64)[None, :] << 52, out=w[:o * i].view(np.uint64).reshape(o, i))
-        w[o * i:] = (row + (1 << 52)).view(np.int64)
-        if low < -1074:  # raise the tiny quanta to 2**-1074
-            np.maximum(w, _LOWEST, out=w)
-        at += o * i + o
-        pos += o + i
-    return out
+
+    BLOCK = 1 << 15  # parameters per block: 256 KiB of float64 magic, as much work
+
+    def __init__(self, bounds, shapes, chunk_size, n_chunks_total):
+        c = operator.index(chunk_size)
+        if not 1 <= c <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk size must be in [1, {MAX_CHUNK_SIZE}], got {c}")
+        offset = (c - 1).bit_length() + 1 + chunk_bits(n_chunks_total) - 51  # e = A + B + offset
+        exps = np.frexp(_finite(bounds, "layer signals"))[1].astype(np.int64)  # a few thousand
+        if exps.size != sum(o + i for o, i in shapes):
+            raise ValueError(f"{exps.size} bounds do not fit layers {list(shapes)}")
+        self.layers, self.size, pos = [], sum(o * i + o for o, i in shapes), 0
+        for o, i in shapes:
+            a = exps[pos:pos + o] + offset
+            b = np.append(exps[pos + o:pos + o + i], 1)  # the biases' column of ones: B = 1
+            pos += o + i
+            top, low = int(a.max()) + int(b.max()), int(a.min()) + int(b.min())
+            if top + 52 > 1023:
+                raise NonFiniteError(f"a gradient bound reaches 2**{top + 51}, too close to "
+                                     f"float64's largest value for exact summation")
+            # bits(M_jk) = bits(M)(A_j) + B_k << 52: exponents add. In uint64, as a row's bits
+            # alone may leave the exponent field before B_k brings them back
+            row = ((a + _BIAS).astype(np.uint64) << 52) + _HALF
+            self.layers.append((row, b.astype(np.uint64) << 52, low < -1074))
+
+    def blocks(self, magic):
+        """Yield (lo, hi, M[lo:hi]) over all parameters, each M block written into magic (scratch)."""
+        at = 0
+        for row, col, tiny in self.layers:
+            o, i = len(row), len(col) - 1
+            step = max(1, self.BLOCK // i)
+            for j in range(0, o, step):
+                k = min(o, j + step)
+                m = magic[:(k - j) * i]
+                np.add(row[j:k, None], col[None, :i], out=m.view(np.uint64).reshape(k - j, i))
+                yield at + j * i, at + k * i, _raise_tiny(m, tiny)
+            m = magic[:o]
+            np.add(row, col[i], out=m.view(np.uint64))  # the biases
+            yield at + o * i, at + o * i + o, _raise_tiny(m, tiny)
+            at += o * i + o
+
+    def _width(self):
+        return max(self.BLOCK, *(max(len(r), len(c) - 1) for r, c, _ in self.layers))
+
+    def magic(self) -> np.ndarray:
+        """All of M as one float64 vector (for inspection: `encode` never builds it)."""
+        out = np.empty(self.size)
+        for lo, hi, m in self.blocks(np.empty(self._width())):
+            out[lo:hi] = m
+        return out
+
+    def encode(self, rows, out) -> np.ndarray:
+        """out (float64, (size,)) = Σ_i rint(rows[i] / q) q over this rank's chunk gradients, exactly."""
+        rows = check_rows(rows)
+        magic, work = np.empty(self._width()), np.empty(self._width())
+        for lo, hi, m in self.blocks(magic):
+            encode(rows[:, lo:hi], m, out[lo:hi], work[:hi - lo])
+        return out
+
+
+def _raise_tiny(magic, tiny):
+    if tiny:  # quanta below 2**-1074 are raised to it: coarser is still exact
+        np.maximum(magic.view(np.int64), _LOWEST, out=magic.view(np.int64))
+    return magic
 
 
 def round_to_grid(x, magic, out) -> np.ndarray:
     """out = rint(x / q) * q in float64 (exact), for |x| <= 2**51 q."""
-    np.add(x, magic, out=out)
+    if x.dtype == np.float64:
+        np.add(x, magic, out=out)
+    else:  # a plain float32 -> float64 copy, then float64 arithmetic: faster than a mixed add
+        np.copyto(out, x)
+        out += magic
     return np.subtract(out, magic, out=out)
 
 
@@ -194,6 +236,5 @@ def exact_sum_serial(rows) -> np.ndarray:
 def grid_sum_serial(rows, bounds, shapes, chunk_size) -> np.ndarray:
     """The exact gradient sum of one process's chunks, equal in bits to the trainer's over any ranks."""
     rows = check_rows(rows)
-    magic = signal_grid(bounds, shapes, chunk_size, len(rows))
-    total = encode(rows, magic, np.empty(rows.shape[1]), np.empty(rows.shape[1]))
-    return total.astype(rows.dtype)
+    grid = SignalGrid(bounds, shapes, chunk_size, len(rows))
+    return grid.encode(rows, np.empty(rows.shape[1])).astype(rows.dtype)

@@ -239,9 +239,8 @@ class Trainer:
         bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN, never an Inf
         what = f"step {self.step + 1}"
         self.comm.allreduce_max(bounds, what=f"{what} (exact sum: bounds)")
-        magic = exactsum.signal_grid(signals, ex.shapes, c, n_chunks, out=ex.magic)
-        exactsum.encode(rows, magic, total[:n], ex.work)
-        exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), total[n:n + 2], ex.work[:2])
+        exactsum.SignalGrid(signals, ex.shapes, c, n_chunks).encode(rows, total[:n])
+        exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), total[n:n + 2], ex.work)
         total[n + 2] = 1.0 if self._stop_signal else 0.0  # flags add exactly too
         self.comm.allreduce(total, what=f"{what} (exact sum)")
         if total is not self.buf:
@@ -256,7 +255,7 @@ class Trainer:
             ex = self._exact = SimpleNamespace(
                 shapes=shapes, rows=np.empty((0, n), net.dtype), stats=np.empty((0, 2)),
                 bounds=np.empty(sum(o + i for o, i in shapes) + 2),  # + |loss|, |correct|
-                magic=np.empty(n), work=np.empty(n),
+                work=np.empty(2),
                 # float64 sums: in the step's buffer itself for float64 nets
                 total=self.buf if net.dtype == np.float64 else np.empty(n + _STATS))
         if len(ex.rows) < count:

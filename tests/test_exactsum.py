@@ -6,7 +6,7 @@ import pytest
 
 from distnn import Network
 from distnn.exactsum import (MAX_CHUNKS, NonFiniteError, encode, exact_sum_serial, grid_sum_serial,
-                             local_maxabs, magic_for, round_to_grid, signal_grid)
+                             local_maxabs, magic_for, round_to_grid, SignalGrid)
 
 DTYPES = [np.float32, np.float64]
 
@@ -180,7 +180,7 @@ def test_signal_bounds_hold_every_chunk_gradient_inside_its_window(dtype):
     # |x| <= 2**(51 - k) q for every chunk and parameter: what makes the rounding and the sums exact
     _, rows, bounds, shapes, c = network_chunks(dtype)
     k = max(len(rows) - 1, 0).bit_length()
-    magic = signal_grid(bounds, shapes, c, len(rows))
+    magic = SignalGrid(bounds, shapes, c, len(rows)).magic()
     window = magic / 1.5 / 2.0**(1 + k)  # 2**(51 - k) q, q = M / (1.5 * 2**52)
     assert (np.abs(rows) <= window).all()
     assert (np.abs(rows).max(axis=0) > window / 2.0**20).mean() > 0.5  # and the bound is not slack
@@ -190,7 +190,7 @@ def test_signal_bounds_hold_every_chunk_gradient_inside_its_window(dtype):
 def test_gradient_sums_are_identical_for_any_split_and_within_the_bound(dtype):
     rng = np.random.default_rng(6)
     _, rows, bounds, shapes, c = network_chunks(dtype)
-    magic = signal_grid(bounds, shapes, c, len(rows))
+    magic = SignalGrid(bounds, shapes, c, len(rows)).magic()
     reference = encoded(rows, magic)
     assert grid_sum_serial(rows, bounds, shapes, c).tobytes() == reference.astype(dtype).tobytes()
     for _ in range(30):
@@ -204,7 +204,7 @@ def test_the_grid_is_the_outer_sum_of_the_layers_exponents():
     # layer (2 outputs, 3 inputs), c = 4 (h = 3), n = 2 (k = 1): q_jk = 2**(A_j + B_k + 3 + 1 - 51)
     a, b = np.array([0.75, 3.0]), np.array([1.0, 0.0, 2.0**-20])
     A, B = np.frexp(a)[1], np.frexp(b)[1]
-    q = [quantum(m) for m in signal_grid(np.concatenate([a, b]), [(2, 3)], 4, 2)]
+    q = [quantum(m) for m in SignalGrid(np.concatenate([a, b]), [(2, 3)], 4, 2).magic()]
     weights = [Fraction(2) ** int(A[j] + B[k] - 47) for j in range(2) for k in range(3)]
     biases = [Fraction(2) ** int(A[j] + 1 - 47) for j in range(2)]  # a column of ones: B = 1
     assert q == weights + biases
@@ -213,10 +213,22 @@ def test_the_grid_is_the_outer_sum_of_the_layers_exponents():
 def test_the_grid_refuses_non_finite_or_huge_bounds_and_raises_tiny_ones():
     shapes = [(2, 3)]
     with pytest.raises(NonFiniteError, match="layer signals are NaN or Inf"):
-        signal_grid([1.0, np.inf, 1.0, 1.0, 1.0], shapes, 4, 2)
+        SignalGrid([1.0, np.inf, 1.0, 1.0, 1.0], shapes, 4, 2)
     with pytest.raises(NonFiniteError, match="too close to float64's largest"):
-        signal_grid([1e300, 1.0, 1e10, 1.0, 1.0], shapes, 4, 2)
-    tiny = signal_grid([1e-300, 1.0, 1e-300, 1.0, 1.0], shapes, 4, 2)  # 1e-300 < 2**-996
+        SignalGrid([1e300, 1.0, 1e10, 1.0, 1.0], shapes, 4, 2)
+    tiny = SignalGrid([1e-300, 1.0, 1e-300, 1.0, 1.0], shapes, 4, 2).magic()  # 1e-300 < 2**-996
     assert [quantum(m) for m in tiny[:2]] == [Fraction(2) ** -1074, Fraction(2) ** (-996 + 1 - 47)]
     with pytest.raises(ValueError, match="do not fit layers"):
-        signal_grid(np.ones(4), shapes, 4, 2)
+        SignalGrid(np.ones(4), shapes, 4, 2)
+
+
+def test_the_grid_built_block_by_block_is_the_grid(monkeypatch):
+    # encode rebuilds M in cache-sized blocks; blocks of 4 cut rows of every layer and their biases
+    _, rows, bounds, shapes, c = network_chunks(np.float32)
+    whole = SignalGrid(bounds, shapes, c, len(rows))
+    magic = whole.magic()
+    expected = encoded(rows, magic)
+    monkeypatch.setattr(SignalGrid, "BLOCK", 4)
+    small = SignalGrid(bounds, shapes, c, len(rows))
+    assert small.magic().tobytes() == magic.tobytes()
+    assert small.encode(rows, np.empty(rows.shape[1])).tobytes() == expected.tobytes()
