@@ -42,7 +42,9 @@ Range: a quantum below 2**-1074 is raised to it (coarser is still exact, and M s
 number); a bound so large that M would overflow (E + k > 1022: values within a factor 2**(k+2) of
 float64's largest) is refused like a NaN. Non-finite values have no grid: local_maxabs maps NaN to
 Inf so that an MPI MAX carries it to every rank, and magic_for / SignalGrid raise NonFiniteError on
-every rank alike, before anything is rounded; the trainer turns it into its divergence stop.
+every rank alike, before anything is rounded; the trainer turns it into its divergence stop. (A
+float32 gradient can still overflow to Inf under a finite float64 bound: rounding keeps it Inf or
+NaN, the SUM makes it non-finite on every rank, and the trainer's check after the SUM stops there.)
 """
 import operator
 

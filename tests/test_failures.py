@@ -98,8 +98,10 @@ def test_a_stalled_rank_is_ended_by_the_watchdog_which_names_it(tmp_path):
     assert "watchdog" in err and "ranks not arrived: [1]" in err
 
 
-def test_a_nan_gradient_stops_every_rank_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
-    code, err, _ = train(config(tmp_path), fault="nan:1:45")
+@pytest.mark.parametrize("mode", [[], ["--set", "train.deterministic=true", "--set", "train.chunk_size=8"]],
+                         ids=["default", "deterministic"])
+def test_a_nan_gradient_stops_every_rank_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, mode):
+    code, err, _ = train(config(tmp_path), *mode, fault="nan:1:45")
     assert code == 1
     assert "training diverged at epoch 2, step 46" in err and "Traceback" not in err
     saved = checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")

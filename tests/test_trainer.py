@@ -44,9 +44,10 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_is_bit_id
     np.testing.assert_array_equal(resumed.net.params, straight.net.params)
 
 
-def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, deterministic):
     X, y = blobs()
-    trainer = make(tmp_path, epochs=50)
+    trainer = make(tmp_path, epochs=50, deterministic=deterministic, chunk_size=5)
     trainer.optimizer = optim.SGD(lr=1.0)
     trainer.optimizer.init(trainer.net.params)
 
