@@ -86,6 +86,24 @@ def mean_and_loss_sum(family, z, y, out):
     return float(np.log(s).sum(dtype=np.float64) - picked.sum(dtype=np.float64))
 
 
+def loss_and_residual(family, z, y, mean, out):
+    """Training's output pass: out = P_L = mean(z) - y; returns the loss sum. Multinomial fuses the
+    softmax, its log-sum-exp loss and the one-hot subtraction, writing straight into out (`mean`
+    is then left as it was); the other families fill `mean` on the way."""
+    if family != "multinomial":
+        loss = mean_and_loss_sum(family, z, y, mean)
+        np.subtract(mean, y, out=out)
+        return loss
+    rows = np.arange(len(y))
+    np.subtract(z, z.max(axis=1, keepdims=True), out=out)  # (N, K), each row's max is 0
+    picked = out[rows, y]  # z_y - m, (N,)
+    np.exp(out, out=out)
+    s = out.sum(axis=1, keepdims=True)  # in [1, K]: its log is finite
+    np.divide(out, s, out=out)
+    out[rows, y] -= 1
+    return float(np.log(s).sum(dtype=np.float64) - picked.sum(dtype=np.float64))
+
+
 def residual(family, mean, y, out):
     """out = mean - y, the output proxy error P_L; multinomial labels act as one-hot rows."""
     np.copyto(out, mean)

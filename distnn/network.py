@@ -33,6 +33,7 @@ class _Buffers:
         self.mean = np.empty((n, outs[-1]), dtype)  # O_L; z[-1] keeps the logits Z_L
         self.delta = [np.empty((n, k), dtype) for k in outs]  # proxy errors P_l
         self.deriv = [np.empty((n, k), dtype) for k in outs[:-1]]  # A'_l(O_l)
+        self.ones = np.ones(n, dtype)  # bias gradients as one BLAS call: onesᵀ P_l
 
 
 class Network:
@@ -130,7 +131,7 @@ class Network:
 
     def _forward(self, X, mean=True):
         """Fill the work buffers for X (N, n_in) already checked; returns them. mean=False leaves
-        the output mean to the caller (grad_sum computes it together with the loss)."""
+        the output mean to the caller (grad_sum fuses it with the loss and P_L)."""
         buf = self._buffers_for(len(X))
         inp = X
         last = len(self.weights) - 1
@@ -143,15 +144,14 @@ class Network:
             self._mean(buf.z[-1], buf.mean)
         return buf
 
-    def _backward(self, X, Y, buf, out):
-        """Proxy-error recursion: write the batch-summed gradient into `out` (params layout)."""
+    def _backward(self, X, buf, out):
+        """Proxy-error recursion from P_L in buf.delta[-1]: the batch-summed gradient into `out`."""
         g_w, g_b = self._grad_views(out)
-        families.residual(self.family, buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
         for l in range(len(self.weights) - 1, -1, -1):
             p = buf.delta[l]  # (N, |O_l|)
             inp = X if l == 0 else buf.z[l - 1]  # I_l = O_{l-1}
             np.matmul(p.T, inp, out=g_w[l])  # Σ_n P_l[n] ⊗ I_l[n]
-            np.add.reduce(p, axis=0, out=g_b[l])
+            np.matmul(buf.ones, p, out=g_b[l])  # Σ_n P_l[n]
             if l > 0:
                 prev = buf.delta[l - 1]
                 np.matmul(p, self.weights[l], out=prev)  # P_l W_l, (N, |I_l|)
@@ -171,8 +171,8 @@ class Network:
         X is (N, n_in) in the network dtype and Y comes from `check_targets`: no validation here.
         An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
         buf = self._forward(X, mean=False)
-        loss = families.mean_and_loss_sum(self.family, buf.z[-1], Y, buf.mean)
-        self._backward(X, Y, buf, out)
+        loss = families.loss_and_residual(self.family, buf.z[-1], Y, buf.mean, buf.delta[-1])
+        self._backward(X, buf, out)  # P_L = O_L - Y is in place
         return loss
 
     def last_signal_maxabs(self, X):
@@ -251,7 +251,8 @@ class Network:
         ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer contributes ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
         X, Y = self._checked(X, y)
         buf = self._forward(X)
-        self._backward(X, Y, buf, self.grad_buffer())
+        families.residual(self.family, buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
+        self._backward(X, buf, self.grad_buffer())
         sq = np.zeros(len(X), np.float64)
         for l, p in enumerate(buf.delta):
             inp = X if l == 0 else buf.z[l - 1]

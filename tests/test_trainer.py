@@ -44,6 +44,8 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_is_bit_id
     np.testing.assert_array_equal(resumed.net.params, straight.net.params)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")  # the point of it
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, deterministic):
     X, y = blobs()
