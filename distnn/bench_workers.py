@@ -229,8 +229,9 @@ def scaling_run(comm, run, min_s):
                           for r in table])
 
 
-def trainer_run(comm, run):
-    """Trainer.fit step time in default and deterministic mode (SGD momentum; fastest epoch after the first)."""
+def trainer_run(comm, run, threads):
+    """Trainer.fit step time in default and deterministic mode (SGD momentum; fastest epoch after the
+    first), both on `threads` BLAS threads per rank (deterministic mode would otherwise pin 1)."""
     from .trainer import Trainer
     rng = np.random.default_rng(0)
     n = run["batch"] * run["steps"]
@@ -241,7 +242,7 @@ def trainer_run(comm, run):
         net = Network(run["sizes"], dtype=run["dtype"], seed=0)
         trainer = Trainer(net, OPTIMIZERS["sgd-momentum"](), batch_size=run["batch"], epochs=4,
                           seed=0, comm=comm, deterministic=mode == "deterministic",
-                          chunk_size=run["chunk_size"])
+                          chunk_size=run["chunk_size"], threads=threads)
         history = trainer.fit(X, y)[1:]  # epoch 1 allocates the buffers
         out[f"{mode}_step_s"] = min(h["seconds"] for h in history) / run["steps"]
     return out
@@ -283,7 +284,7 @@ def mpi_worker(spec):
             out["scaling"] += [dict(scaling_run(comm, run, spec["seconds"]), threads=t)
                                for run in spec["runs"]]
     with blas_threads(spec["threads"][-1]):  # the standard layout only: cores // P threads
-        out["trainer"] = [dict(trainer_run(comm, run), threads=spec["threads"][-1])
+        out["trainer"] = [dict(trainer_run(comm, run, spec["threads"][-1]), threads=spec["threads"][-1])
                           for run in spec["trainer"]]
     if spec["comm_bytes"]:
         with blas_threads(1):

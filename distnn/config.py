@@ -77,7 +77,7 @@ class TrainConfig:
     chunk_size: int = 64            # deterministic mode: samples per chunk (its cost falls as it grows)
     watchdog: float = 600.0         # seconds a collective may take before the job aborts; 0 = off
     bucket_mb: float = 4.0          # allreduce bucket size
-    threads: int = 0                # BLAS threads per rank; 0 = cores / local ranks
+    threads: int = 0                # BLAS threads per rank; 0 = cores / local ranks (deterministic: 1)
     check_every: int = 100          # steps between cross-rank parameter checksums; 0 = start only
 
 

@@ -76,7 +76,8 @@ def train(args, comm) -> int:
     started = time.perf_counter()
     cfg = _together(comm, load_train_config, args)
     n = args.threads if args.threads is not None else cfg.train.threads
-    n = threads.limit_blas_threads(n or comm.blas_share())
+    # deterministic mode: the same threads per rank at any P (the GEMMs' rounding depends on it)
+    n = threads.limit_blas_threads(n or (1 if cfg.train.deterministic else comm.blas_share()))
     job = _together(comm, prepare, cfg, comm.rank, comm.size)
     scaler = fit_scaler(job.X, job.train, comm) if cfg.data.standardize else None
     run = Path(cfg.out_dir)
@@ -99,7 +100,7 @@ def train(args, comm) -> int:
                     scan=False)  # prepare() scanned every row of X already
     model = Model(trainer.net, scaler, job.classes, job.meta(cfg))
     done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
-            "threads": 1 if cfg.train.deterministic else n, "last": trainer.history[-1] if trainer.history else None}
+            "threads": n, "last": trainer.history[-1] if trainer.history else None}
     _together(comm, _finish_run_dir, run, model, job, done, started, comm.is_root)
     return 0
 

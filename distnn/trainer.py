@@ -306,9 +306,10 @@ class Trainer:
     def _blas_threads(self):
         """Threads per rank for this fit (None: leave BLAS as it is). Ranks sharing a node split its
         cores, or their GEMMs fight over them and P ranks run slower than one. Deterministic mode
-        pins 1: a GEMM's rounding may depend on how its work is split between threads."""
+        pins `threads`, else 1, whatever P is: OpenBLAS's GEMM rounding depends on the thread count
+        (7 of 14 shapes tried differ between 1 and 2 threads), so runs compared must share it."""
         if self.deterministic:
-            return 1
+            return self.threads or 1
         if not self.threads and self.comm.size > 1:
             return self.comm.blas_share()  # collective: every rank gets here alike
         return self.threads or None

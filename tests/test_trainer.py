@@ -102,15 +102,16 @@ def test_bad_training_data_is_a_clear_error(X, y, message):
         make().fit(X, y)
 
 
-def test_deterministic_mode_runs_blas_on_one_thread_whatever_the_callers_limit():
+@pytest.mark.parametrize("threads, pinned", [(None, 1), (2, 2)])
+def test_deterministic_mode_pins_its_blas_threads_whatever_the_callers_limit(threads, pinned):
     from threadpoolctl import threadpool_info, threadpool_limits
 
     seen = []
-    trainer = make(deterministic=True, chunk_size=5, callback=lambda _: seen.extend(
+    trainer = make(deterministic=True, chunk_size=5, threads=threads, callback=lambda _: seen.extend(
         p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
-    with threadpool_limits(2, user_api="blas"):
+    with threadpool_limits(3 - pinned, user_api="blas"):
         trainer.fit(*blobs())
-    assert seen and set(seen) == {1}
+    assert seen and set(seen) == {pinned}
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
