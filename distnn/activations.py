@@ -18,6 +18,7 @@ def _zeros(z):
     row = _ZERO_ROWS.get(key)
     if row is None:
         row = _ZERO_ROWS[key] = np.zeros(z.shape[-1], z.dtype)
+        row.flags.writeable = False  # shared by every caller
     return row
 
 

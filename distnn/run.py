@@ -75,15 +75,19 @@ def train(args, comm) -> int:
 
     started = time.perf_counter()
     cfg = _together(comm, load_train_config, args)
-    n = args.threads if args.threads is not None else cfg.train.threads
-    # deterministic mode: the same threads per rank at any P (the GEMMs' rounding depends on it)
-    n = threads.limit_blas_threads(n or (1 if cfg.train.deterministic else comm.blas_share()))
+    given = args.threads if args.threads is not None else cfg.train.threads
+    if cfg.train.deterministic:  # the same threads at any P (GEMM rounding depends on the count):
+        pinned = {"threads": given} if given else {}  # 1, or what a resumed checkpoint ran with
+        n = threads.limit_blas_threads(given or 1)
+    else:
+        n = threads.limit_blas_threads(given or comm.blas_share())
+        pinned = {"threads": n}
     job = _together(comm, prepare, cfg, comm.rank, comm.size)
     scaler = fit_scaler(job.X, job.train, comm) if cfg.data.standardize else None
     run = Path(cfg.out_dir)
     tcomm = Comm(timeout=cfg.train.watchdog or None, bucket_bytes=int(cfg.train.bucket_mb * 2**20))
     log = _EpochLog(run, cfg.train.epochs, comm.is_root)
-    settings = trainer_settings(cfg, run / "checkpoints", log) | {"threads": n}
+    settings = trainer_settings(cfg, run / "checkpoints", log) | pinned
     resume_from = _latest(comm, run / "checkpoints") if args.resume else None
     if resume_from is None:
         trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=tcomm, **settings)
@@ -100,7 +104,7 @@ def train(args, comm) -> int:
                     scan=False)  # prepare() scanned every row of X already
     model = Model(trainer.net, scaler, job.classes, job.meta(cfg))
     done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
-            "threads": n, "last": trainer.history[-1] if trainer.history else None}
+            "threads": trainer.threads or 1 if cfg.train.deterministic else n, "last": trainer.history[-1] if trainer.history else None}
     _together(comm, _finish_run_dir, run, model, job, done, started, comm.is_root)
     return 0
 

@@ -129,7 +129,9 @@ class Trainer:
     def evaluate(self, X, y, transform=None):
         """(mean loss without penalty, accuracy or None) over all ranks' shards of X, y."""
         self._transform = transform
-        return self._evaluate(*self._checked_data(X, y, "evaluation"))
+        data_ = self._checked_data(X, y, "evaluation")
+        with threadpool_limits(self._blas_threads(), user_api="blas"):  # as fit: deterministic pins
+            return self._evaluate(*data_)
 
     def save(self, path):
         """Write the full training state to `path` (rank 0 writes; every rank must call)."""
@@ -411,7 +413,7 @@ class Trainer:
                         "checkpoint_every": self.checkpoint_every,
                         "keep_checkpoints": self.keep_checkpoints,
                         "deterministic": self.deterministic, "chunk_size": self.chunk_size,
-                        "check_every": self.check_every},
+                        "check_every": self.check_every, "threads": self.threads},
             "progress": {"epoch": self.epoch, "batch": self.batch, "step": self.step,
                          "history": self.history, "partial": self.partial, "best": self.best,
                          "ranks": self.comm.size},

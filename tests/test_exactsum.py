@@ -150,9 +150,13 @@ def test_non_finite_is_detected_before_conversion(bad):
         exact_sum_serial(rows)
 
 
-def test_values_next_to_float64s_largest_have_no_grid():
-    with pytest.raises(NonFiniteError, match="too close to float64's largest"):
-        exact_sum_serial(np.full((2, 1), 1.7e308))
+@pytest.mark.parametrize("n", [1, 2])
+def test_values_next_to_float64s_largest_have_no_grid(n):
+    # one chunk just below 2**1022 rounds up to 2**51 q, and M + x would be 2**1024: refused, not Inf
+    for big in (1.7e308, np.nextafter(2.0**1022, 0)):
+        with pytest.raises(NonFiniteError, match="too close to float64's largest"):
+            exact_sum_serial(np.full((n, 1), big))
+    assert exact_sum_serial(np.full((n, 1), 2.0**1020 / n)).tolist() == [2.0**1020]
 
 
 @pytest.mark.parametrize("rows", [np.ones(3), np.ones((2, 3), np.int64), np.ones((2, 3, 1))])

@@ -114,6 +114,24 @@ def test_deterministic_mode_pins_its_blas_threads_whatever_the_callers_limit(thr
     assert seen and set(seen) == {pinned}
 
 
+def test_deterministic_mode_keeps_its_threads_through_a_checkpoint_and_in_evaluate(tmp_path):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    X, y = blobs()
+    trainer = make(deterministic=True, chunk_size=5, threads=2, epochs=1)
+    trainer.fit(X, y)
+    trainer.save(tmp_path / "t.npz")
+    resumed = Trainer.resume(tmp_path / "t.npz", comm=MPI.COMM_SELF)
+    assert resumed.threads == 2  # the thread count is part of what makes the bits
+    seen = []
+    evaluate = resumed._evaluate
+    resumed._evaluate = lambda *a: (seen.extend(p["num_threads"] for p in threadpool_info()
+                                                if p["user_api"] == "blas"), evaluate(*a))[1]
+    with threadpool_limits(1, user_api="blas"):
+        resumed.evaluate(X, y)
+    assert seen and set(seen) == {2}
+
+
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
     trainer, train, val = overfitting(tmp_path)
     history = trainer.fit(*train, *val)
