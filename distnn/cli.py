@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shlex
@@ -187,6 +188,8 @@ def info(args) -> int:
              ("network", f"{' -> '.join(map(str, net.sizes))}  ({net.activation} hidden, "
                          f"{net.family} output)"),
              ("params", f"{net.n_params:,} {net.dtype.name}  (l1 {net.l1:g}, l2 {net.l2:g})"),
+             # the parameters' bytes: deterministic runs at any rank count print the same digest
+             ("digest", "sha256 " + hashlib.sha256(net.params.tobytes()).hexdigest()[:16]),
              ("inputs", f"{net.sizes[0]} features"
                         f"{', standardized' if model.scaler is not None else ''}: "
                         f"{_shorten(features)}"),

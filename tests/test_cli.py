@@ -4,6 +4,7 @@ Commands run as `python -m distnn ...` subprocesses in a temporary directory, ea
 The `-n 2` tests start their own mpiexec, so this module is skipped inside an MPI job: run it under
 plain pytest. The model tests at the end compare Model.scores with scikit-learn's metrics.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -222,6 +223,10 @@ def test_two_ranks_in_deterministic_mode_give_the_bits_of_one(work):
     assert without_seconds(records(work / "one")) == without_seconds(records(work / "two"))
     a, b = (load_model(work / d / "model.npz") for d in ("one", "two"))
     assert np.array_equal(a.net.params, b.net.params)
+    digests = [line for d in ("one", "two") for line in
+               distnn(work, "info", f"{d}/model.npz").stdout.splitlines() if line.startswith("digest")]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert digests[0].split()[-1] == hashlib.sha256(a.net.params.tobytes()).hexdigest()[:16]
     assert np.array_equal(a.scaler.mean, b.scaler.mean) and np.array_equal(a.scaler.scale,
                                                                            b.scaler.scale)
 
