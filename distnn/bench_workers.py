@@ -114,6 +114,7 @@ def measure_config(c, min_s, torch):
         net.init_params(0)
         opt = make()
         opt.init(net.params)
+        opt.threads = c["threads"]  # as Trainer.fit sets it
         result["step_s"][name] = timeit(lambda: local_step(net, opt, X, Y, grad), min_s)
     if torch is not None:
         result["torch_step_s"] = torch_step_s(torch, c, X, labels, min_s)
@@ -202,7 +203,7 @@ def dist_step(net, opt, comm, X, Y, buf, global_batch):
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
-def scaling_run(comm, run, min_s):
+def scaling_run(comm, run, min_s, threads):
     """Time the step loop on this communicator for one net and global batch; per-rank phase split."""
     # The step reported is the fastest (as in timeit) by its slowest rank's wall time; every rank
     # gives its (wall, compute, allreduce, update) seconds of that same step.
@@ -211,6 +212,7 @@ def scaling_run(comm, run, min_s):
     X, Y, _ = synthetic_batch(net, b - a, seed=1 + comm.rank)
     opt = OPTIMIZERS["sgd-momentum"]()
     opt.init(net.params)
+    opt.threads = threads  # as Trainer.fit sets it: the update uses the BLAS threads' cores
     buf = np.zeros(net.n_params + 3, net.dtype)  # gradient + the trainer's 3 riding statistics
     step = lambda: dist_step(net, opt, comm, X, Y, buf, run["batch"])  # noqa: E731
     reps = agreed_reps(comm, step, min_s)
@@ -281,7 +283,7 @@ def mpi_worker(spec):
     out = {"ranks": comm.size, "blas": threadpool_info(), "scaling": [], "trainer": [], "comm": []}
     for t in spec["threads"]:
         with blas_threads(t):
-            out["scaling"] += [dict(scaling_run(comm, run, spec["seconds"]), threads=t)
+            out["scaling"] += [dict(scaling_run(comm, run, spec["seconds"], t), threads=t)
                                for run in spec["runs"]]
     with blas_threads(spec["threads"][-1]):  # the standard layout only: cores // P threads
         out["trainer"] = [dict(trainer_run(comm, run, spec["threads"][-1]), threads=spec["threads"][-1])

@@ -4,6 +4,9 @@ An optimizer holds named state vectors parallel to the parameters (SGD: velocity
 step count and one scratch vector, all allocated once by `init` in the parameters' dtype. A step is
 in-place ufuncs with `out=`: it allocates nothing and, given the same bits, yields the same bits on
 every rank. It also spends the gradient buffer as scratch: after `step`, `grad` holds garbage.
+With `threads` > 1 a large vector is updated in that many slices at once (numpy releases the GIL
+in its loops): every operation is element-wise, so the bits do not depend on the split, and a rank
+with several cores no longer updates on one of them while its GEMMs use all.
 Hyper-parameters come out of `config()` and back in through `make_optimizer(**config)`; state goes
 out through `state_dict()` as plain arrays, so checkpointing it is trivial.
 
@@ -12,6 +15,7 @@ Schedules are pure functions of the step in `SCHEDULES`; `lr_at` adds linear war
 
 import inspect
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -31,6 +35,7 @@ class _Optimizer:
         self.t = 0  # steps taken: Adam's bias-correction exponent
         self.state = {}
         self._scratch = None  # (n,) work vector in params.dtype
+        self.threads = 1  # slices updated at once (Trainer sets its BLAS thread count)
 
     def init(self, params):
         """Allocate zero state and scratch like `params`; a repeat with the same size and dtype keeps them."""
@@ -55,7 +60,17 @@ class _Optimizer:
             raise OptimizerError(f"{self.name}: gradient is {grad.shape} {grad.dtype}, "
                                  f"parameters are {params.shape} {params.dtype}")
         self.t += 1
-        self._update(params, grad, float(self.lr if lr is None else lr))
+        lr = float(self.lr if lr is None else lr)
+
+        def update(sl):
+            state = {k: v[sl] for k, v in self.state.items()}
+            self._update(params[sl], grad[sl], lr, state, self._scratch[sl])
+
+        parts = _slices(params.size, self.threads)
+        later = [_pool(len(parts) - 1).submit(update, sl) for sl in parts[1:]]
+        update(parts[0])  # this thread takes the first slice
+        for done in later:
+            done.result()  # re-raises a slice's error here
 
     def state_dict(self):
         """Copies of all that continuing bit-identically needs: state vectors and `t` (0-d int64)."""
@@ -107,12 +122,12 @@ class SGD(_Optimizer):
         return {"name": self.name, "lr": self.lr, "momentum": self.momentum,
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
-    def _update(self, p, g, lr):
-        dt, s = p.dtype.type, self._scratch
+    def _update(self, p, g, lr, state, s):
+        dt = p.dtype.type
         if self.weight_decay:
             g += np.multiply(p, dt(self.weight_decay), out=s)
         if self.momentum:
-            v = self.state["velocity"]
+            v = state["velocity"]
             v *= dt(self.momentum)
             v += g
             if self.nesterov:
@@ -141,14 +156,14 @@ class Adam(_Optimizer):
         return {"name": self.name, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay}
 
-    def _decay(self, p, g, lr):
+    def _decay(self, p, g, lr, s):
         if self.weight_decay:  # an L2 penalty in the gradient, so 1/sqrt(v) rescales it too
-            g += np.multiply(p, p.dtype.type(self.weight_decay), out=self._scratch)
+            g += np.multiply(p, p.dtype.type(self.weight_decay), out=s)
 
-    def _update(self, p, g, lr):
-        dt, s, m, v = p.dtype.type, self._scratch, self.state["m"], self.state["v"]
+    def _update(self, p, g, lr, state, s):
+        dt, m, v = p.dtype.type, state["m"], state["v"]
         b1, b2 = self.betas
-        self._decay(p, g, lr)
+        self._decay(p, g, lr, s)
         np.multiply(g, g, out=s)
         s *= dt(1 - b2)
         v *= dt(b2)
@@ -173,12 +188,29 @@ class AdamW(Adam):
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(lr, betas, eps, weight_decay)
 
-    def _decay(self, p, g, lr):
+    def _decay(self, p, g, lr, s):
         if self.weight_decay:
             p *= p.dtype.type(1 - lr * self.weight_decay)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+_MIN_SLICE = 1 << 18  # elements: below ~1 MB a slice's passes cost less than handing it to a thread
+_POOLS = {}
+
+
+def _slices(n, threads):
+    """[slice] cutting range(n) into up to `threads` parts of >= _MIN_SLICE, at multiples of 64."""
+    k = max(1, min(int(threads), n // _MIN_SLICE))
+    cuts = [n * i // k // 64 * 64 for i in range(k)] + [n]
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def _pool(workers):
+    """A thread pool of `workers` threads, made once per size."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="distnn-optim")
+    return _POOLS[workers]
 
 
 def make_optimizer(name, **hyper):

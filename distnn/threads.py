@@ -5,7 +5,7 @@ Deterministic mode pins the thread count too: a different count may change GEMM 
 """
 import os
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 _ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _limiter = None  # the live threadpool_limits controller; kept so the limit's owner is visible
@@ -31,3 +31,8 @@ def limit_blas_threads(n: int) -> int:
     os.environ.update(blas_env(n))  # for child processes; this process's BLAS is already loaded
     _limiter = threadpool_limits(limits=n, user_api="blas")
     return n
+
+
+def threads_in_force() -> int:
+    """The BLAS thread count in force now (1 if no BLAS is loaded)."""
+    return max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)

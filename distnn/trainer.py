@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 from . import checkpoint, data, exactsum, optim
 from .comm import Comm
 from .network import Network
+from .threads import threads_in_force
 
 _STATS = 3  # loss sum, correct count, stop flag: ride behind the gradient in the allreduce
 
@@ -106,7 +107,9 @@ class Trainer:
         batches = data.batches(len(X), self.batch_size)
         # total_steps follows this fit's epochs (a resumed run may be given more), unless set
         self._lr_args = {"total_steps": max(1, self.epochs * len(batches))} | self.schedule
-        with _StopOnSignals(self), threadpool_limits(self._blas_threads(), user_api="blas"):
+        blas = self._blas_threads()
+        self.optimizer.threads = blas or threads_in_force()  # the update uses the GEMMs' cores
+        with _StopOnSignals(self), threadpool_limits(blas, user_api="blas"):
             while self.epoch < self.epochs and not self._stopped_early():
                 started = time.perf_counter()
                 perm = data.epoch_permutation(self.seed, self.epoch, len(X))

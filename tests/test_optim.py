@@ -148,6 +148,30 @@ def test_state_dict_round_trip_continues_bit_identically(case, dtype):
     assert np.array_equal(run(resumed, p_saved, LRS[7:]), straight)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_threaded_steps_give_the_bits_of_one_thread(case, dtype):
+    # three slices of a vector just over 3 * _MIN_SLICE; every operation is element-wise
+    name, hyper = CASES[case]
+    p0 = np.random.default_rng(1).normal(size=3 * 2**18 + 77).astype(dtype)
+    results = []
+    for threads in (1, 3):
+        opt = make_optimizer(name, **hyper)
+        opt.threads = threads
+        results.append((run(opt, p0.copy(), LRS[:5]), opt.state_dict()))
+    (p1, s1), (p3, s3) = results
+    assert p1.tobytes() == p3.tobytes()
+    assert all(s1[k].tobytes() == s3[k].tobytes() for k in s1)
+
+
+def test_threads_cut_only_vectors_worth_the_handover():
+    from distnn.optim import _slices
+    assert _slices(1000, 8) == [slice(0, 1000)]  # a small net: one slice, no thread
+    parts = _slices(2**20 + 5, 3)
+    assert len(parts) == 3 and parts[0].start == 0 and parts[-1].stop == 2**20 + 5
+    assert all(a.stop == b.start and a.stop % 64 == 0 for a, b in zip(parts, parts[1:]))
+
+
 def test_step_allocates_nothing_proportional_to_the_parameters():
     n = 200_000  # 1.6 MB per float64 vector: any temporary would show in the peak
     for name in OPTIMIZERS:
