@@ -15,9 +15,10 @@ Schedules are pure functions of the step in `SCHEDULES`; `lr_at` adds linear war
 
 import inspect
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from .threads import run_parallel
 
 
 class OptimizerError(ValueError):
@@ -66,11 +67,7 @@ class _Optimizer:
             state = {k: v[sl] for k, v in self.state.items()}
             self._update(params[sl], grad[sl], lr, state, self._scratch[sl])
 
-        parts = _slices(params.size, self.threads)
-        later = [_pool(len(parts) - 1).submit(update, sl) for sl in parts[1:]]
-        update(parts[0])  # this thread takes the first slice
-        for done in later:
-            done.result()  # re-raises a slice's error here
+        run_parallel(update, _slices(params.size, self.threads))
 
     def state_dict(self):
         """Copies of all that continuing bit-identically needs: state vectors and `t` (0-d int64)."""
@@ -196,7 +193,6 @@ class AdamW(Adam):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 _MIN_SLICE = 1 << 18  # elements: below ~1 MB a slice's passes cost less than handing it to a thread
-_POOLS = {}
 
 
 def _slices(n, threads):
@@ -204,13 +200,6 @@ def _slices(n, threads):
     k = max(1, min(int(threads), n // _MIN_SLICE))
     cuts = [n * i // k // 64 * 64 for i in range(k)] + [n]
     return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
-
-
-def _pool(workers):
-    """A thread pool of `workers` threads, made once per size."""
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(max(workers, 1), thread_name_prefix="distnn-optim")
-    return _POOLS[workers]
 
 
 def make_optimizer(name, **hyper):

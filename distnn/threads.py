@@ -1,9 +1,11 @@
-"""BLAS threads per rank: ranks x threads should not exceed the cores, or GEMMs fight for them.
+"""Threads per rank: BLAS's (ranks x threads should not exceed the cores, or GEMMs fight for them)
+and the rank's own, for element-wise numpy work on large vectors (`run_parallel`).
 
 The share per rank comes from the caller (Comm.blas_share()), so this module needs no MPI.
 Deterministic mode pins the thread count too: a different count may change GEMM rounding.
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -36,3 +38,22 @@ def limit_blas_threads(n: int) -> int:
 def threads_in_force() -> int:
     """The BLAS thread count in force now (1 if no BLAS is loaded)."""
     return max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
+
+
+_POOLS = {}  # worker count -> a ThreadPoolExecutor, made once
+
+
+def run_parallel(fn, items) -> None:
+    """fn(item) for every item at once: the first on this thread, the rest on a pool. For numpy
+    work on large arrays, whose loops release the GIL; re-raises the first error."""
+    later = [_pool(len(items) - 1).submit(fn, item) for item in items[1:]]
+    if items:
+        fn(items[0])
+    for done in later:
+        done.result()
+
+
+def _pool(workers):
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="distnn")
+    return _POOLS[workers]
