@@ -270,11 +270,15 @@ def print_scaling(res):
           net + [("ranks x thr", layout, ""), ("chunk", "chunk_size", ""),
                  ("default ms", "default_step_s", "ms"), ("deterministic ms", "deterministic_step_s", "ms"),
                  ("overhead", "overhead", "%")], sc["deterministic"])
+    shared = any("shared_s" in r for r in comm["sweep"])
     table(f"4. Allreduce of a float32 buffer at {comm['ranks']} ranks, bus bandwidth 2(P-1)/P bytes/time "
-          f"(Comm's buckets of {comm['bucket_bytes'] >> 10} KiB, and one MPI call)",
+          f"(Comm's buckets of {comm['bucket_bytes'] >> 10} KiB, one MPI call"
+          + (", and Comm's node shared-memory sum)" if shared else ")"),
           [("KiB", lambda r: r["bytes"] >> 10, ""), ("bucketed ms", "bucketed_s", "ms"),
            ("GB/s", "bucketed_busbw_GBps", ".2f"), ("one call ms", "one_call_s", "ms"),
-           ("GB/s", "one_call_busbw_GBps", ".2f")], comm["sweep"])
+           ("GB/s", "one_call_busbw_GBps", ".2f")]
+          + ([("shared ms", "shared_s", "ms"), ("GB/s", "shared_busbw_GBps", ".2f")] if shared else []),
+          comm["sweep"])
     print("  allreduce calls per step: " + ", ".join(
         f"{r['net']} {r['dtype']} {r['bytes'] / 2**20:.1f} MiB -> {r['calls']}" for r in comm["calls_per_step"]))
 
@@ -354,6 +358,10 @@ def plot_bandwidth(ax, comm):
     size = [r["bytes"] for r in sweep]
     ax.semilogx(size, [r["bucketed_busbw_GBps"] for r in sweep], "o-", label="bucketed (Comm)")
     ax.semilogx(size, [r["one_call_busbw_GBps"] for r in sweep], "s--", label="one MPI call")
+    shared = [r for r in sweep if "shared_busbw_GBps" in r]  # up to comm.SHARED_MAX_BYTES
+    if shared:
+        ax.semilogx([r["bytes"] for r in shared], [r["shared_busbw_GBps"] for r in shared], "^-",
+                    label="node shared memory (Comm)")
     ax.set(xlabel="buffer bytes", ylabel="bus bandwidth GB/s", title=f"allreduce at {comm['ranks']} ranks")
     ax.legend(fontsize=8)
 

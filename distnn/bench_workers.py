@@ -213,7 +213,7 @@ def scaling_run(comm, run, min_s, threads):
     opt = OPTIMIZERS["sgd-momentum"]()
     opt.init(net.params)
     opt.threads = threads  # as Trainer.fit sets it: the update uses the BLAS threads' cores
-    buf = np.zeros(net.n_params + 3, net.dtype)  # gradient + the trainer's 3 riding statistics
+    buf = comm.buffer(net.n_params + 3, net.dtype)  # gradient + 3 statistics, as the trainer's
     step = lambda: dist_step(net, opt, comm, X, Y, buf, run["batch"])  # noqa: E731
     reps = agreed_reps(comm, step, min_s)
     times = np.empty((reps, 4))  # per step: wall, compute, allreduce, update
@@ -251,14 +251,17 @@ def trainer_run(comm, run, threads):
 
 
 def comm_sweep(comm, sizes, min_s):
-    """Allreduce seconds of a float32 buffer per size: in Comm's buckets and as one MPI call."""
+    """Allreduce seconds of a float32 buffer per size: in Comm's buckets, as one MPI call, and
+    through node shared memory where Comm uses it."""
     from .comm import Comm
     rows = []
     for nbytes in sizes:
-        buf = np.zeros(nbytes // 4, np.float32)  # zeros: repeated sums stay finite
         row = {"bytes": nbytes, "ranks": comm.size}
-        for key, bucket in (("bucketed", comm.bucket_bytes), ("one_call", nbytes)):
-            c = Comm(comm.comm, bucket_bytes=bucket)
+        for key, bucket in (("bucketed", comm.bucket_bytes), ("one_call", nbytes), ("shared", None)):
+            c = Comm(comm.comm, bucket_bytes=bucket or nbytes, shared_memory=bucket is None)
+            buf = c.buffer(nbytes // 4, np.float32)  # zeros: repeated sums stay finite
+            if bucket is None and not c.shares(buf):
+                continue  # ranks on several nodes, or past SHARED_MAX_BYTES: MPI's allreduce
             call = lambda: c.allreduce(buf, "bench: sweep")  # noqa: E731
             reps = agreed_reps(comm, call, min_s)
             seconds = np.empty(reps)

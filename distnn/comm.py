@@ -4,6 +4,13 @@ Comm wraps a communicator with the few collectives training needs: in-place buck
 flat gradient buffer, broadcasts, agreement checks, failing together, and the exact (deterministic)
 sum. A run without mpiexec is size 1 of the same code: every collective returns before calling MPI.
 
+When every rank is on one node, `buffer` hands out arrays (up to SHARED_MAX_BYTES) that live in an
+MPI-3 shared-memory window, and allreduce sums them there: each rank adds one slice of all the
+ranks' buffers and copies the summed slices back, two barriers in all. Measured in a 2-rank training
+step of the large net (7.1 MiB float32 gradient): 0.79 ms against 1.30 ms for MPICH's Allreduce.
+Each slice is summed once, in rank order, so every rank gets the same bits. Ranks on several nodes
+keep MPI's allreduce.
+
 Watchdog (timeout set): each collective is started non-blocking and polled against a deadline; past
 it the rank prints which collective stalled and which ranks never arrived, and aborts the job (exit
 code 3) so that no rank waits forever on a peer that stalled or exited. Arrival is read from a
@@ -35,6 +42,10 @@ READ_S = 1.0  # bounded wait for the peers' arrival counters after a timeout
 WATCHDOG_EXIT = 3
 ABORT_GRACE_S = 0.3  # without it MPICH's mpiexec sometimes dropped the last message of an aborting rank
 _REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64))
+# Larger buffers keep MPI's allreduce: summing whole slices then copying them back leaves the cache
+# (measured in one 2-rank training step: 7.1 MiB float32 0.79 ms against MPICH's 1.30 ms, but
+# 14.2 MiB float64 2.21 ms against 1.50 ms)
+SHARED_MAX_BYTES = 8 << 20
 
 
 class RankError(RuntimeError):
@@ -44,7 +55,7 @@ class RankError(RuntimeError):
 class Comm:
     """A communicator with in-place collectives on numpy buffers, a watchdog and a size-1 fast path."""
 
-    def __init__(self, comm=None, *, timeout=None, bucket_bytes=4 << 20):
+    def __init__(self, comm=None, *, timeout=None, bucket_bytes=4 << 20, shared_memory=True):
         # bucket_bytes: on a 32 MB buffer, 2-16 MB buckets cost the same (~4 ms, 2 ranks) and one 32 MB
         # call ~2.5x that; 4 MB stays well clear of MPICH's slowdown between 16 and 32 MB
         self.comm = MPI.COMM_WORLD if comm is None else comm
@@ -57,6 +68,8 @@ class Comm:
         self.timeout, self.bucket_bytes = timeout, int(bucket_bytes)
         self._calls = 0  # collectives started; the watchdog's arrival counter
         self._win = None
+        self.shared_memory = bool(shared_memory)  # let `buffer` use node shared memory
+        self._shared = {}  # id(buffer) -> _SharedSum, for the buffers `buffer` handed out
         if timeout is not None and self.size > 1:
             self._win = MPI.Win.Allocate(8, 8, comm=self.comm)  # collective: one int64 per rank
             self._arrived = np.frombuffer(self._win.tomemory(), np.int64)
@@ -68,17 +81,56 @@ class Comm:
             self._oversubscribed = ranks > cpus
 
     def close(self) -> None:
-        """Free the watchdog's window (collective; idempotent; also run at exit)."""
+        """Free the watchdog's and the shared buffers' windows (collective; idempotent; also at exit)."""
+        for shared in self._shared.values():
+            shared.free()
+        self._shared.clear()
         if self._win is not None:
             self._win.Free()
             self._win = None
-            atexit.unregister(self.close)
+        atexit.unregister(self.close)
+
+    def buffer(self, n, dtype) -> np.ndarray:
+        """A zeroed (n,) array for `allreduce` (collective). With every rank on one node it lives in
+        node shared memory, where the sum skips MPI's copies; else it is a plain array."""
+        dtype = np.dtype(dtype)
+        if (self.size == 1 or not self.shared_memory or dtype not in _REDUCIBLE
+                or n * dtype.itemsize > SHARED_MAX_BYTES):
+            return np.zeros(n, dtype)
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            shared, error = None, None
+            if node.Get_size() == self.size:
+                try:
+                    shared = _SharedSum(node, n, dtype)
+                except MPI.Exception as e:  # no shared windows here: MPI's allreduce it is
+                    error = e
+            if node.Get_size() == self.size and self.any(error is not None):
+                if shared is not None:
+                    shared.free()
+                shared = None
+        finally:
+            node.Free()
+        if shared is None:
+            return np.zeros(n, dtype)
+        self._shared[id(shared.buffer)] = shared
+        atexit.register(self.close)  # the windows must be freed before MPI_Finalize
+        return shared.buffer
 
     # -- collectives on numpy buffers ------------------------------------------------------------
 
+    def shares(self, buf) -> bool:
+        """Whether allreduce sums buf through node shared memory (it came from `buffer` there)."""
+        shared = self._shared.get(id(buf))
+        return shared is not None and shared.buffer is buf
+
     def allreduce(self, buf, what="allreduce") -> None:
-        """In-place SUM over ranks of a contiguous 1-D float32/float64/int64 array, bucket by bucket."""
-        self._reduce(buf, MPI.SUM, what)
+        """In-place SUM over ranks of a contiguous 1-D float32/float64/int64 array, bucket by bucket
+        (or through node shared memory, for a buffer from `buffer`)."""
+        if self.shares(buf):
+            self._shared[id(buf)].sum(lambda: self._collective("Barrier", what=what))
+        else:
+            self._reduce(buf, MPI.SUM, what)
 
     def allreduce_max(self, buf, what="allreduce_max") -> None:
         """In-place element-wise MAX over ranks (same buffers as allreduce)."""
@@ -230,6 +282,41 @@ class Comm:
         silent = f" (no answer from {sorted(pending)}: counted as not arrived)" if pending else ""
         self.abort(WATCHDOG_EXIT, f"distnn: watchdog: {what} did not complete within {self.timeout:g} s "
                                   f"on rank {self.rank}; ranks not arrived: {late}{silent}")
+
+
+class _SharedSum:
+    """One buffer per rank of a node in an MPI-3 shared window, summed in place by `sum`."""
+
+    def __init__(self, node, n, dtype):
+        dtype = np.dtype(dtype)
+        # per rank: its buffer, then the slot where it writes the slice it sums for everyone
+        self.win = MPI.Win.Allocate_shared(2 * n * dtype.itemsize, dtype.itemsize, comm=node)
+        self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive epoch, for Sync's memory fences
+        memory = [np.frombuffer(self.win.Shared_query(p)[0], dtype, count=2 * n)
+                  for p in range(node.Get_size())]
+        self.inputs, self.sums = [m[:n] for m in memory], [m[n:] for m in memory]
+        self.rank = node.Get_rank()
+        self.buffer = self.inputs[self.rank]
+        self.buffer[...] = 0
+        self.cuts = [n * p // len(memory) for p in range(len(memory) + 1)]
+
+    def sum(self, barrier) -> None:
+        """Every rank's buffer becomes the sum of all of them; barrier() waits for every rank."""
+        lo, hi = self.cuts[self.rank], self.cuts[self.rank + 1]
+        self.win.Sync()
+        barrier()  # every buffer is written
+        mine = self.sums[self.rank][lo:hi]
+        np.copyto(mine, self.inputs[0][lo:hi])
+        for other in self.inputs[1:]:
+            mine += other[lo:hi]  # in rank order: one summation, whatever rank reads it
+        self.win.Sync()
+        barrier()  # every slice is summed; no rank reads the buffers again this step
+        for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
+            self.buffer[a:b] = self.sums[p][a:b]  # sums[p] is rewritten only after the next barrier
+
+    def free(self) -> None:
+        self.win.Unlock_all()
+        self.win.Free()
 
 
 def _same_kind(info, message) -> BaseException:

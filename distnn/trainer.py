@@ -86,7 +86,7 @@ class Trainer:
         self.best = {"val_loss": math.inf, "bad_epochs": 0}
         self.best_params = None  # parameters at the best validation loss (early stopping)
         self.optimizer.init(net.params)
-        self.buf = np.zeros(net.n_params + _STATS, net.dtype)
+        self.buf = self.comm.buffer(net.n_params + _STATS, net.dtype)  # node shared memory if it can
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
@@ -262,7 +262,7 @@ class Trainer:
                 bounds=np.empty(sum(o + i for o, i in shapes) + 2),  # + |loss|, |correct|
                 work=np.empty(2),
                 # float64 sums: in the step's buffer itself for float64 nets
-                total=self.buf if net.dtype == np.float64 else np.empty(n + _STATS))
+                total=self.buf if net.dtype == np.float64 else self.comm.buffer(n + _STATS, np.float64))
         if len(ex.rows) < count:
             ex.rows, ex.stats = np.empty((count, net.n_params), net.dtype), np.empty((count, 2))
         return ex

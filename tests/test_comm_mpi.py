@@ -67,6 +67,32 @@ def test_allreduce_sums_in_place_over_several_buckets(raw, comm, dtype):
     assert same_bytes_everywhere(raw, buf)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_a_shared_buffer_sums_in_rank_order_and_every_rank_gets_the_same_bits(raw, comm, dtype):
+    # every rank of these tests runs on one node: buffer() hands out node shared memory there
+    buf = comm.buffer(1001, dtype)
+    assert everywhere(raw, comm.shares(buf) == (comm.size > 1) and not buf.any())
+    rng = [np.random.default_rng(r) for r in range(comm.size)]
+    for step in range(3):  # the same buffer again and again, as a trainer's step buffer
+        values = [(g.standard_normal(1001) * 1e3).astype(dtype) for g in rng]
+        buf[...] = values[comm.rank]
+        comm.allreduce(buf, f"step {step}")
+        expected = values[0].copy()
+        for v in values[1:]:
+            expected += v  # rank order, one rounding per addition
+        assert everywhere(raw, buf.tobytes() == expected.tobytes())
+    assert everywhere(raw, not comm.shares(np.zeros(3)))  # other arrays keep MPI's allreduce
+
+
+def test_shared_memory_can_be_turned_off(raw):
+    comm = Comm(raw, shared_memory=False)
+    buf = comm.buffer(10, np.float64)
+    buf[...] = comm.rank + 1
+    comm.allreduce(buf)
+    assert everywhere(raw, not comm.shares(buf) and (buf == comm.size * (comm.size + 1) / 2).all())
+    comm.close()
+
+
 @pytest.mark.parametrize("buf", [np.ones(8)[::2], np.ones((2, 4)), np.ones(4, np.float16), [1.0, 2.0]],
                          ids=["strided", "2-D", "float16", "list"])
 def test_allreduce_refuses_what_it_cannot_reduce_in_place(comm, buf):
