@@ -225,6 +225,7 @@ def scaling_run(comm, run, min_s, threads):
     walls = times[:, 0].copy()
     comm.allreduce_max(walls, "bench: step times")
     best = int(np.argmin(walls))  # the same step on every rank
+    comm.release(buf)
     table = per_rank(comm, times[best])
     return dict(run, ranks=comm.size, steps=reps, step_s=float(walls[best]),
                 per_rank=[dict(zip(("step_s", "compute_s", "allreduce_s", "update_s"), map(float, r)))
@@ -261,6 +262,7 @@ def comm_sweep(comm, sizes, min_s):
             c = Comm(comm.comm, bucket_bytes=bucket or nbytes, shared_memory=bucket is None)
             buf = c.buffer(nbytes // 4, np.float32)  # zeros: repeated sums stay finite
             if bucket is None and not c.shares(buf):
+                c.close()
                 continue  # ranks on several nodes, or past SHARED_MAX_BYTES: MPI's allreduce
             call = lambda: c.allreduce(buf, "bench: sweep")  # noqa: E731
             reps = agreed_reps(comm, call, min_s)
@@ -271,6 +273,7 @@ def comm_sweep(comm, sizes, min_s):
                 call()
                 seconds[i] = time.perf_counter() - t0
             comm.allreduce_max(seconds, "bench: sweep times")  # a call lasts until its last rank is done
+            c.close()  # frees the shared window
             row[f"{key}_s"] = float(seconds.min())
             row[f"{key}_busbw_GBps"] = 2 * (comm.size - 1) / comm.size * nbytes / seconds.min() / 1e9
         rows.append(row)

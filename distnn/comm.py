@@ -46,6 +46,8 @@ _REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64))
 # (measured in one 2-rank training step: 7.1 MiB float32 0.79 ms against MPICH's 1.30 ms, but
 # 14.2 MiB float64 2.21 ms against 1.50 ms)
 SHARED_MAX_BYTES = 8 << 20
+SHARED_TOTAL_BYTES = 256 << 20  # per process: past it (Trainers never closed), buffers are plain
+SHM_DIR = "/dev/shm"  # where MPICH maps shared windows on Linux; a container may give it 64 MiB
 
 
 class RankError(RuntimeError):
@@ -81,10 +83,10 @@ class Comm:
             self._oversubscribed = ranks > cpus
 
     def close(self) -> None:
-        """Free the watchdog's and the shared buffers' windows (collective; idempotent; also at exit)."""
-        for shared in self._shared.values():
-            shared.free()
-        self._shared.clear()
+        """Free the watchdog's and the shared buffers' windows (collective; idempotent; also at exit).
+        Arrays from `buffer` die with it: they must not be used afterwards."""
+        for buf in [s.buffer for s in self._shared.values()]:
+            self.release(buf)
         if self._win is not None:
             self._win.Free()
             self._win = None
@@ -92,10 +94,14 @@ class Comm:
 
     def buffer(self, n, dtype) -> np.ndarray:
         """A zeroed (n,) array for `allreduce` (collective). With every rank on one node it lives in
-        node shared memory, where the sum skips MPI's copies; else it is a plain array."""
+        node shared memory, where the sum skips MPI's copies, until `release(buf)` or `close()`;
+        else (or past SHARED_TOTAL_BYTES live, or without room in SHM_DIR) a plain array."""
         dtype = np.dtype(dtype)
+        nbytes = 2 * n * dtype.itemsize  # per rank: its buffer and its summed slice
+        live = sum(s.nbytes for s in self._shared.values())
         if (self.size == 1 or not self.shared_memory or dtype not in _REDUCIBLE
-                or n * dtype.itemsize > SHARED_MAX_BYTES):
+                or n * dtype.itemsize > SHARED_MAX_BYTES or live + nbytes > SHARED_TOTAL_BYTES
+                or self.any(not _room_for(2 * nbytes * self.size))):  # a full SHM_DIR is a SIGBUS
             return np.zeros(n, dtype)
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         try:
@@ -116,6 +122,12 @@ class Comm:
         self._shared[id(shared.buffer)] = shared
         atexit.register(self.close)  # the windows must be freed before MPI_Finalize
         return shared.buffer
+
+    def release(self, buf) -> None:
+        """Free the shared memory behind buf, from `buffer` (collective; plain arrays: nothing).
+        buf and its views must not be used afterwards."""
+        if self.shares(buf):
+            self._shared.pop(id(buf)).free()
 
     # -- collectives on numpy buffers ------------------------------------------------------------
 
@@ -297,26 +309,40 @@ class _SharedSum:
         self.inputs, self.sums = [m[:n] for m in memory], [m[n:] for m in memory]
         self.rank = node.Get_rank()
         self.buffer = self.inputs[self.rank]
-        self.buffer[...] = 0
+        memory[self.rank][...] = 0  # touch every page now: a shortfall shows here, not mid-training
+        self.nbytes = memory[self.rank].nbytes
         self.cuts = [n * p // len(memory) for p in range(len(memory) + 1)]
 
     def sum(self, barrier) -> None:
         """Every rank's buffer becomes the sum of all of them; barrier() waits for every rank."""
         lo, hi = self.cuts[self.rank], self.cuts[self.rank + 1]
-        self.win.Sync()
-        barrier()  # every buffer is written
+        self._fence(barrier)  # every buffer is written
         mine = self.sums[self.rank][lo:hi]
         np.copyto(mine, self.inputs[0][lo:hi])
         for other in self.inputs[1:]:
             mine += other[lo:hi]  # in rank order: one summation, whatever rank reads it
-        self.win.Sync()
-        barrier()  # every slice is summed; no rank reads the buffers again this step
+        self._fence(barrier)  # every slice is summed; no rank reads the buffers again this step
         for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
             self.buffer[a:b] = self.sums[p][a:b]  # sums[p] is rewritten only after the next barrier
+
+    def _fence(self, barrier) -> None:
+        """MPI's shared-memory idiom: Win_sync, barrier, Win_sync (writes seen before reads)."""
+        self.win.Sync()
+        barrier()
+        self.win.Sync()
 
     def free(self) -> None:
         self.win.Unlock_all()
         self.win.Free()
+
+
+def _room_for(nbytes) -> bool:
+    """Whether SHM_DIR has nbytes free (True where it does not exist: not Linux's layout)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return True
+    return st.f_bavail * st.f_frsize >= nbytes
 
 
 def _same_kind(info, message) -> BaseException:

@@ -4,8 +4,10 @@ and the rank's own, for element-wise numpy work on large vectors (`run_parallel`
 The share per rank comes from the caller (Comm.blas_share()), so this module needs no MPI.
 Deterministic mode pins the thread count too: a different count may change GEMM rounding.
 """
+import contextvars
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -41,19 +43,30 @@ def threads_in_force() -> int:
 
 
 _POOLS = {}  # worker count -> a ThreadPoolExecutor, made once
+_POOLS_LOCK = threading.Lock()
 
 
 def run_parallel(fn, items) -> None:
     """fn(item) for every item at once: the first on this thread, the rest on a pool. For numpy
-    work on large arrays, whose loops release the GIL; re-raises the first error."""
-    later = [_pool(len(items) - 1).submit(fn, item) for item in items[1:]]
-    if items:
-        fn(items[0])
+    work on large arrays, whose loops release the GIL. Each item runs in a copy of the caller's
+    context (numpy's errstate lives there); all have finished when this returns or raises."""
+    later = [_pool(len(items) - 1).submit(contextvars.copy_context().run, fn, item)
+             for item in items[1:]]
+    try:
+        if items:
+            fn(items[0])
+    finally:
+        wait(later)  # never leave a slice writing after an error
     for done in later:
-        done.result()
+        done.result()  # re-raises a slice's error
 
 
 def _pool(workers):
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="distnn")
-    return _POOLS[workers]
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="distnn")
+        return _POOLS[workers]
+
+
+# a forked child has none of the pools' threads, only their bookkeeping: start afresh there
+os.register_at_fork(after_in_child=_POOLS.clear)

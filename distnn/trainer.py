@@ -75,6 +75,7 @@ class Trainer:
         self.threads = None if threads is None else _positive_int("threads", threads, low=0)
         # watchdog: seconds a collective may wait for the other ranks before the job is aborted
         # (a rank that stalled or left); None turns it off
+        self._own_comm = not isinstance(comm, Comm)  # close() closes a Comm made here
         self.comm = comm if isinstance(comm, Comm) else Comm(comm, timeout=watchdog,
                                                               bucket_bytes=bucket_bytes)
         # Progress, all of it in the checkpoint: the run continues from exactly here.
@@ -86,7 +87,11 @@ class Trainer:
         self.best = {"val_loss": math.inf, "bad_epochs": 0}
         self.best_params = None  # parameters at the best validation loss (early stopping)
         self.optimizer.init(net.params)
-        self.buf = self.comm.buffer(net.n_params + _STATS, net.dtype)  # node shared memory if it can
+        # The step's allreduce buffer, in node shared memory where Comm can. Deterministic mode
+        # sums in float64: for float32 nets in a buffer of its own, and `buf` is never reduced.
+        n, exact32 = net.n_params + _STATS, self.deterministic and net.dtype == np.float32
+        self.buf = np.zeros(n, net.dtype) if exact32 else self.comm.buffer(n, net.dtype)
+        self._total = self.comm.buffer(n, np.float64) if exact32 else self.buf
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
@@ -135,6 +140,21 @@ class Trainer:
         data_ = self._checked_data(X, y, "evaluation")
         with threadpool_limits(self._blas_threads(), user_api="blas"):  # as fit: deterministic pins
             return self._evaluate(*data_)
+
+    def close(self):
+        """Give back the shared memory of the step buffers, and the Comm if this trainer made it
+        (collective). The trainer cannot train afterwards; its network and history stay."""
+        for buf in {id(b): b for b in (self.buf, self._total)}.values():
+            self.comm.release(buf)
+        self.buf = self._total = self.grad = None
+        if self._own_comm:
+            self.comm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def save(self, path):
         """Write the full training state to `path` (rank 0 writes; every rank must call)."""
@@ -260,9 +280,7 @@ class Trainer:
             ex = self._exact = SimpleNamespace(
                 shapes=shapes, rows=np.empty((0, n), net.dtype), stats=np.empty((0, 2)),
                 bounds=np.empty(sum(o + i for o, i in shapes) + 2),  # + |loss|, |correct|
-                work=np.empty(2),
-                # float64 sums: in the step's buffer itself for float64 nets
-                total=self.buf if net.dtype == np.float64 else self.comm.buffer(n + _STATS, np.float64))
+                work=np.empty(2), total=self._total)
         if len(ex.rows) < count:
             ex.rows, ex.stats = np.empty((count, net.n_params), net.dtype), np.empty((count, 2))
         return ex

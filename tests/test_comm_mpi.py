@@ -84,6 +84,28 @@ def test_a_shared_buffer_sums_in_rank_order_and_every_rank_gets_the_same_bits(ra
     assert everywhere(raw, not comm.shares(np.zeros(3)))  # other arrays keep MPI's allreduce
 
 
+def test_released_or_closed_shared_memory_is_given_back(raw, comm):
+    buf = comm.buffer(64, np.float64)
+    comm.release(buf)
+    assert everywhere(raw, not comm.shares(buf) and not comm._shared)
+    comm.release(np.zeros(3))  # a plain array: nothing to give back
+    kept = comm.buffer(64, np.float64)
+    comm.close()
+    assert everywhere(raw, not comm.shares(kept) and not comm._shared)
+
+
+def test_shared_memory_falls_back_to_plain_arrays_without_room(raw, monkeypatch):
+    import distnn.comm as comm_module
+    comm = Comm(raw)
+    monkeypatch.setattr(comm_module, "_room_for", lambda nbytes: raw.rank != 0)  # one rank is short
+    assert everywhere(raw, not comm.shares(comm.buffer(64, np.float32)))
+    monkeypatch.setattr(comm_module, "_room_for", lambda nbytes: True)
+    monkeypatch.setattr(comm_module, "SHARED_TOTAL_BYTES", 2 * 64 * 4)  # room for one buffer
+    first, second = comm.buffer(64, np.float32), comm.buffer(64, np.float32)
+    assert everywhere(raw, comm.shares(first) == (comm.size > 1) and not comm.shares(second))
+    comm.close()
+
+
 def test_shared_memory_can_be_turned_off(raw):
     comm = Comm(raw, shared_memory=False)
     buf = comm.buffer(10, np.float64)

@@ -172,6 +172,44 @@ def test_threads_cut_only_vectors_worth_the_handover():
     assert all(a.stop == b.start and a.stop % 64 == 0 for a, b in zip(parts, parts[1:]))
 
 
+def test_parallel_slices_see_the_callers_errstate_and_all_finish_before_an_error_returns():
+    import time
+
+    from distnn.threads import run_parallel
+
+    done = []
+
+    def slice_work(i):
+        if i == 0:
+            raise ValueError("first slice")
+        time.sleep(0.05)
+        np.float64(1e308) * np.float64(10.0)  # overflows: raises only under the caller's errstate
+        done.append(i)
+
+    with np.errstate(over="raise"), pytest.raises(ValueError, match="first slice"):
+        run_parallel(slice_work, [0, 1])
+    assert done == []  # slice 1 ran to its overflow (raised there), not on past the error
+    with np.errstate(over="ignore"):
+        run_parallel(slice_work, [1, 2])
+    assert sorted(done) == [1, 2]
+
+
+def test_a_forked_child_can_run_parallel_slices():
+    import multiprocessing
+
+    from distnn.threads import run_parallel
+
+    run_parallel(lambda i: None, [0, 1, 2])  # the parent's pool exists before the fork
+    child = multiprocessing.get_context("fork").Process(
+        target=run_parallel, args=(lambda i: None, [0, 1, 2]))
+    child.start()
+    child.join(20)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+
+
 def test_step_allocates_nothing_proportional_to_the_parameters():
     n = 200_000  # 1.6 MB per float64 vector: any temporary would show in the peak
     for name in OPTIMIZERS:

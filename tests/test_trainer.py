@@ -132,6 +132,15 @@ def test_deterministic_mode_keeps_its_threads_through_a_checkpoint_and_in_evalua
     assert seen and set(seen) == {2}
 
 
+def test_close_gives_back_the_step_buffers_and_the_comm_it_made():
+    X, y = blobs()
+    with make(epochs=1) as trainer:
+        trainer.fit(X, y)
+        comm = trainer.comm
+    assert trainer.buf is None and comm._win is None and not comm._shared
+    assert trainer.history and trainer.net.predict(X[:3]).shape == (3, 3)  # results stay
+
+
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
     trainer, train, val = overfitting(tmp_path)
     history = trainer.fit(*train, *val)
