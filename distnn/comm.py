@@ -22,6 +22,7 @@ The window is freed at exit (collectively): a rank that exits while its peers st
 there until their watchdog ends the job, rather than mpiexec reporting a false success.
 """
 import atexit
+import contextlib
 import json
 import os
 import sys
@@ -105,20 +106,17 @@ class Comm:
             return np.zeros(n, dtype)
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         try:
-            shared, error = None, None
-            if node.Get_size() == self.size:
-                try:
-                    shared = _SharedSum(node, n, dtype)
-                except MPI.Exception as e:  # no shared windows here: MPI's allreduce it is
-                    error = e
-            if node.Get_size() == self.size and self.any(error is not None):
+            if node.Get_size() != self.size:  # ranks on several nodes: MPI's allreduce
+                return np.zeros(n, dtype)
+            shared = None
+            with contextlib.suppress(MPI.Exception):  # no shared windows on this MPI
+                shared = _SharedSum(node, n, dtype)
+            if self.any(shared is None):  # no shared window on some rank: MPI's allreduce for all
                 if shared is not None:
                     shared.free()
-                shared = None
+                return np.zeros(n, dtype)
         finally:
             node.Free()
-        if shared is None:
-            return np.zeros(n, dtype)
         self._shared[id(shared.buffer)] = shared
         atexit.register(self.close)  # the windows must be freed before MPI_Finalize
         return shared.buffer
