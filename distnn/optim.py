@@ -62,6 +62,9 @@ class _Optimizer:
                                  f"parameters are {params.shape} {params.dtype}")
         self.t += 1
         lr = float(self.lr if lr is None else lr)
+        if self.threads < 2 or params.size < 2 * _MIN_SLICE:  # the hot path of small nets
+            self._update(params, grad, lr, self.state, self._scratch)
+            return
 
         def update(sl):
             state = {k: v[sl] for k, v in self.state.items()}
