@@ -105,6 +105,8 @@ class Trainer:
         scan=False skips the NaN/Inf scan of X for a caller that made it already (one pass over
         a large memory map); shapes and targets are checked either way.
         Returns `history`, a list of per-epoch dicts of reduced metrics, the same on every rank."""
+        if self.buf is None:
+            raise RuntimeError("this Trainer was closed; make a new one (or Trainer.resume) to train")
         X, Y = self._checked_data(X, y, "training", scan)
         val = None if X_val is None else self._checked_data(X_val, y_val, "validation", scan)
         self._transform = transform

@@ -139,6 +139,8 @@ def test_close_gives_back_the_step_buffers_and_the_comm_it_made():
         comm = trainer.comm
     assert trainer.buf is None and comm._win is None and not comm._shared
     assert trainer.history and trainer.net.predict(X[:3]).shape == (3, 3)  # results stay
+    with pytest.raises(RuntimeError, match="this Trainer was closed"):
+        trainer.fit(X, y)
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path):
