@@ -87,21 +87,15 @@ def mean_and_loss_sum(family, z, y, out):
 
 
 def loss_and_residual(family, z, y, mean, out):
-    """Training's output pass: out = P_L = mean(z) - y; returns the loss sum. Multinomial fuses the
-    softmax, its log-sum-exp loss and the one-hot subtraction, writing straight into out (`mean`
-    is then left as it was); the other families fill `mean` on the way."""
+    """Training's output pass: out = P_L = mean(z) - y; returns the loss sum. Multinomial writes
+    its softmax straight into out and subtracts the one-hot there (`mean` is left as it was)."""
     if family != "multinomial":
         loss = mean_and_loss_sum(family, z, y, mean)
         np.subtract(mean, y, out=out)
         return loss
-    rows = np.arange(len(y))
-    np.subtract(z, z.max(axis=1, keepdims=True), out=out)  # (N, K), each row's max is 0
-    picked = out[rows, y]  # z_y - m, (N,)
-    np.exp(out, out=out)
-    s = out.sum(axis=1, keepdims=True)  # in [1, K]: its log is finite
-    np.divide(out, s, out=out)
-    out[rows, y] -= 1
-    return float(np.log(s).sum(dtype=np.float64) - picked.sum(dtype=np.float64))
+    loss = mean_and_loss_sum(family, z, y, out)
+    out[np.arange(len(y)), y] -= 1
+    return loss
 
 
 def residual(family, mean, y, out):
