@@ -60,7 +60,7 @@ class OptimConfig:
     schedule: str = "constant"      # one of SCHEDULES
     step_size: int = 0              # "step": steps between decays (>= 1 there)
     gamma: float = 0.1              # "step": decay factor
-    warmup_steps: int = 0           # linear warmup from 0 to lr
+    warmup_steps: int = 0           # linear warmup from lr/warmup_steps to lr; the schedule runs after it
     min_lr: float = 0.0             # floor of cosine / linear decay
     clip_norm: float = 0.0          # clip the global gradient norm; 0 = no clipping
 

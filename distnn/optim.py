@@ -254,14 +254,17 @@ SCHEDULES = {"constant": _constant, "step": _step_decay, "cosine": _cosine, "lin
 
 def lr_at(step, base_lr, schedule="constant", *, total_steps=None, step_size=None, gamma=0.1,
           warmup_steps=0, min_lr=0.0):
-    """Learning rate at 0-based `step`: the schedule's, times (step+1)/warmup_steps while warming up."""
+    """Learning rate at 0-based `step`: base_lr (step+1)/warmup_steps while warming up, then the
+    schedule from its own step 0 over the total_steps - warmup_steps that remain (the convention
+    of torch's SequentialLR([LinearLR, schedule]) and of the usual "cosine with warmup")."""
     if schedule not in SCHEDULES:
         raise OptimizerError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
     if step < 0 or warmup_steps < 0:
         raise OptimizerError(f"step and warmup_steps must be >= 0, got {step} and {warmup_steps}")
-    lr = SCHEDULES[schedule](step, base_lr, total_steps=total_steps, step_size=step_size,
-                             gamma=gamma, min_lr=min_lr)
-    return lr * (step + 1) / warmup_steps if step < warmup_steps else lr
+    lr = SCHEDULES[schedule](max(step - warmup_steps, 0), base_lr, step_size=step_size, gamma=gamma,
+                             total_steps=total_steps and max(total_steps - warmup_steps, 1),
+                             min_lr=min_lr)  # called while warming up too: it checks its settings
+    return base_lr * (step + 1) / warmup_steps if step < warmup_steps else lr
 
 
 def clip_by_global_norm(grad, max_norm):
@@ -271,7 +274,20 @@ def clip_by_global_norm(grad, max_norm):
     """
     if not max_norm > 0:
         raise OptimizerError(f"max_norm must be > 0, got {max_norm!r}")
-    norm = math.sqrt(float(np.dot(grad, grad)))
+    norm = global_norm(grad)
     if math.isfinite(norm) and norm > max_norm:
         grad *= grad.dtype.type(max_norm / norm)
+    return norm
+
+
+def global_norm(x):
+    """L2 norm of a vector as a float, finite whenever x is: the squares of a finite float32 vector
+    overflow from 1.8e19 on (float64: 1.3e154), so such a vector is scaled by its max |x| first."""
+    with np.errstate(over="ignore"):
+        norm = math.sqrt(float(np.dot(x, x)))
+    if math.isinf(norm):
+        top = float(np.abs(x).max())  # NaN or Inf in x: the norm is not finite indeed
+        if math.isfinite(top):
+            scaled = x / x.dtype.type(top)  # |scaled| <= 1: a rare case, so a temporary is fine
+            norm = top * math.sqrt(float(np.dot(scaled, scaled)))
     return norm

@@ -295,14 +295,18 @@ def test_schedule_closed_forms(schedule, hyper, expected):
         assert lr_at(step, 0.8, schedule, **hyper) == pytest.approx(lr, rel=1e-12), step
 
 
-def test_warmup_ramps_linearly_then_hands_over_to_the_schedule():
+def test_warmup_ramps_linearly_then_the_schedule_runs_over_the_remaining_steps():
     assert [lr_at(s, 0.8, warmup_steps=4) for s in range(6)] == pytest.approx(
         [0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
+    # torch: SequentialLR([LinearLR(1/4, 1, 3), CosineAnnealingLR(T_max=16, eta_min=0.1)], [4])
     cosine = dict(total_steps=20, min_lr=0.1)
-    for s in range(10):
-        ramp = (s + 1) / 4 if s < 4 else 1.0
+    for s in range(4, 25):
         assert lr_at(s, 0.8, "cosine", warmup_steps=4, **cosine) == pytest.approx(
-            lr_at(s, 0.8, "cosine", **cosine) * ramp)
+            lr_at(s - 4, 0.8, "cosine", total_steps=16, min_lr=0.1), rel=1e-12)
+    assert lr_at(4, 0.8, "cosine", warmup_steps=4, **cosine) == 0.8  # the full rate, then decay
+    assert lr_at(20, 0.8, "cosine", warmup_steps=4, **cosine) == pytest.approx(0.1)
+    steps = [lr_at(s, 0.8, "step", warmup_steps=4, step_size=5, gamma=0.5) for s in range(4, 15)]
+    assert steps == pytest.approx([0.8] * 5 + [0.4] * 5 + [0.2])  # decays counted after warmup
 
 
 @pytest.mark.parametrize("schedule, hyper, match", [
@@ -326,6 +330,14 @@ def test_clip_scales_a_long_gradient_to_max_norm(dtype):
     assert g.dtype == dtype
     assert np.linalg.norm(g.astype(np.float64)) == pytest.approx(2.5, rel=rtol)
     np.testing.assert_allclose(g, original * (2.5 / norm), rtol=rtol)
+
+
+def test_clip_scales_a_float32_gradient_whose_squares_overflow():
+    """The squared norm of a finite float32 vector passes float32's range from 1.8e19 on."""
+    g = np.full(10, 3e19, np.float32)
+    norm = clip_by_global_norm(g, 1.0)
+    assert norm == pytest.approx(3e19 * math.sqrt(10), rel=1e-6)
+    assert np.linalg.norm(g.astype(np.float64)) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_clip_leaves_a_short_or_non_finite_gradient_alone():
