@@ -93,8 +93,7 @@ def run_ops(ops):
 
 def local_step(net, opt, X, Y, grad):
     """One single-process step as the trainer takes it: gradient sum, mean, optimizer update."""
-    net.grad_sum(X, Y, grad)
-    grad /= len(X)
+    net.grad_sum(X, Y, grad, divisor=len(X))
     opt.step(net.params, grad)
 
 
@@ -109,7 +108,7 @@ def measure_config(c, min_s, torch):
     grad = net.grad_buffer()
     result = dict(c, flops=step_flops(c["sizes"], c["batch"]), layers=layers,
                   gemm_s=timeit(lambda: run_ops(ops), min_s),
-                  grad_s=timeit(lambda: net.grad_sum(X, Y, grad), min_s), step_s={})
+                  grad_s=timeit(lambda: net.grad_sum(X, Y, grad, divisor=len(X)), min_s), step_s={})
     for name, make in OPTIMIZERS.items():
         net.init_params(0)
         opt = make()
@@ -193,13 +192,11 @@ def dist_step(net, opt, comm, X, Y, buf, global_batch):
     """One data-parallel step as the trainer takes it; (compute, allreduce, update) seconds."""
     n = net.n_params
     t0 = time.perf_counter()
-    buf[n] = net.grad_sum(X, Y, buf[:n])
+    buf[n] = net.grad_sum(X, Y, buf[:n], divisor=global_batch)
     t1 = time.perf_counter()
     comm.allreduce(buf, "bench: step")
     t2 = time.perf_counter()
-    grad = buf[:n]
-    grad /= global_batch
-    opt.step(net.params, grad)
+    opt.step(net.params, buf[:n])
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 

@@ -13,7 +13,8 @@ layout, so an optimizer step, an allreduce or a checkpoint sees one flat array.
 
 The loss is the mean per-sample negative log-likelihood plus `l2 Σ‖W_l‖² + l1 Σ|W_l|` (biases are not
 penalized). The class is pure math: no MPI, no I/O. `grad_sum` and `loss_sum` return sums over the
-batch so that data-parallel callers can add them across ranks and divide by the global count.
+batch (`grad_sum` divided by a given count, the global batch size) so that data-parallel callers
+can add them across ranks.
 """
 
 import numpy as np
@@ -165,14 +166,21 @@ class Network:
             self._views_of, self._views = out, _layer_views(out, [w.shape for w in self.weights])
         return self._views
 
-    def grad_sum(self, X, Y, out):
-        """Hot path: the data-loss gradient summed over the batch into `out`; returns the loss sum.
+    def grad_sum(self, X, Y, out, divisor=1):
+        """Hot path: the data-loss gradient summed over the batch, divided by `divisor`, into `out`;
+        returns the loss sum (not divided).
 
+        Backward is linear in P_L, so dividing the (N, n_out) P_L by the global batch size gives
+        every rank its share of the mean gradient at the cost of a pass over P_L instead of one over
+        the whole gradient; ranks' shares add up to the mean with no division after the allreduce.
         X is (N, n_in) in the network dtype and Y comes from `check_targets`: no validation here.
         An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
         buf = self._forward(X, mean=False)
-        loss = families.loss_and_residual(self.family, buf.z[-1], Y, buf.mean, buf.delta[-1])
-        self._backward(X, buf, out)  # P_L = O_L - Y is in place
+        p = buf.delta[-1]
+        loss = families.loss_and_residual(self.family, buf.z[-1], Y, buf.mean, p)  # P_L = O_L - Y
+        if divisor != 1:
+            np.divide(p, divisor, out=p)
+        self._backward(X, buf, out)
         return loss
 
     def last_signal_maxabs(self, X):
@@ -241,8 +249,7 @@ class Network:
         """Gradient of `loss(X, y)` with respect to `params`, shaped like `params`."""
         X, Y = self._checked(X, y)
         g = self.grad_buffer()
-        self.grad_sum(X, Y, g)
-        g /= max(len(X), 1)
+        self.grad_sum(X, Y, g, divisor=max(len(X), 1))
         return self.add_penalty_grad(g)
 
     def sample_grad_norms(self, X, y):

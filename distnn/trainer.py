@@ -2,13 +2,14 @@
 
 Every rank holds the same parameters. Per step, along the global batch of B sample indices:
 
-    my rows (data.shard) -> net.grad_sum into buf -> comm.allreduce(buf) -> grad /= B
+    my rows (data.shard) -> net.grad_sum(..., divisor=B) into buf -> comm.allreduce(buf)
     -> + penalty gradient -> clip -> optimizer.step(params, grad)
 
 `buf` is one contiguous vector: the gradient followed by three statistics (loss sum, correct count,
 stop flag) that ride in the same allreduce, so a step makes one MPI call (one per bucket for large
-models). Sums are divided by the *global* count, so P ranks compute what 1 rank computes on the same
-global batches, up to the order of floating-point additions. With `deterministic=True` the order is
+models). Each rank divides its output proxy errors by the *global* count B before back-propagating
+(the gradient is linear in them), so the allreduce yields the mean gradient and P ranks compute
+what 1 rank computes on the same global batches, up to the order of floating-point additions. With `deterministic=True` the order is
 removed as well: every global batch is cut into chunks of `chunk_size` samples, each chunk's gradient
 is a fixed computation wherever it runs, and the chunks are rounded to a grid every rank derives
 alike, on which float64 sums are exact (exactsum.py), so 1, 2, 3, ... ranks produce the same bits.
@@ -227,14 +228,13 @@ class Trainer:
             a, b = data.shard(lo, hi, self.comm.size, self.comm.rank)
             rows = np.sort(perm[a:b])  # forward reads of a memory map; the sum does not care
             Xb, Yb = self._rows(X, rows), Y[rows]
-            self.buf[n] = self.net.grad_sum(Xb, Yb, self.grad)
+            self.buf[n] = self.net.grad_sum(Xb, Yb, self.grad, divisor=hi - lo)
             self.buf[n + 1] = self.net.last_correct(Yb) or 0
             self.buf[n + 2] = 1.0 if self._stop_signal else 0.0
             self.comm.allreduce(self.buf, what=f"step {self.step + 1}")
         loss_sum, correct, stop = self.buf[n:]
         if not np.isfinite(self.buf.sum()):  # NaN/Inf anywhere; the same verdict on every rank
             self._diverged()
-        self.grad /= hi - lo
         self.net.add_penalty_grad(self.grad)
         if self.clip_norm > 0:
             optim.clip_by_global_norm(self.grad, self.clip_norm)
@@ -260,7 +260,7 @@ class Trainer:
         for i, j in enumerate(range(first, last)):
             idx = np.sort(perm[lo + j * c:min(lo + (j + 1) * c, hi)])
             Xb, Yb = self._rows(X, idx), Y[idx]
-            stats[i] = net.grad_sum(Xb, Yb, rows[i]), net.last_correct(Yb) or 0
+            stats[i] = net.grad_sum(Xb, Yb, rows[i], divisor=hi - lo), net.last_correct(Yb) or 0
             np.maximum(signals, net.last_signal_maxabs(Xb), out=signals)  # propagates NaN
         bounds[-2:] = exactsum.local_maxabs(stats)
         bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN, never an Inf

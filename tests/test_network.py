@@ -87,6 +87,26 @@ def test_gradient_sums_add_over_any_split_of_the_batch(family):
     assert whole_loss == pytest.approx(net.loss_sum(X, Y), rel=1e-13)  # the fused softmax loss too
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_share_divided_by_the_global_count_adds_up_to_the_mean(family):
+    """Ranks divide P_L by the global batch size: their shares add up to the mean gradient."""
+    rng = np.random.default_rng(5)
+    net = random_net(family, "softplus", [6, 5])
+    X = rng.normal(size=(30, 4))
+    y = random_targets(family, 30, net.sizes[-1], rng)
+    Y = net.check_targets(y)
+    total = net.grad_buffer()
+    for lo, hi in [(0, 13), (13, 30)]:
+        g = net.grad_buffer()
+        loss = net.grad_sum(X[lo:hi], Y[lo:hi], g, divisor=30)
+        assert loss == pytest.approx(net.loss_sum(X[lo:hi], Y[lo:hi]), rel=1e-13)  # not divided
+        total += g
+    plain = net.grad_buffer()
+    net.grad_sum(X, Y, plain)
+    np.testing.assert_allclose(total, plain / 30, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(net.gradient(X, y), plain / 30, rtol=1e-12, atol=1e-15)
+
+
 def test_empty_batch_contributes_nothing():
     net = random_net("multinomial", "relu", [5])
     g = np.full(net.n_params, 7.0)
