@@ -72,9 +72,11 @@ def gemm_ops(net, n, seed=0):
     for w in net.weights:  # layout [W_0, b_0, W_1, b_1, ...]
         g_w.append(grad[at:at + w.size].reshape(w.shape))
         at += w.size + w.shape[0]
-    outs = [np.empty((n, k), net.dtype) for k in net.sizes[1:]]
+    hidden, k = net.sizes[1:-1], net.sizes[-1]
+    outs = [np.empty((n, h), net.dtype) for h in hidden] + [np.empty((k, n), net.dtype).T]
     ins = [rng.standard_normal((n, net.sizes[0])).astype(net.dtype)] + outs[:-1]
-    deltas = [rng.standard_normal((n, k)).astype(net.dtype) for k in net.sizes[1:]]
+    deltas = [rng.standard_normal((n, h)).astype(net.dtype) for h in hidden]
+    deltas.append(rng.standard_normal((k, n)).astype(net.dtype).T)  # the output layer's layout
     ops = [("forward", l, ins[l], w.T, outs[l], 2 * n * w.size) for l, w in enumerate(net.weights)]
     for l in range(len(net.weights) - 1, -1, -1):
         w = net.weights[l]

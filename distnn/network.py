@@ -26,14 +26,20 @@ _CACHE_SIZE = 4  # batch shapes with live work buffers: full shard, last shard, 
 
 
 class _Buffers:
-    """Work arrays for one batch size, allocated once and reused by every step of that size."""
+    """Work arrays for one batch size, allocated once and reused by every step of that size.
+
+    The output layer's arrays are (N, n_out) views of class-major (n_out, N) memory: the softmax's
+    max and sum over a handful of classes then run along contiguous rows, and BLAS computes
+    Z_L = I_L W_Lᵀ as its transpose W_L I_Lᵀ (measured for 64-128-128-10 at batch 64 in float32:
+    1.0 against 3.9 us for the max, 2.7 against 4.9 us for the GEMM)."""
 
     def __init__(self, n, sizes, dtype):
-        outs = sizes[1:]
-        self.z = [np.empty((n, k), dtype) for k in outs]  # pre-activations, overwritten by O_l
-        self.mean = np.empty((n, outs[-1]), dtype)  # O_L; z[-1] keeps the logits Z_L
-        self.delta = [np.empty((n, k), dtype) for k in outs]  # proxy errors P_l
-        self.deriv = [np.empty((n, k), dtype) for k in outs[:-1]]  # A'_l(O_l)
+        hidden, k = sizes[1:-1], sizes[-1]
+        output = lambda: np.empty((k, n), dtype).T  # noqa: E731
+        self.z = [np.empty((n, h), dtype) for h in hidden] + [output()]  # Z_l, overwritten by O_l
+        self.mean = output()  # O_L; z[-1] keeps the logits Z_L
+        self.delta = [np.empty((n, h), dtype) for h in hidden] + [output()]  # proxy errors P_l
+        self.deriv = [np.empty((n, h), dtype) for h in hidden]  # A'_l(O_l)
         self.ones = np.ones(n, dtype)  # bias gradients as one BLAS call: onesᵀ P_l
 
 
