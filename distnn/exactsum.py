@@ -167,37 +167,48 @@ class SignalGrid:
             # alone may leave the exponent field before B_k brings them back
             row = ((a + _BIAS).astype(np.uint64) << 52) + _HALF
             self.layers.append((row, b.astype(np.uint64) << 52, low < -1074))
+        self.spans = list(self._spans())
 
-    def blocks(self, magic):
-        """Yield (lo, hi, M[lo:hi]) over all parameters, each M block written into magic (scratch)."""
+    def _spans(self):
+        """(lo, hi, layer, j, k) per block: weight rows j..k of a layer, or its biases (j = None)."""
         at = 0
-        for row, col, tiny in self.layers:
+        for layer, (row, col, _) in enumerate(self.layers):
             o, i = len(row), len(col) - 1
             step = max(1, self.BLOCK // i)
             for j in range(0, o, step):
                 k = min(o, j + step)
-                m = magic[:(k - j) * i]
-                np.add(row[j:k, None], col[None, :i], out=m.view(np.uint64).reshape(k - j, i))
-                yield at + j * i, at + k * i, _raise_tiny(m, tiny)
-            m = magic[:o]
-            np.add(row, col[i], out=m.view(np.uint64))  # the biases
-            yield at + o * i, at + o * i + o, _raise_tiny(m, tiny)
+                yield at + j * i, at + k * i, layer, j, k
+            yield at + o * i, at + o * i + o, layer, None, None
             at += o * i + o
 
-    def _width(self):
-        return max(self.BLOCK, *(max(len(r), len(c) - 1) for r, c, _ in self.layers))
+    def blocks(self, magic, first=0, last=None):
+        """Yield (lo, hi, M[lo:hi]) for the blocks spans[first:last] (all by default), each M block
+        written into magic (scratch, `width` long)."""
+        for lo, hi, layer, j, k in self.spans[first:last]:
+            row, col, tiny = self.layers[layer]
+            m = magic[:hi - lo]
+            if j is None:  # the biases
+                np.add(row, col[-1], out=m.view(np.uint64))
+            else:
+                np.add(row[j:k, None], col[None, :-1], out=m.view(np.uint64).reshape(k - j, -1))
+            yield lo, hi, _raise_tiny(m, tiny)
+
+    @property
+    def width(self):
+        """The longest block: the scratch `blocks` and `encode` need."""
+        return max(hi - lo for lo, hi, *_ in self.spans)
 
     def magic(self) -> np.ndarray:
         """All of M as one float64 vector (for inspection: `encode` never builds it)."""
         out = np.empty(self.size)
-        for lo, hi, m in self.blocks(np.empty(self._width())):
+        for lo, hi, m in self.blocks(np.empty(self.width)):
             out[lo:hi] = m
         return out
 
     def encode(self, rows, out) -> np.ndarray:
         """out (float64, (size,)) = Σ_i rint(rows[i] / q) q over this rank's chunk gradients, exactly."""
         rows = check_rows(rows)
-        magic, work = np.empty(self._width()), np.empty(self._width())
+        magic, work = np.empty(self.width), np.empty(self.width)
         for lo, hi, m in self.blocks(magic):
             encode(rows[:, lo:hi], m, out[lo:hi], work[:hi - lo])
         return out
@@ -220,9 +231,9 @@ def round_to_grid(x, magic, out) -> np.ndarray:
 
 
 def encode(rows, magic, out, work) -> np.ndarray:
-    """out (float64, (m,)) = Σ_i rint(rows[i] / q) q: this rank's chunks on the grid, added exactly.
+    """out (float64, (m,)) = Σ_i rint(rows[i] / q) q: chunks on the grid, added exactly.
 
-    rows: (n_local, m), bounded as the magic assumed; work: float64 (m,) scratch."""
+    rows: (n_local, m) or a list of (m,) rows, bounded as the magic assumed; work: float64 (m,)."""
     if len(rows) == 0:
         out[...] = 0
         return out

@@ -89,10 +89,19 @@ class Trainer:
         self.best_params = None  # parameters at the best validation loss (early stopping)
         self.optimizer.init(net.params)
         # The step's allreduce buffer, in node shared memory where Comm can. Deterministic mode
-        # sums in float64: for float32 nets in a buffer of its own, and `buf` is never reduced.
-        n, exact32 = net.n_params + _STATS, self.deterministic and net.dtype == np.float32
-        self.buf = np.zeros(n, net.dtype) if exact32 else self.comm.buffer(n, net.dtype)
-        self._total = self.comm.buffer(n, np.float64) if exact32 else self.buf
+        # never reduces it: its chunks' gradients go to rows of their own, in node shared memory
+        # where Comm can (there Comm.grid_sum adds them onto the grid), else summed on the grid in
+        # float64 (for float32 nets in a buffer of its own) and reduced by MPI.
+        n = net.n_params + _STATS
+        self._rows = self._total = None
+        if self.deterministic:
+            most = -(-self.batch_size // self.chunk_size)  # chunks in a global batch, at most
+            self._rows = self.comm.buffer(net.n_params, net.dtype, rows=-(-most // self.comm.size))
+            self.buf = np.zeros(n, net.dtype)
+            if not self.comm.shares(self._rows):
+                self._total = self.buf if net.dtype == np.float64 else np.zeros(n, np.float64)
+        else:
+            self.buf = self.comm.buffer(n, net.dtype)
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
@@ -147,9 +156,9 @@ class Trainer:
     def close(self):
         """Give back the shared memory of the step buffers, and the Comm if this trainer made it
         (collective). The trainer cannot train afterwards; its network and history stay."""
-        for buf in {id(b): b for b in (self.buf, self._total)}.values():
+        for buf in (self.buf, self._rows):
             self.comm.release(buf)
-        self.buf = self._total = self.grad = None
+        self.buf = self._total = self._rows = self.grad = None
         if self._own_comm:
             self.comm.close()
 
@@ -227,7 +236,7 @@ class Trainer:
         else:
             a, b = data.shard(lo, hi, self.comm.size, self.comm.rank)
             rows = np.sort(perm[a:b])  # forward reads of a memory map; the sum does not care
-            Xb, Yb = self._rows(X, rows), Y[rows]
+            Xb, Yb = self._rows_of(X, rows), Y[rows]
             self.buf[n] = self.net.grad_sum(Xb, Yb, self.grad, divisor=hi - lo)
             self.buf[n + 1] = self.net.last_correct(Yb) or 0
             self.buf[n + 2] = 1.0 if self._stop_signal else 0.0
@@ -248,46 +257,53 @@ class Trainer:
 
     def _exact_grad_sum(self, X, Y, perm, lo, hi):
         """Deterministic mode: the chunks' gradient and statistics summed exactly over all ranks
-        (exactsum.py) in two collectives: a MAX of the layers' signal bounds and the statistics'
-        (a few thousand numbers), then the float64 SUM of the chunks rounded to the grid they define."""
-        net, n, c = self.net, self.net.n_params, self.chunk_size
+        (exactsum.py): a MAX of the layers' signal bounds and the statistics' (a few thousand
+        numbers), then the sum of the chunks rounded to the grid they define, in node shared
+        memory (Comm.grid_sum, with a SUM of the statistics) or as one float64 MPI SUM."""
+        net, n, c, size = self.net, self.net.n_params, self.chunk_size, self.comm.size
         n_chunks = -(-(hi - lo) // c)
-        first, last = data.chunk_range(n_chunks, self.comm.size, self.comm.rank)
-        ex = self._exact_buffers(last - first)
-        rows, stats, bounds, total = ex.rows[:last - first], ex.stats[:last - first], ex.bounds, ex.total
+        first, last = data.chunk_range(n_chunks, size, self.comm.rank)
+        ex = self._exact_buffers()
+        rows, stats, bounds = self._rows[:last - first], ex.stats[:last - first], ex.bounds
         signals = bounds[:-2]
         bounds[...] = 0
         for i, j in enumerate(range(first, last)):
             idx = np.sort(perm[lo + j * c:min(lo + (j + 1) * c, hi)])
-            Xb, Yb = self._rows(X, idx), Y[idx]
+            Xb, Yb = self._rows_of(X, idx), Y[idx]
             stats[i] = net.grad_sum(Xb, Yb, rows[i], divisor=hi - lo), net.last_correct(Yb) or 0
             np.maximum(signals, net.last_signal_maxabs(Xb), out=signals)  # propagates NaN
         bounds[-2:] = exactsum.local_maxabs(stats)
         bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN, never an Inf
         what = f"step {self.step + 1}"
         self.comm.allreduce_max(bounds, what=f"{what} (exact sum: bounds)")
-        exactsum.SignalGrid(signals, ex.shapes, c, n_chunks).encode(rows, total[:n])
-        exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), total[n:n + 2], ex.work)
-        total[n + 2] = 1.0 if self._stop_signal else 0.0  # flags add exactly too
+        grid = exactsum.SignalGrid(signals, ex.shapes, c, n_chunks)
+        flags = ex.flags  # float64: the loss and correct sums on their grid, then the stop flag
+        exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), flags[:2], ex.work)
+        flags[2] = 1.0 if self._stop_signal else 0.0  # flags add exactly too
+        if self.comm.shares(self._rows):
+            counts = [b - a for a, b in (data.chunk_range(n_chunks, size, p) for p in range(size))]
+            self.comm.grid_sum(self._rows, counts, grid, self.grad, what=f"{what} (exact sum)")
+            self.comm.allreduce(flags, what=f"{what} (exact sum: statistics)")
+            self.buf[n:] = flags
+            return
+        total = self._total
+        grid.encode(rows, total[:n])
+        total[n:] = flags
         self.comm.allreduce(total, what=f"{what} (exact sum)")
         if total is not self.buf:
             self.buf[...] = total  # float32 nets: the one rounding of the exact sum
 
-    def _exact_buffers(self, count):
-        """Deterministic mode's work arrays, allocated once (the chunk rows again when count grows)."""
-        net, ex = self.net, self._exact
-        if ex is None:
-            shapes = [w.shape for w in net.weights]
-            n = net.n_params
-            ex = self._exact = SimpleNamespace(
-                shapes=shapes, rows=np.empty((0, n), net.dtype), stats=np.empty((0, 2)),
+    def _exact_buffers(self):
+        """Deterministic mode's small work arrays, allocated once."""
+        if self._exact is None:
+            shapes = [w.shape for w in self.net.weights]
+            self._exact = SimpleNamespace(
+                shapes=shapes, stats=np.empty((len(self._rows), 2)), flags=np.empty(_STATS),
                 bounds=np.empty(sum(o + i for o, i in shapes) + 2),  # + |loss|, |correct|
-                work=np.empty(2), total=self._total)
-        if len(ex.rows) < count:
-            ex.rows, ex.stats = np.empty((count, net.n_params), net.dtype), np.empty((count, 2))
-        return ex
+                work=np.empty(2))
+        return self._exact
 
-    def _rows(self, X, idx):
+    def _rows_of(self, X, idx):
         rows = np.asarray(X[idx], dtype=self.net.dtype)
         return rows if self._transform is None else self._transform(rows)
 
@@ -352,7 +368,7 @@ class Trainer:
             sums = np.zeros((last - first, 2), np.float64)
             for i, j in enumerate(range(first, last)):
                 idx = np.arange(j * c, min((j + 1) * c, n))
-                loss, correct = self.net.eval_sums(self._rows(X, idx), Y[idx])
+                loss, correct = self.net.eval_sums(self._rows_of(X, idx), Y[idx])
                 sums[i] = loss, correct or 0
             try:
                 total = self.comm.exact_sum(sums, n_chunks, what="validation")
@@ -363,7 +379,7 @@ class Trainer:
             total = np.zeros(2, np.float64)
             for lo in range(a, b, self.batch_size):  # bounded memory however large the shard
                 idx = np.arange(lo, min(lo + self.batch_size, b))
-                loss, correct = self.net.eval_sums(self._rows(X, idx), Y[idx])
+                loss, correct = self.net.eval_sums(self._rows_of(X, idx), Y[idx])
                 total += loss, correct or 0
             self.comm.allreduce(total, what="validation")
         accuracy = float(total[1] / (n * _decisions(self.net))) if _is_classifier(self.net) else None

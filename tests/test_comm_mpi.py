@@ -10,7 +10,8 @@ import pytest
 from mpi4py import MPI
 
 from distnn.comm import Comm, RankError
-from distnn.exactsum import NonFiniteError, exact_sum_serial
+from distnn.exactsum import NonFiniteError, SignalGrid, exact_sum_serial, grid_sum_serial
+from distnn.network import Network
 
 
 @pytest.fixture(params=[MPI.COMM_SELF, pytest.param(MPI.COMM_WORLD, marks=pytest.mark.mpi(min_size=2))],
@@ -211,6 +212,35 @@ def test_exact_sum_equals_the_serial_sum_in_bits_for_any_split(raw, comm, dtype)
         mine = rows[bounds[comm.rank]:bounds[comm.rank + 1]]
         got = comm.exact_sum(mine, len(rows))
         assert everywhere(raw, got.dtype == dtype and got.tobytes() == expected.tobytes())
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grid_sum_in_shared_memory_has_the_bits_of_the_serial_grid_sum(dtype, monkeypatch):
+    """Deterministic mode's shared-memory path: each rank rounds its blocks of every rank's chunks."""
+    monkeypatch.setattr(SignalGrid, "BLOCK", 16)  # many blocks, split unevenly between the ranks
+    raw = MPI.COMM_WORLD
+    net = Network([6, 9, 4], activation="tanh", dtype=dtype, seed=3)
+    rng = np.random.default_rng(7)  # the same chunks on every rank
+    rows, bounds, c = np.empty((7, net.n_params), dtype), 0, 5
+    for i in range(len(rows)):
+        X = (rng.standard_normal((c, 6)) * 10.0 ** rng.integers(-3, 4, size=6)).astype(dtype)
+        net.grad_sum(X, net.check_targets(rng.integers(0, 4, c)), rows[i], divisor=35)
+        bounds = np.maximum(bounds, net.last_signal_maxabs(X))
+    shapes = [w.shape for w in net.weights]
+    expected = grid_sum_serial(rows, bounds, shapes, c)
+    grid = SignalGrid(bounds, shapes, c, len(rows))
+    comm = Comm(raw)
+    buf = comm.buffer(net.n_params, dtype, rows=len(rows))
+    assert everywhere(raw, comm.shares(buf) and buf.shape == (len(rows), net.n_params))
+    for cuts in ([0] * (raw.size - 1), np.sort(rng.integers(0, len(rows) + 1, raw.size - 1))):
+        owned = [0, *cuts, len(rows)]  # rank r holds chunks owned[r]:owned[r + 1]
+        counts = np.diff(owned).tolist()
+        buf[:counts[raw.rank]] = rows[owned[raw.rank]:owned[raw.rank + 1]]
+        out = np.full(net.n_params, np.nan, dtype)
+        comm.grid_sum(buf, counts, grid, out)
+        assert everywhere(raw, out.tobytes() == expected.tobytes())
+    comm.close()
 
 
 def test_exact_sum_stops_every_rank_on_a_non_finite_chunk(raw, comm):
