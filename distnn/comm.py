@@ -71,6 +71,7 @@ class Comm:
         if bucket_bytes < 8:
             raise ValueError(f"bucket_bytes must be at least 8, got {bucket_bytes!r}")
         self.timeout, self.bucket_bytes = timeout, int(bucket_bytes)
+        self._hurry = None  # (monotonic deadline, seconds) set by `hurry`
         self._calls = 0  # collectives started; the watchdog's arrival counter
         self._win = None
         self.shared_memory = bool(shared_memory)  # let `buffer` use node shared memory
@@ -226,6 +227,13 @@ class Comm:
         self.allreduce(total, f"{what} (exact sum)")
         return total.astype(rows.dtype)
 
+    def hurry(self, seconds) -> None:
+        """From now on the watchdog gives every collective at most until `seconds` from now (None:
+        back to its timeout alone). A rank asked to stop (SIGTERM) calls it: the peers must reach
+        the step that agrees on stopping soon, and one that stalled must not keep the job alive for
+        the whole watchdog timeout. No effect without a watchdog, whose calls block in MPI."""
+        self._hurry = None if seconds is None else (time.monotonic() + seconds, seconds)
+
     def local_ranks(self) -> int:
         """How many ranks of this communicator share this node (collective)."""
         return self._node()[0]
@@ -289,13 +297,15 @@ class Comm:
         while not request.Test():
             now = time.monotonic()
             if now - start > self.timeout:
-                self._stalled(what)
+                self._stalled(what, f"within {self.timeout:g} s")
+            if self._hurry is not None and now > self._hurry[0]:
+                self._stalled(what, f"within {self._hurry[1]:g} s of the request to stop")
             if self._oversubscribed:
                 os.sched_yield()  # hand the core to a peer that has work, then poll again
             elif now - start > SPIN_S:
                 time.sleep(SLEEP_S)
 
-    def _stalled(self, what):
+    def _stalled(self, what, limit):
         """Abort the job, naming the ranks whose arrival counter shows they never reached this call."""
         counts = np.full(self.size, -1, np.int64)
         self._win.Lock_all(MPI.MODE_NOCHECK)  # never unlocked: we abort below
@@ -306,8 +316,8 @@ class Comm:
             pending = {p: r for p, r in pending.items() if not r.Test()}
         late = [p for p in range(self.size) if p != self.rank and (p in pending or counts[p] < self._calls)]
         silent = f" (no answer from {sorted(pending)}: counted as not arrived)" if pending else ""
-        self.abort(WATCHDOG_EXIT, f"distnn: watchdog: {what} did not complete within {self.timeout:g} s "
-                                  f"on rank {self.rank}; ranks not arrived: {late}{silent}")
+        self.abort(WATCHDOG_EXIT, f"distnn: watchdog: {what} did not complete {limit} on rank "
+                                  f"{self.rank}; ranks not arrived: {late}{silent}")
 
 
 class _SharedSum:

@@ -34,6 +34,7 @@ from .network import Network
 from .threads import threads_in_force
 
 _STATS = 3  # loss sum, correct count, stop flag: ride behind the gradient in the allreduce
+STOP_GRACE_S = 30.0  # after SIGTERM/SIGINT, how long the peers may take to reach the agreeing step
 
 
 class DivergenceError(RuntimeError):
@@ -252,6 +253,8 @@ class Trainer:
         self.partial[0] += float(loss_sum)
         self.partial[1] += float(correct)
         self._stop_agreed = stop > 0  # a flag raised on any rank, seen by all at this same step
+        if self._stop_agreed:
+            self.comm.hurry(None)  # every rank is here: the checkpoint may take its time
         if self.check_every and self.step % self.check_every == 0:
             self.comm.check_agree(self.net.params, what=f"parameters after step {self.step + 1}")
 
@@ -479,6 +482,7 @@ class _StopOnSignals:
 
     def _handler(self, signum, frame):
         self.trainer._stop_signal = signum
+        self.trainer.comm.hurry(STOP_GRACE_S)  # a stalled peer must not hold the job
 
     def __enter__(self):
         main = threading.current_thread() is threading.main_thread()  # handlers live there only
@@ -488,6 +492,7 @@ class _StopOnSignals:
     def __exit__(self, *exc):
         for s, h in self.saved.items():
             signal.signal(s, h)
+        self.trainer.comm.hurry(None)  # a stop asked for too late to be agreed: training ended
 
 
 def _is_classifier(net):

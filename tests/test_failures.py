@@ -98,6 +98,12 @@ def test_a_stalled_rank_is_ended_by_the_watchdog_which_names_it(tmp_path):
     assert "watchdog" in err and "ranks not arrived: [1]" in err
 
 
+def test_a_stop_request_while_a_rank_stalls_ends_the_job_within_the_grace_not_the_watchdog(tmp_path):
+    code, err, seconds = train(config(tmp_path), "--set", "train.watchdog=600", fault="stallterm:1:5")
+    assert code == 3 and seconds < 30
+    assert "within 2 s of the request to stop" in err and "ranks not arrived: [1]" in err
+
+
 @pytest.mark.parametrize("mode", [[], ["--set", "train.deterministic=true", "--set", "train.chunk_size=8"]],
                          ids=["default", "deterministic"])
 def test_a_nan_gradient_stops_every_rank_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, mode):

@@ -8,6 +8,7 @@ the job (mpiexec passes the environment on) then misbehaves on rank RANK before 
   stall   the rank sleeps for an hour without exiting
   nan     that rank's gradient becomes NaN (every rank sees it after the allreduce)
   sigterm SIGTERM to that rank only (the ranks must agree to stop at the same step)
+  stallterm  that rank stalls and every other rank gets SIGTERM, with a 2 s stop grace
 """
 
 import os
@@ -24,8 +25,14 @@ if _SPEC:
 
     _MODE, _RANK, _STEP = _SPEC.split(":")
     _original = distnn.trainer.Trainer._train_step
+    if _MODE == "stallterm":
+        distnn.trainer.STOP_GRACE_S = 2.0
 
     def _faulty_step(self, X, Y, perm, lo, hi):
+        if _MODE == "stallterm" and self.step == int(_STEP):
+            if self.comm.rank == int(_RANK):
+                time.sleep(3600)
+            os.kill(os.getpid(), signal.SIGTERM)
         if self.comm.rank == int(_RANK) and self.step == int(_STEP):
             if _MODE == "raise":
                 raise RuntimeError(f"injected failure on rank {_RANK} at step {_STEP}")
