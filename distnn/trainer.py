@@ -9,10 +9,11 @@ Every rank holds the same parameters. Per step, along the global batch of B samp
 stop flag) that ride in the same allreduce, so a step makes one MPI call (one per bucket for large
 models). Each rank divides its output proxy errors by the *global* count B before back-propagating
 (the gradient is linear in them), so the allreduce yields the mean gradient and P ranks compute
-what 1 rank computes on the same global batches, up to the order of floating-point additions. With `deterministic=True` the order is
-removed as well: every global batch is cut into chunks of `chunk_size` samples, each chunk's gradient
-is a fixed computation wherever it runs, and the chunks are rounded to a grid every rank derives
-alike, on which float64 sums are exact (exactsum.py), so 1, 2, 3, ... ranks produce the same bits.
+what 1 rank computes on the same global batches, up to the order of floating-point additions.
+With `deterministic=True` the order is removed as well: every global batch is cut into chunks of
+`chunk_size` samples, each chunk's gradient is a fixed computation wherever it runs, and the chunks
+are rounded to a grid every rank derives alike, on which float64 sums are exact (exactsum.py), so
+1, 2, 3, ... ranks produce the same bits.
 
 The data order comes from `data.epoch_permutation(seed, epoch)`, so a checkpoint needs only
 (epoch, batch, step) and the parameters and optimizer state to continue bit-identically.
