@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from distnn import optim
 from distnn.optim import (OPTIMIZERS, SCHEDULES, Adam, AdamW, OptimizerError, clip_by_global_norm,
                           lr_at, make_optimizer)
 
@@ -150,18 +151,21 @@ def test_state_dict_round_trip_continues_bit_identically(case, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES)
-def test_threaded_steps_give_the_bits_of_one_thread(case, dtype):
-    # three slices of a vector just over 3 * _MIN_SLICE; every operation is element-wise
+def test_blocked_and_threaded_steps_give_the_bits_of_one_pass_over_the_whole_vector(
+        case, dtype, monkeypatch):
+    # three slices of a vector just over 3 * _MIN_SLICE, in blocks; every operation is element-wise
     name, hyper = CASES[case]
     p0 = np.random.default_rng(1).normal(size=3 * 2**18 + 77).astype(dtype)
     results = []
-    for threads in (1, 3):
+    for threads, block in ((1, 2**30), (1, 2**15), (3, 2**15)):  # 2**30: one block, one thread
+        monkeypatch.setattr(optim, "_BLOCK", block)
         opt = make_optimizer(name, **hyper)
         opt.threads = threads
         results.append((run(opt, p0.copy(), LRS[:5]), opt.state_dict()))
-    (p1, s1), (p3, s3) = results
-    assert p1.tobytes() == p3.tobytes()
-    assert all(s1[k].tobytes() == s3[k].tobytes() for k in s1)
+    (p, s), others = results[0], results[1:]
+    for p_other, s_other in others:
+        assert p_other.tobytes() == p.tobytes()
+        assert all(s_other[k].tobytes() == s[k].tobytes() for k in s)
 
 
 def test_threads_cut_only_vectors_worth_the_handover():
