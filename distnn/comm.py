@@ -148,14 +148,22 @@ class Comm:
         else:
             self._reduce(buf, MPI.SUM, what)
 
+    def sums_in_place(self, rows) -> bool:
+        """Whether `grid_sum` can add these chunk rows: one rank, or rows in node shared memory.
+        Else the caller rounds them to the grid in float64 and allreduces that."""
+        return self.size == 1 or self.shares(rows)
+
     def grid_sum(self, rows, counts, grid, out, what="exact sum") -> None:
-        """Deterministic mode's gradient sum for chunk rows from `buffer(n, dtype, rows=k)` in node
-        shared memory (`shares(rows)`): out = Σ over ranks p of their first counts[p] rows, each
-        rounded to `grid` (exactsum.SignalGrid) and added exactly, then rounded once to out's dtype.
+        """Deterministic mode's gradient sum, where `sums_in_place(rows)`: out = Σ over ranks p of
+        their first counts[p] rows, each rounded to `grid` (exactsum.SignalGrid) and added
+        exactly, then rounded once to out's dtype. rows: from `buffer(n, dtype, rows=k)`.
 
         The rank that owns a block of parameters rounds every rank's chunks there, in cache, and
         writes the sum in the net's dtype: no float64 vector crosses memory, and the result has
         the bits that exactsum's encode and an MPI SUM give (every order gives them)."""
+        if self.size == 1:
+            grid.sum_into([rows[:counts[0]]], out)
+            return
         shared = self._shared[id(rows)]
         shared.grid_sum(lambda: self._collective("Barrier", what=what), counts, grid, out)
 
@@ -354,17 +362,14 @@ class _SharedSum:
 
     def grid_sum(self, barrier, counts, grid, out) -> None:
         """out = the exact grid sum of every rank p's first counts[p] rows (Comm.grid_sum)."""
-        ranks = len(self.inputs)
+        ranks, r = len(self.inputs), self.rank
         owned = [len(grid.spans) * p // ranks for p in range(ranks + 1)]  # blocks each rank sums
         at = [grid.spans[b][0] for b in owned[:-1]] + [grid.size]  # their parameter ranges
-        if self._scratch is None or len(self._scratch[0]) < grid.width:
-            self._scratch = [np.empty(grid.width) for _ in range(3)]
-        magic, total, work = self._scratch
-        mine = self.sums[self.rank]
+        if self._scratch is None or self._scratch.shape[1] < grid.width:
+            self._scratch = np.empty((3, grid.width))
+        chunks = [rows[:k] for rows, k in zip(self.inputs, counts)]
         self._fence(barrier)  # every rank's chunks are written
-        for lo, hi, m in grid.blocks(magic, owned[self.rank], owned[self.rank + 1]):
-            chunks = [row[lo:hi] for rows, k in zip(self.inputs, counts) for row in rows[:k]]
-            mine[lo:hi] = exactsum.encode(chunks, m, total[:hi - lo], work[:hi - lo])
+        grid.sum_into(chunks, self.sums[r], owned[r], owned[r + 1], self._scratch)
         self._fence(barrier)  # every block is summed; no rank reads the chunks again this step
         for p in range(ranks):
             out[at[p]:at[p + 1]] = self.sums[p][at[p]:at[p + 1]]

@@ -207,10 +207,17 @@ class SignalGrid:
 
     def encode(self, rows, out) -> np.ndarray:
         """out (float64, (size,)) = Σ_i rint(rows[i] / q) q over this rank's chunk gradients, exactly."""
-        rows = check_rows(rows)
-        magic, work = np.empty(self.width), np.empty(self.width)
-        for lo, hi, m in self.blocks(magic):
-            encode(rows[:, lo:hi], m, out[lo:hi], work[:hi - lo])
+        return self.sum_into([check_rows(rows)], out)
+
+    def sum_into(self, chunks, out, first=0, last=None, scratch=None) -> np.ndarray:
+        """out[lo:hi] = Σ rint(row[lo:hi] / q) q over the rows of every (n_i, size) array in
+        `chunks`, exact in float64 and rounded once to out's dtype, for the blocks spans[first:last]
+        (all by default). The float64 sum of a block never leaves the cache. scratch: (3, width)
+        float64, or None to allocate it."""
+        magic, total, work = np.empty((3, self.width)) if scratch is None else scratch
+        for lo, hi, m in self.blocks(magic, first, last):
+            rows = [row[lo:hi] for rows in chunks for row in rows]
+            out[lo:hi] = encode(rows, m, total[:hi - lo], work[:hi - lo])
         return out
 
 

@@ -100,7 +100,7 @@ class Trainer:
             most = -(-self.batch_size // self.chunk_size)  # chunks in a global batch, at most
             self._rows = self.comm.buffer(net.n_params, net.dtype, rows=-(-most // self.comm.size))
             self.buf = np.zeros(n, net.dtype)
-            if not self.comm.shares(self._rows):
+            if not self.comm.sums_in_place(self._rows):
                 self._total = self.buf if net.dtype == np.float64 else np.zeros(n, np.float64)
         else:
             self.buf = self.comm.buffer(n, net.dtype)
@@ -284,7 +284,7 @@ class Trainer:
         flags = ex.flags  # float64: the loss and correct sums on their grid, then the stop flag
         exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), flags[:2], ex.work)
         flags[2] = 1.0 if self._stop_signal else 0.0  # flags add exactly too
-        if self.comm.shares(self._rows):
+        if self.comm.sums_in_place(self._rows):
             counts = [b - a for a, b in (data.chunk_range(n_chunks, size, p) for p in range(size))]
             self.comm.grid_sum(self._rows, counts, grid, self.grad, what=f"{what} (exact sum)")
             self.comm.allreduce(flags, what=f"{what} (exact sum: statistics)")

@@ -181,11 +181,11 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error(tmp_path):
         make(tmp_path / "file" / "checkpoints").fit(*blobs())
 
 
-def test_deterministic_steps_make_two_collectives(monkeypatch):
+def test_deterministic_steps_reduce_bounds_then_the_gradient_on_their_grid(monkeypatch):
     from distnn.comm import Comm
 
     calls, sizes = [], []
-    for name in ("allreduce", "allreduce_max", "any", "bcast", "barrier"):
+    for name in ("allreduce", "allreduce_max", "grid_sum", "any", "bcast", "barrier"):
         original = getattr(Comm, name)
         monkeypatch.setattr(Comm, name, lambda self, *a, _f=original, _n=name, **k:
                             (calls.append(_n), sizes.append((_n, np.size(a[0]) if a else 0)),
@@ -195,11 +195,14 @@ def test_deterministic_steps_make_two_collectives(monkeypatch):
     calls.clear()
     sizes.clear()
     trainer.fit(X, y)
-    # one MAX of the layers' signal bounds (one number per unit and input, not per parameter) and
-    # one float64 SUM carrying the stop flag; no separate flag collective
+    # one MAX of the layers' signal bounds (one number per unit and input, not per parameter),
+    # then the chunks summed on their grid where they are (one rank here; node shared memory) and
+    # a SUM of the three statistics, the stop flag among them; no separate flag collective
     net = trainer.net
     assert calls.count("allreduce_max") == trainer.step and calls.count("any") == 0
     bounds = sum(net.sizes[1:]) + sum(net.sizes[:-1]) + 2  # + the two statistics
     assert sizes.count(("allreduce_max", bounds)) == trainer.step and bounds < net.n_params
     assert all(s < bounds for n, s in sizes if n == "allreduce_max" and s != bounds)
-    assert sizes.count(("allreduce", net.n_params + 3)) == trainer.step
+    assert calls.count("grid_sum") == trainer.step
+    assert sizes.count(("allreduce", 3)) == trainer.step
+    assert not any(s >= net.n_params for n, s in sizes if n == "allreduce")
