@@ -327,7 +327,8 @@ class Trainer:
             if val_acc is not None:
                 record["val_accuracy"] = val_acc
             stop = self._early_stopping(val_loss)
-        record["lr"] = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
+        # the rate this epoch's last step used (not the next step's, which may never be taken)
+        record["lr"] = optim.lr_at(max(self.step - 1, 0), self.optimizer.lr, **self._lr_args)
         record["seconds"] = self._root_value(seconds)  # wall time differs per rank: report rank 0's
         self.history.append(record)
         self.comm.check_agree(self.net.params, what=f"parameters after epoch {self.epoch}")
