@@ -47,8 +47,9 @@ def save(path, arrays, meta):
         raise CheckpointError(f"{path}: could not write checkpoint: {e}") from e
 
 
-def load(path):
-    """(arrays, meta) from a file `save` wrote, fully in memory; refuses anything else."""
+def load(path, kind=None):
+    """(arrays, meta) from a file `save` wrote, fully in memory; refuses anything else, and with
+    `kind` a file whose meta["kind"] differs (a model file where a training checkpoint belongs)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -69,6 +70,8 @@ def load(path):
         raise CheckpointError(f"{path}: __meta__ is not UTF-8 JSON: {e}") from e
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: __meta__ is not a JSON object")
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: not a {kind} checkpoint (its kind is {meta.get('kind')!r})")
     return members, meta
 
 

@@ -8,8 +8,9 @@
     distnn plot runs/digits
 
 `train` runs run.train on every rank (run.py: what a run does and writes in its run directory);
-`train -n NP` starts this same command under `mpiexec -n NP`, passes SIGINT/SIGTERM on to it once,
-and fails a run that ended without its completion record, done.json.
+`train -n NP` starts this same command under `mpiexec -n NP`, passes SIGINT/SIGTERM on to it once
+(SIGHUP, a closed terminal, as SIGTERM), and fails a run that ended without a completion record,
+done.json, written by this launch.
 
 Exit codes: 0 success; 1 training diverged, or the run ended without its completion record;
 2 bad input (config, data, checkpoint, flags): one line "distnn: error: ..." on stderr from rank 0;
@@ -23,6 +24,7 @@ import csv
 import hashlib
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -30,11 +32,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import data, run
+from . import config, data, run
 from .model import load_model
 from .run import USER_ERRORS, UsageError
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")  # set inside an MPI job
+MAX_RANKS = 65536    # -n beyond this is a typo (and past 2**32 wraps around in mpiexec)
+# Passed on to mpiexec, which hands it to every rank. The ranks stop cleanly on SIGTERM/SIGINT;
+# SIGHUP (the terminal closed) would kill them without a checkpoint, so it goes on as SIGTERM.
+FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM,
+             signal.SIGHUP: signal.SIGTERM}
 
 
 # ------------------------------------------------------------------------------------- train
@@ -66,27 +73,28 @@ def launch(args) -> int:
     from .threads import blas_env, usable_cpus
 
     n = args.threads if args.threads is not None else cfg.train.threads
-    env = os.environ | blas_env(n or max(1, usable_cpus() // args.np))
-    if sys.stdout.isatty():
+    token = secrets.token_hex(16)  # rank 0 writes it into done.json: this launch finished
+    env = os.environ | blas_env(n or max(1, usable_cpus() // args.np)) | {run.RUN_TOKEN: token}
+    if run.is_terminal(sys.stdout):
         env.setdefault("DISTNN_PROGRESS", "1")
     argv = ["train", args.config, *(f"--set={s}" for s in args.set)]  # all but -n
     if args.out is not None:
         argv.append(f"--out={args.out}")
-    if args.resume:
-        argv.append("--resume")
+    argv += [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on]
     if args.threads is not None:
         argv.append(f"--threads={args.threads}")
-    done = Path(cfg.out_dir) / run.DONE
-    done.unlink(missing_ok=True)  # a stale record must not vouch for this run
     cmd = [*find_mpiexec(), "-n", str(args.np), sys.executable, "-m", "distnn", *argv]
     # Own session: a terminal's Ctrl-C reaches only us, and we pass it on once (a second
     # SIGINT makes mpiexec abort at once, without the checkpoint).
-    child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    # A closed stdout (`>&-`) is None here; mpiexec fails on a closed descriptor, so give it null.
+    stdout = subprocess.DEVNULL if sys.stdout is None else None
+    child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                             start_new_session=True)
 
     def forward(signum, frame):
-        child.send_signal(signum)  # mpiexec hands it to every rank: checkpoint, then exit 128+N
+        child.send_signal(FORWARDED[signum])  # to every rank: checkpoint, then exit 128+N
 
-    saved = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         code = child.wait()
     finally:
@@ -94,7 +102,7 @@ def launch(args) -> int:
             signal.signal(s, handler)
     if code != 0:
         return code if code > 0 else 128 - code  # killed by signal N: 128 + N, like a shell
-    if not done.is_file():
+    if not run.finished(cfg.out_dir, token):  # a stale done.json does not vouch for this run
         print("distnn: error: the run ended without its completion record (a rank exited early?)",
               file=sys.stderr)
         return 1
@@ -157,12 +165,15 @@ def predict(args) -> int:
     columns = prediction_columns(model)
     labels = model.predict_labels(ds.X) if model.is_classifier else None
     labels = None if labels is None else labels.reshape(len(mean), -1)
-    with open(args.output, "w", newline="") as f:
+
+    def write(f):
         out = csv.writer(f)
         out.writerow(columns)
         for i, row in enumerate(mean):
             # str of a numpy float is its shortest round-trip text: reading it back gives the bits
             out.writerow([str(v) for v in row] + ([] if labels is None else list(labels[i])))
+
+    run.write_atomically(args.output, write)  # an existing file stays whole until the new one is
     print(f"{len(mean)} predictions -> {args.output}")
     return 0
 
@@ -228,7 +239,7 @@ def error_line(e) -> str:
     return f"distnn: error: {message}"
 
 
-def _count(low):
+def _count(low, high):
     def parse(text):
         try:
             value = int(text)
@@ -236,6 +247,8 @@ def _count(low):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"expected a number >= {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected a number <= {high}, got {value}")
         return value
     return parse
 
@@ -247,14 +260,18 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train from a TOML config (under MPI: every rank runs this)")
     t.add_argument("config", help="the TOML config file")
-    t.add_argument("-n", "--np", type=_count(1), default=1,
+    t.add_argument("-n", "--np", type=_count(1, MAX_RANKS), default=1,
                    help="start NP ranks under mpiexec (default 1: this process)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.l2=1e-4 (repeatable)")
     t.add_argument("--out", help="run directory (default: the config's out_dir)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the run directory's latest checkpoint, if any")
-    t.add_argument("--threads", type=_count(0),
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the run directory's latest checkpoint, if any")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh even where the run directory holds a finished run or "
+                            "checkpoints, replacing them")
+    t.add_argument("--threads", type=_count(0, config.MAX_THREADS),
                    help="BLAS threads per rank (default: the config's; 0 = cores / ranks per node)")
     e = sub.add_parser("evaluate", help="metrics of a model on a data set")
     p_ = sub.add_parser("predict", help="write a model's predictions as CSV")

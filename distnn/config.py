@@ -22,6 +22,7 @@ FAMILIES = ("gaussian", "bernoulli", "multinomial", "poisson")
 DTYPES = ("float32", "float64")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "linear")
+MAX_THREADS = 4096  # BLAS threads per rank (the BLAS libraries take a C int)
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,12 @@ def _sizes(v):
     return None if all(h >= 1 for h in v) else f"expected sizes >= 1, got {v!r}"
 
 
+def _bucket_mb(v):
+    # the bucket must hold at least one float64: 8 bytes are 7.6e-6 MiB
+    ok = math.isfinite(v) and v >= 1e-5
+    return None if ok else f"expected a finite value >= 1e-05 (MiB; one float64 at least), got {v!r}"
+
+
 def _betas(v):
     ok = len(v) == 2 and all(0 <= b < 1 for b in v)
     return None if ok else f"expected two numbers in [0, 1), got {v!r}"
@@ -147,7 +154,7 @@ CHECKS = {
     "train.batch_size": _at_least(1), "train.epochs": _at_least(0), "train.seed": _at_least(0),
     "train.patience": _at_least(0), "train.checkpoint_every": _at_least(0),
     "train.keep_checkpoints": _at_least(1), "train.chunk_size": _between(1, 2**20),
-    "train.watchdog": _at_least(0), "train.bucket_mb": _above(0), "train.threads": _at_least(0),
+    "train.watchdog": _at_least(0), "train.bucket_mb": _bucket_mb, "train.threads": _between(0, MAX_THREADS),
     "train.check_every": _at_least(0),
 }
 
@@ -269,6 +276,8 @@ def apply_override(d: dict, item: str) -> None:
     key = key.strip()
     if not eq:
         raise ConfigError(f"override {item!r}: no '=' in it (expected section.key=value)")
+    if not key:
+        raise ConfigError(f"override {item!r}: no key before '=' (expected section.key=value)")
     _require_known(key)
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]

@@ -19,6 +19,7 @@ import os
 import struct
 import urllib.parse
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -376,8 +377,13 @@ def _load_synthetic(source: str, spec: str) -> Dataset:
     make, defaults = SYNTHETIC[kind]
     p = _synthetic_params(source, query, defaults, k_min=2 if kind == "classification" else 1)
     rng = np.random.default_rng(p.pop("seed"))
-    X = rng.standard_normal((p.pop("n"), p.pop("d")))
-    return Dataset(X, make(rng, X, **p), _default_names(X), "y", source)
+    n, d = p.pop("n"), p.pop("d")
+    try:
+        X = rng.standard_normal((n, d))
+        return Dataset(X, make(rng, X, **p), _default_names(X), "y", source)
+    except MemoryError:
+        raise DataError(f"{source}: n={n} rows of d={d} features need {n * d * 8 / 2**30:,.1f} GiB "
+                        f"of memory (and the labels more); there is not that much") from None
 
 
 def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> dict:
@@ -424,23 +430,76 @@ def check_finite(X, rows=None, *, name: str = "X", block: int | None = None) -> 
     for lo in range(0, n, block):
         hi = min(lo + block, n)
         part = np.asarray(X[lo:hi] if rows is None else X[np.asarray(rows[lo:hi])])
-        bad = ~np.isfinite(part)
-        if bad.any():
-            where = np.argwhere(bad)[0]
-            row = lo + where[0] if rows is None else int(rows[lo + where[0]])
-            value = part[tuple(where)]
-            what = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
-            col = f", column {where[1]}" if part.ndim > 1 else ""
-            raise DataError(f"{name} row {row}{col} is {what}")
+        index = np.arange(lo, hi) if rows is None else np.asarray(rows[lo:hi])
+        _refuse_non_finite(part, index, name)
 
 
-def encode_labels(y) -> tuple[np.ndarray, np.ndarray]:
-    """(codes int64 in 0..K-1, classes sorted) so that classes[codes] == y."""
+def _refuse_non_finite(part, index, name) -> None:
+    """DataError naming the first NaN/Inf of the block `part`, whose row i is row index[i]."""
+    if part.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(part)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        value = part[tuple(where)]
+        what = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+        col = f", column {where[1]}" if part.ndim > 1 else ""
+        raise DataError(f"{name} row {int(index[where[0]])}{col} is {what}")
+
+
+def scan(X, rank=0, size=1, *, name: str = "X") -> np.ndarray:
+    """Check a rank's share of X is finite and checksum it in the same read, block by block.
+
+    Returns (blocks,) int64: the crc32 of each block this rank read and 0 for the others', so the
+    SUM over ranks holds every block's crc32. Blocks depend on X alone, not on the rank count."""
+    block = _block_rows(X, None)
+    crcs = np.zeros(max(1, -(-X.shape[0] // block)), np.int64)
+    first, last = chunk_range(len(crcs), size, rank)
+    for j in range(first, last):
+        lo, hi = j * block, min((j + 1) * block, X.shape[0])
+        part = np.ascontiguousarray(X[lo:hi])
+        _refuse_non_finite(part, np.arange(lo, hi), name)
+        crcs[j] = zlib.crc32(part)
+    return crcs
+
+
+def fingerprint(ds: Dataset, classes, crcs) -> dict:
+    """What identifies the training data cheaply: shape, class labels, and a crc32 over the
+    blocks' crc32s (scan, summed over ranks) and the targets, without a second read of X."""
+    y = np.ascontiguousarray(ds.y)
+    crc = zlib.crc32(y, zlib.crc32(np.ascontiguousarray(crcs, "<i8")))
+    return {"rows": int(ds.X.shape[0]), "features": int(ds.X.shape[1]),
+            "classes": None if classes is None else classes.tolist(), "crc32": f"{crc:#010x}"}
+
+
+def fingerprint_changes(before: dict, now: dict) -> list[str]:
+    """What differs between two fingerprints, in words ("rows 120 there, 119 here")."""
+    def brief(v):
+        return _names_in_brief(v) if isinstance(v, list) else v
+    differ = [f"{k} {brief(before.get(k))} there, {brief(now[k])} here"
+              for k in ("rows", "features", "classes") if before.get(k) != now[k]]
+    if not differ and before.get("crc32") != now["crc32"]:
+        differ.append(f"the same shape but other content (crc32 {before.get('crc32')} there, "
+                      f"{now['crc32']} here)")
+    return differ
+
+
+def _names_in_brief(items, shown=6) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+    return "[" + ", ".join(map(repr, items[:shown])) + more + "]"
+
+
+def encode_labels(y, *, name: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """(codes int64 in 0..K-1, classes sorted) so that classes[codes] == y; NaN/Inf is no class."""
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise DataError(f"class labels must be one column, got shape {y.shape}")
+        raise DataError(f"{name}: class labels must be one column, got shape {y.shape}")
+    try:
+        _refuse_non_finite(y, np.arange(len(y)), name)
+    except DataError as e:
+        raise DataError(f"{e}; class labels must be finite numbers or strings") from None
     classes, codes = np.unique(y, return_inverse=True)
     return codes.reshape(-1).astype(np.int64), classes
 

@@ -75,15 +75,21 @@ class Model:
             y = y[:, 0]
         if y.ndim != 1:
             raise DataError(f"class labels must be one column, got shape {y.shape}")
-        code = {str(c): i for i, c in enumerate(self.classes)}  # str: CSV labels may be text
         values, inverse = np.unique(y, return_inverse=True)
-        for v in values:
-            if str(v) not in code:
-                row = int(np.flatnonzero(y == v)[0])
-                raise DataError(f"label {v.item()!r} at row {row} is not one of the model's classes "
-                                f"{self.classes.tolist()}")
-        codes = np.array([code[str(v)] for v in values], np.int64)
+        codes = np.array([self._code(v, y) for v in values], np.int64)
         return codes[inverse.reshape(-1)]
+
+    def _code(self, label, y) -> int:
+        """The output of `label`: numbers match numbers by value (1 == 1.0), text matches text."""
+        numeric = np.asarray(label).dtype.kind in "biuf" and self.classes.dtype.kind in "biuf"
+        found = (np.flatnonzero(self.classes == label) if numeric
+                 else np.flatnonzero(self.classes.astype(str) == str(label)))
+        if len(found) == 0:
+            row = int(np.flatnonzero(y == label)[0]) if label == label else int(
+                np.flatnonzero(y != y)[0])  # NaN equals nothing, itself included
+            raise DataError(f"label {label.item()!r} at row {row} is not one of the model's "
+                            f"classes {self.classes.tolist()}")
+        return int(found[0])
 
     def scores(self, X, y) -> dict:
         """Metrics on (X, y): mean loss (NLL, no penalty) and accuracy, r2 or Poisson deviances."""
@@ -185,6 +191,7 @@ def load_model(path) -> Model:
 # What the commands read from a model's meta, and the type each must have (a crafted file may lie).
 META_TYPES = {"network": dict, "features": list, "target": (str, type(None)), "metrics": dict,
               "source": str}
+SCORED = ("val", "test")  # the tables of scores in meta["metrics"], {name: number}
 
 
 def _check_meta(path, meta) -> None:
@@ -195,6 +202,15 @@ def _check_meta(path, meta) -> None:
         raise CheckpointError(f"{path}: the model has no network description")
     if not all(isinstance(f, str) for f in meta.get("features", [])):
         raise CheckpointError(f"{path}: model field 'features' must list names")
+    for split in SCORED:
+        scores = meta.get("metrics", {}).get(split, {})
+        if not (isinstance(scores, dict) and all(_number(v) for v in scores.values())):
+            raise CheckpointError(f"{path}: model field 'metrics' has a '{split}' that is not a "
+                                  f"table of numbers")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _n_params(sizes) -> int:

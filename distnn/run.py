@@ -5,9 +5,11 @@ summed exactly across ranks), builds the network or resumes the newest checkpoin
 fits. A user error (USER_ERRORS) on any rank is raised on every rank, so the command line reports it
 once; divergence and signals are the trainer's (DivergenceError, Interrupted).
 
-A run directory (rank 0 writes it) holds config.toml (resolved), metrics.jsonl (one line per
-epoch), checkpoints/, model.npz, curves.png and, as the very last act of a successful run,
-done.json: the completion record. `train -n NP` fails a run that ended without it.
+A run directory (rank 0 writes it) holds config.toml (resolved), data.json (the training data's
+fingerprint, which --resume checks), metrics.jsonl (one line per epoch), checkpoints/, model.npz,
+curves.png and, as the very last act of a successful run, done.json: the completion record.
+`train -n NP` fails a run that ended without its own (done.json carries the launch's RUN_TOKEN).
+A fresh run replaces a finished or checkpointed run only with --overwrite.
 
 Progress: one summary line per epoch on stdout, and a tqdm bar below them when stdout is a terminal
 (DISTNN_PROGRESS=1 forces it on, =0 off; `train -n` sets it for its ranks, whose stdout is
@@ -31,6 +33,8 @@ from .model import Model, save_model
 from .network import Network
 
 DONE = "done.json"  # the completion record
+DATA = "data.json"  # the training data's fingerprint: a resumed run must see the same data
+RUN_TOKEN = "DISTNN_RUN_TOKEN"  # set by `train -n`; rank 0 copies it into done.json
 SCALER_CHUNK = 4096  # rows per standardization chunk: moments are summed exactly over chunks
 
 
@@ -62,7 +66,28 @@ def load_train_config(args) -> config.Config:
         if not args.out.strip():
             raise UsageError("--out: expected a directory, got an empty string")
         cfg.out_dir = args.out
+    _check_out_dir(cfg.out_dir, "--out" if args.out is not None else "out_dir")
     return cfg
+
+
+def _check_out_dir(out, key) -> None:
+    """The run directory, or else the nearest folder above it that exists, is a directory."""
+    path = Path(out)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"{p} is a file"
+                raise UsageError(f"{key} {out}: {what}, not a directory")
+            return
+
+
+def finished(run_dir, token) -> bool:
+    """Whether done.json in run_dir records the launch that set RUN_TOKEN = token."""
+    try:
+        record = json.loads((Path(run_dir) / DONE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("run") == token
 
 
 # ------------------------------------------------------------------------------------- train
@@ -83,6 +108,8 @@ def train(args, comm) -> int:
         n = threads.limit_blas_threads(given or comm.blas_share())
         pinned = {"threads": n}
     job = _together(comm, prepare, cfg, comm.rank, comm.size)
+    comm.allreduce(job.crcs, what="data checksum")  # every block's crc32, on every rank
+    fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
     scaler = fit_scaler(job.X, job.train, comm) if cfg.data.standardize else None
     run = Path(cfg.out_dir)
     tcomm = Comm(timeout=cfg.train.watchdog or None, bucket_bytes=int(cfg.train.bucket_mb * 2**20))
@@ -90,13 +117,15 @@ def train(args, comm) -> int:
     settings = trainer_settings(cfg, run / "checkpoints", log) | pinned
     resume_from = _latest(comm, run / "checkpoints") if args.resume else None
     if resume_from is None:
+        _together(comm, _may_start_afresh, run, args.overwrite, comm.is_root)
         trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=tcomm, **settings)
     else:
         trainer = Trainer.resume(resume_from, comm=tcomm, optimizer=make_optimizer(cfg.optim),
                                  **settings)
         _same_network(resume_from, trainer.net, job.net)
-        _together(comm, _same_run, resume_from, run, cfg, comm.is_root)
-    _together(comm, _start_run_dir, run, cfg, trainer.history, resume_from is None, comm.is_root)
+        _together(comm, _same_run, resume_from, run, cfg, fingerprint, comm.is_root)
+    _together(comm, _start_run_dir, run, cfg, fingerprint, trainer.history, resume_from is None,
+              comm.is_root)
     # NaN/Inf is the trainer's to report (one message naming the step), not numpy's warnings
     with log.progress(trainer.epoch), np.errstate(all="ignore"):
         trainer.fit(_Rows(job.X, job.train), job.y[job.train], *job.val_split(),
@@ -124,6 +153,7 @@ class Job:
     dataset: data.Dataset
     test: tuple | None       # (X, labels) of data.test_source
     net: Network
+    crcs: np.ndarray         # (blocks,) int64: crc32 of the blocks of X this rank read, else 0
 
     def val_split(self):
         """(X_val, y_val) for Trainer.fit, or (None, None) without validation rows."""
@@ -142,11 +172,11 @@ def prepare(cfg, rank, size) -> Job:
     """Load, check and split the data and build the network; the same on every rank."""
     dc, mc = cfg.data, cfg.model
     ds = data.load(dc.source, target=dc.target or None, features=dc.features or None)
-    a, b = data.shard(0, len(ds.X), size, rank)  # each rank checks a block; all fail together
-    data.check_finite(ds.X, np.arange(a, b), name=f"{ds.source}: X")
+    # each rank checks its blocks (all fail together) and checksums them in the same read
+    crcs = data.scan(ds.X, rank, size, name=f"{ds.source}: X")
     classes = None
     if mc.family == "multinomial":
-        y, classes = data.encode_labels(ds.y)
+        y, classes = data.encode_labels(ds.y, name=f"{ds.source}: target '{ds.target_name}'")
         if classes.dtype.kind not in "biufU":  # the model file keeps class labels as JSON
             raise DataError(f"{ds.source}: target '{ds.target_name}' holds {classes.dtype} values; "
                             f"class labels must be numbers or strings")
@@ -156,8 +186,7 @@ def prepare(cfg, rank, size) -> Job:
         n_out = len(classes)
     else:
         y, n_out = ds.y, 1 if ds.y.ndim == 1 else ds.y.shape[1]
-    net = Network([ds.X.shape[1], *mc.hidden, n_out], activation=mc.activation, family=mc.family,
-                  l1=mc.l1, l2=mc.l2, dtype=mc.dtype, seed=cfg.train.seed)
+    net = _network([ds.X.shape[1], *mc.hidden, n_out], mc, cfg.train.seed)
     try:
         y = net.check_targets(y, len(ds.X))  # targets that do not fit the family fail here
     except ValueError as e:
@@ -168,15 +197,39 @@ def prepare(cfg, rank, size) -> Job:
                         f"{cfg.train.batch_size} or the {size} ranks")
     test = None
     if dc.test_source:
-        t = data.load(dc.test_source, target=dc.target or None, features=ds.feature_names)
-        data.check_finite(t.X, name=f"{t.source}: X")
+        t = _test_set(dc.test_source, dc.target, ds)
         try:
             Model(net, None, classes).targets(t.y)  # labels the model cannot know fail now
         except ValueError as e:
             raise DataError(f"{t.source}: target '{t.target_name}': {e}") from None
         test = (t.X, t.y)
     make_optimizer(cfg.optim)  # bad hyper-parameters fail before anything starts
-    return Job(ds.X, y, ds.y, train_rows, val_rows, classes, ds, test, net)
+    return Job(ds.X, y, ds.y, train_rows, val_rows, classes, ds, test, net, crcs)
+
+
+def _network(sizes, mc, seed) -> Network:
+    """The configured network; one too large for memory is model.hidden's error, not a crash."""
+    try:
+        return Network(sizes, activation=mc.activation, family=mc.family, l1=mc.l1, l2=mc.l2,
+                       dtype=mc.dtype, seed=seed)
+    except MemoryError:
+        n = sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:]))
+        gib = n * np.dtype(mc.dtype).itemsize / 2**30
+        raise config.ConfigError(f"model.hidden: a {'-'.join(map(str, sizes))} network needs "
+                                 f"{gib:,.1f} GiB for its {n:,} parameters alone; there is not "
+                                 f"that much memory") from None
+
+
+def _test_set(source, target, train) -> data.Dataset:
+    """data.test_source, with the training data's features: CSV columns are picked by name, any
+    other source must have as many columns."""
+    names = train.feature_names if source.lower().endswith(".csv") else None
+    t = data.load(source, target=target or None, features=names)
+    if t.X.shape[1] != train.X.shape[1]:
+        raise DataError(f"{t.source}: {t.X.shape[1]} features, but the training data "
+                        f"{train.source} has {train.X.shape[1]}")
+    data.check_finite(t.X, name=f"{t.source}: X")
+    return t
 
 
 def fit_scaler(X, rows, comm) -> Standardizer:
@@ -233,29 +286,56 @@ def trainer_settings(cfg, checkpoint_dir, log) -> dict:
 
 
 def _latest(comm, directory):
-    """The newest checkpoint in `directory` that loads, as rank 0 sees it, on every rank; or None.
-    Rank 0 names each newer one it had to pass over (truncated, corrupted)."""
-    path = None
-    for candidate in reversed(_together(comm, _candidates, directory, comm.is_root)):
+    """The newest checkpoint in `directory` that loads, as rank 0 sees it, on every rank; None
+    when there is none. Checkpoints none of which loads are an error (resuming them is impossible,
+    training afresh would silently drop them)."""
+    return comm.bcast_json(_together(comm, _newest_loadable, directory, comm.is_root))
+
+
+def _newest_loadable(directory, is_root):
+    """Rank 0: the newest training checkpoint that loads, naming each newer one it passed over."""
+    if not is_root:
+        return None
+    candidates, refused = checkpoint.list_checkpoints(directory), []
+    for candidate in reversed(candidates):
         try:
-            checkpoint.load(candidate)
+            checkpoint.load(candidate, kind="training")
         except CheckpointError as e:
+            refused.append(e)
+            continue
+        for e in refused:
             print(f"distnn: warning: cannot resume from {e}; trying an older checkpoint",
                   file=sys.stderr, flush=True)
-            continue
-        path = str(candidate)
-        break
-    return comm.bcast_json(path)
+        return str(candidate)
+    if candidates:
+        raise CheckpointError(f"{directory}: none of the {len(candidates)} checkpoints loads "
+                              f"(the newest: {refused[0]}); nothing to resume. Restore one, or "
+                              f"train afresh with --overwrite")
+    return None
 
 
-def _candidates(directory, is_root):
-    return checkpoint.list_checkpoints(directory) if is_root else []
+def _may_start_afresh(run, overwrite, is_root) -> None:
+    """Rank 0: a fresh run would replace what is in `run`; a finished run or checkpoints only
+    with --overwrite (without it, a run that then fails would have destroyed them for nothing)."""
+    if not is_root or overwrite:
+        return
+    if (run / DONE).exists() or (run / "model.npz").exists():
+        held = "a finished run"
+    elif checkpoint.list_checkpoints(run / "checkpoints"):
+        held = "checkpoints of an unfinished run"
+    else:
+        return
+    raise UsageError(f"{run}: holds {held}; continue it with --resume, train into another --out "
+                     f"directory, or pass --overwrite to replace it")
 
 
-def _same_run(path, run, cfg, is_root) -> None:
+def _same_run(path, run, cfg, fingerprint, is_root) -> None:
     """A resumed run must keep its data split and order: the data, the seed, the batch size."""
+    if not is_root:
+        return
+    _same_data(run / DATA, cfg.data.source, fingerprint)
     saved = run / "config.toml"
-    if not is_root or not saved.is_file():
+    if not saved.is_file():
         return
     before = config.to_dict(config.load_config(saved))
     now = config.to_dict(cfg)
@@ -269,6 +349,21 @@ def _same_run(path, run, cfg, is_root) -> None:
                               f"order. Train into a new --out directory, or drop --resume")
 
 
+def _same_data(path, source, now) -> None:
+    """The data's fingerprint (data.fingerprint) is the one the run started with, if it kept one."""
+    try:
+        before = json.loads(path.read_text())
+    except FileNotFoundError:
+        return  # a run from before fingerprints
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable data fingerprint ({e})") from None
+    differ = data.fingerprint_changes(before, now)
+    if differ:
+        raise DataError(f"{source}: the training data changed since the run started "
+                        f"({'; '.join(differ)}); resuming would train on other data. Train into "
+                        f"a new --out directory, or drop --resume")
+
+
 def _same_network(path, resumed, configured) -> None:
     a, b = resumed.spec(), configured.spec()
     differ = "; ".join(f"{k} {a[k]} there, {b[k]} here" for k in a if a[k] != b[k])
@@ -279,19 +374,22 @@ def _same_network(path, resumed, configured) -> None:
 
 # ------------------------------------------------------------------------ the run directory
 
-def _start_run_dir(run, cfg, history, fresh, is_root) -> None:
-    """Rank 0: remove a stale completion record, write the config, restart metrics.jsonl from
-    the history the run continues (none when fresh, whose old checkpoints are removed)."""
+def _start_run_dir(run, cfg, fingerprint, history, fresh, is_root) -> None:
+    """Rank 0: remove a stale completion record, write the config and the data's fingerprint,
+    restart metrics.jsonl from the history the run continues (none when fresh, which removes what
+    an earlier run left: _may_start_afresh allowed it)."""
     if not is_root:
         return
     (run / DONE).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     if fresh:
-        for old in checkpoint.list_checkpoints(run / "checkpoints"):
-            old.unlink()
-    (run / "config.toml").write_text(config.to_toml(cfg))
-    with open(run / "metrics.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
+        for old in [run / "model.npz", run / "curves.png",
+                    *checkpoint.list_checkpoints(run / "checkpoints")]:
+            old.unlink(missing_ok=True)
+    write_atomically(run / "config.toml", lambda f: f.write(config.to_toml(cfg)))
+    _write_json(run / DATA, fingerprint)
+    write_atomically(run / "metrics.jsonl",
+                     lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
 
 
 def _finish_run_dir(run, model, job, done, started, is_root) -> None:
@@ -313,14 +411,30 @@ def _finish_run_dir(run, model, job, done, started, is_root) -> None:
     scores = "  ".join(f"{k} {v:.4g}" for k, v in done.get("val", {}).items())
     print(f"done: {run}/model.npz" + (f"  (validation: {scores})" if scores else ""), flush=True)
     done["seconds"] = time.perf_counter() - started
+    if os.environ.get(RUN_TOKEN):
+        done["run"] = os.environ[RUN_TOKEN]  # tells `train -n` that this launch finished
     _write_json(run / DONE, done)
 
 
 def _write_json(path, obj) -> None:
     """Write JSON atomically: a reader sees the old file or the whole new one."""
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1) + "\n"))
+
+
+def write_atomically(path, write, binary=False) -> None:
+    """write(f) to a temp file beside `path`, then rename it over `path`: a full disk or a crash
+    leaves the old file whole, never half a new one. An OSError names `path`."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
 
 
 class _EpochLog:
@@ -332,8 +446,11 @@ class _EpochLog:
     def __call__(self, record):
         if not self.is_root:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")  # closed, so flushed: a crash loses no epoch
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")  # closed, so flushed: a crash loses no epoch
+        except OSError as e:
+            raise OSError(f"{self.path}: cannot write ({e.strerror or e})") from None
         line = epoch_line(record, self.epochs)
         if self.bar is not None:
             self.bar.update(1)
@@ -346,10 +463,15 @@ class _EpochLog:
         from tqdm import tqdm
 
         env = os.environ.get("DISTNN_PROGRESS")
-        show = self.is_root and (env == "1" or (env != "0" and sys.stdout.isatty()))
+        show = self.is_root and (env == "1" or (env != "0" and is_terminal(sys.stdout)))
         self.bar = tqdm(total=self.epochs, initial=done, unit="epoch", disable=not show,
                         leave=False, dynamic_ncols=True, file=sys.stdout)
         return self.bar
+
+
+def is_terminal(stream) -> bool:
+    """Whether `stream` is a terminal; a closed stdout (`>&-`) is None in Python, and not one."""
+    return stream is not None and stream.isatty()
 
 
 def epoch_line(r, epochs) -> str:
@@ -371,12 +493,27 @@ def read_metrics(path) -> list[dict]:
     records = []
     for i, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             raise DataError(f"{path} line {i}: not a JSON record") from None
+        if not _epoch_record(record):
+            raise DataError(f"{path} line {i}: not an epoch record (a JSON object with an integer "
+                            f"\"epoch\" and numbers for the losses and accuracies)")
+        records.append(record)
     if not records:
         raise DataError(f"{path}: no epochs recorded yet")
     return records
+
+
+PLOTTED = ("loss", "val_loss", "accuracy", "val_accuracy")
+
+
+def _epoch_record(r) -> bool:
+    """A dict with an integer epoch and a number (or null) for each plotted key it has."""
+    def number(v):
+        return v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+    return (isinstance(r, dict) and isinstance(r.get("epoch"), int)
+            and not isinstance(r["epoch"], bool) and all(number(r[k]) for k in PLOTTED if k in r))
 
 
 def plot_curves(records, path) -> None:
@@ -396,7 +533,4 @@ def plot_curves(records, path) -> None:
         ax.set_ylabel(keys[0])
         ax.grid(alpha=0.3)
         ax.legend()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)

@@ -432,10 +432,13 @@ class Trainer:
 
     def _diverged(self):
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        saved = checkpoint.list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
+        kept = (f"the last good checkpoint, {saved[-1]}, is kept" if saved
+                else "no checkpoint was written before it")
         raise DivergenceError(
-            f"training diverged at {where}: the loss or gradient is NaN/Inf. The last good "
-            f"checkpoint is kept; lower the learning rate (optim.lr), add gradient clipping "
-            f"(optim.clip_norm) or standardize the inputs")
+            f"training diverged at {where}: the loss or gradient is NaN/Inf ({kept}); lower the "
+            f"learning rate (optim.lr), add gradient clipping (optim.clip_norm) or standardize "
+            f"the inputs")
 
     def _interrupt(self):
         path = self.save_checkpoint()

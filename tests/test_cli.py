@@ -7,6 +7,7 @@ plain pytest. The model tests at the end compare Model.scores with scikit-learn'
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -207,6 +208,7 @@ def test_divergence_stops_with_exit_code_1_and_one_message(work):
     done = distnn(work, "train", "cfg.toml")
     assert done.returncode == 1
     assert "distnn: training diverged at epoch 1, step" in done.stderr
+    assert "no checkpoint was written before it" in done.stderr  # and it does not claim one
     assert "Traceback" not in done.stderr
     assert not (work / "run" / "done.json").exists()
 
@@ -384,3 +386,259 @@ def test_a_file_that_is_not_a_model_is_refused(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a zip"):
         load_model(tmp_path / "x.npz")
+
+
+# --------------------------------------------------------------- what a failed run leaves behind
+
+def fake_mpiexec(work, exit_code):
+    """An "mpiexec" that runs no rank and exits `exit_code`."""
+    fake = work / f"fake-mpiexec-{exit_code}"
+    fake.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def run_files(run):
+    return {str(p.relative_to(run)): p.read_bytes() for p in Path(run).rglob("*") if p.is_file()}
+
+
+def test_a_refused_launch_leaves_a_finished_run_finished(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    before = run_files(work / "run")
+    refused = distnn(work, "train", "cfg.toml", "-n", "2", "--resume", MPIEXEC=fake_mpiexec(work, 2))
+    assert refused.returncode == 2
+    assert run_files(work / "run") == before  # done.json still vouches for the finished run
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("spoil", [["--set", "data.source=nope.csv"], ["--resume", "--set", "train.seed=9"]],
+                         ids=["bad data source", "refused resume"])
+def test_a_refused_two_rank_run_leaves_a_finished_run_finished(work, spoil):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    before = run_files(work / "run")
+    one_error_line(distnn(work, "train", "cfg.toml", "-n", "2", *spoil))
+    assert run_files(work / "run") == before
+
+
+def test_a_fresh_run_into_a_finished_run_is_refused_unless_told_to_overwrite(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    before = run_files(work / "run")
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--set", "optim.lr=1e308"))
+    assert "run: holds a finished run" in line and "--resume" in line and "--overwrite" in line
+    assert run_files(work / "run") == before
+    done = distnn(work, "train", "cfg.toml", "--set", "train.epochs=2", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert [r["epoch"] for r in records(work / "run")] == [1, 2]
+
+
+def test_a_fresh_run_into_a_checkpointed_run_is_refused(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    (work / "run" / "done.json").unlink()
+    (work / "run" / "model.npz").unlink()  # an interrupted run: only its checkpoints
+    line = one_error_line(distnn(work, "train", "cfg.toml"))
+    assert "run: holds checkpoints of an unfinished run" in line
+
+
+def test_a_fresh_run_may_replace_a_run_that_left_nothing_to_resume(work):
+    (work / "run").mkdir()
+    (work / "run" / "metrics.jsonl").write_text("")  # a run that failed before its first checkpoint
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+
+
+def truncate_checkpoints(run):
+    for p in (Path(run) / "checkpoints").glob("ckpt-*.npz"):
+        p.write_bytes(p.read_bytes()[:500])
+
+
+def test_resume_refuses_when_no_checkpoint_loads(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=3").returncode == 0
+    (work / "run" / "done.json").unlink()
+    truncate_checkpoints(work / "run")
+    before = run_files(work / "run")
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--resume"))
+    assert "run/checkpoints: none of the 3 checkpoints loads" in line
+    assert "ckpt-000000006.npz" in line  # the newest, and why it failed
+    assert run_files(work / "run") == before
+
+
+def test_resume_skips_a_model_file_among_the_checkpoints(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    forged = work / "run" / "checkpoints" / "ckpt-000000099.npz"
+    shutil.copy(work / "run" / "model.npz", forged)
+    done = distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2")
+    assert done.returncode == 0, done.stderr
+    assert "ckpt-000000099.npz: not a training checkpoint" in done.stderr
+    for p in (work / "run" / "checkpoints").glob("ckpt-*.npz"):
+        if p != forged:
+            p.unlink()
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=3"))
+    assert "none of the 1 checkpoints loads" in line and "not a training checkpoint" in line
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda X, y: (X[:-1], y[:-1]), "rows 120 there, 119 here"),
+    (lambda X, y: (X, np.where(y == "setosa", "rose", y)), "classes"),
+    (lambda X, y: (X + 1e-3, y), "content"),
+])
+def test_resume_refuses_training_data_that_changed(work, change, what):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    write_csv(work / "flowers.csv", *change(*flowers()))
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2"))
+    assert "flowers.csv: the training data changed since the run started" in line and what in line
+
+
+# ------------------------------------------------------------------------------- class labels
+
+@pytest.mark.parametrize("cell, what", [("nan", "NaN"), ("inf", "inf"), ("-inf", "-inf")])
+def test_a_non_finite_class_label_is_refused_naming_the_row(work, cell, what):
+    X, y = flowers()
+    labels = np.searchsorted(CLASSES, y).astype(str)
+    labels[7] = cell
+    write_csv(work / "flowers.csv", X, labels)
+    line = one_error_line(distnn(work, "train", "cfg.toml"))
+    assert f"flowers.csv: target 'species' row 7 is {what}" in line
+
+
+def numeric_labels_model(work, labels):
+    """A model trained on flowers with class labels `labels` (an array of 3) in an npz."""
+    X, y = flowers()
+    codes = np.searchsorted(CLASSES, y)
+    np.savez(work / "train.npz", X=X, y=labels[codes])
+    assert distnn(work, "train", "cfg.toml", "--set", "data.source=train.npz", "--set", "data.target=y",
+                  "--set", "train.epochs=1").returncode == 0
+    return X, codes
+
+
+@pytest.mark.parametrize("trained, scored", [(np.array([0, 1, 2]), np.array([0.0, 1.0, 2.0])),
+                                             (np.array([0.0, 1.0, 2.0]), np.array([0, 1, 2]))],
+                         ids=["int model, float data", "float model, int data"])
+def test_numeric_labels_compare_as_numbers(work, trained, scored):
+    X, codes = numeric_labels_model(work, trained)
+    np.savez(work / "score.npz", X=X, y=scored[codes])
+    done = distnn(work, "evaluate", "run/model.npz", "score.npz")
+    assert done.returncode == 0, done.stderr
+    assert distnn(work, "train", "cfg.toml", "--overwrite", "--set", "data.source=train.npz",
+                  "--set", "data.target=y", "--set", "train.epochs=1",
+                  "--set", "data.test_source=score.npz").returncode == 0
+    np.savez(work / "text.npz", X=X, y=CLASSES[codes])
+    line = one_error_line(distnn(work, "evaluate", "run/model.npz", "text.npz"))
+    assert "label 'setosa' at row 3 is not one of the model's classes" in line  # text is no number
+
+
+# ------------------------------------------------------------------------------- the launcher
+
+@needs_mpiexec
+def test_sighup_to_the_launcher_stops_every_rank_with_a_checkpoint(work):
+    cmd = [sys.executable, "-m", "distnn", "train", "cfg.toml", "-n", "2",
+           "--set", "train.epochs=100000", "--set", "train.batch_size=8"]
+    job = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (work / "run" / "metrics.jsonl").is_file() or not records(work / "run"):
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGHUP)
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err
+    assert list((work / "run" / "checkpoints").glob("ckpt-*.npz"))
+    left = subprocess.run(["pgrep", "-f", f"distnn train cfg.toml"], capture_output=True, text=True)
+    assert not [p for p in left.stdout.split() if Path(f"/proc/{p}/cwd").resolve() == work.resolve()]
+
+
+@pytest.mark.parametrize("flag, value", [("-n", "99999999999999999999"), ("-n", "4294967298"),
+                                         ("-n", "65537"), ("--threads", str(10**30))])
+def test_counts_are_bounded(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "c.toml", flag, value])
+    assert exit.value.code == 2
+    assert "expected a number <=" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- predict output
+
+def test_predict_replaces_its_output_only_when_complete(work, monkeypatch, capsys):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    (work / "pred.csv").write_text("keep me\n")
+    real_writer = cli.csv.writer
+
+    def disk_full_after_a_row(f):
+        out = real_writer(f)
+
+        class Full:
+            def writerow(self, row):
+                if getattr(self, "rows", 0) == 2:
+                    raise OSError(28, "No space left on device")
+                self.rows = getattr(self, "rows", 0) + 1
+                out.writerow(row)
+        return Full()
+
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(cli.csv, "writer", disk_full_after_a_row)
+    assert cli.main(["predict", "run/model.npz", "flowers.csv", "-o", "pred.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distnn: error: pred.csv: cannot write") and "No space left" in err
+    assert (work / "pred.csv").read_text() == "keep me\n"
+    assert sorted(p.name for p in work.iterdir() if "pred" in p.name) == ["pred.csv"]
+
+
+# -------------------------------------------------------------------------- test_source features
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["npz", "compressed npz"])
+def test_a_test_source_with_other_features_is_refused(work, save):
+    X, y = flowers()
+    save(work / "train.npz", X=X, y=np.searchsorted(CLASSES, y))
+    save(work / "wide.npz", X=np.hstack([X, X[:, :1]]), y=np.searchsorted(CLASSES, y))
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--set", "data.source=train.npz",
+                                 "--set", "data.target=y", "--set", "data.test_source=wide.npz"))
+    assert "wide.npz: 5 features, but the training data train.npz has 4" in line
+    assert not (work / "run").exists()
+
+
+# ------------------------------------------------------------------------ one line, not a traceback
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.hidden=[100000000000]"], "model.hidden: a 4-100000000000-3 network needs"),
+    (["--set", "data.source=synthetic:classification?n=100000000000"],
+     "synthetic:classification?n=100000000000: n=100000000000 rows of d=10 features need"),
+    (["--set", "train.threads=100000"], "train.threads: expected a value in [0, 4096]"),
+    (["--set", "train.bucket_mb=1e-9"], "train.bucket_mb: expected a finite value >= 1e-05"),
+    (["--set", "=5"], "override '=5': no key before '='"),
+])
+def test_settings_that_cannot_work_are_one_line(work, args, message):
+    assert message in one_error_line(distnn(work, "train", "cfg.toml", *args))
+    assert not (work / "run").exists()
+
+
+@pytest.mark.parametrize("ranks", [[], pytest.param(["-n", "2"], marks=needs_mpiexec)],
+                         ids=["1 rank", "2 ranks"])
+def test_training_with_stdout_closed_works(work, ranks):
+    command = shlex.join([sys.executable, "-m", "distnn", "train", "cfg.toml", *ranks])
+    done = subprocess.run(f"{command} >&-", shell=True,
+                          cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=False,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (work / "run" / "done.json").is_file()
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", "NaN", '{"loss": 1.0}', '{"epoch": 1, "loss": "low"}'])
+def test_plot_refuses_a_metrics_line_that_is_not_an_epoch_record(work, line):
+    (work / "r").mkdir()
+    (work / "r" / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n' + line + "\n")
+    assert "r/metrics.jsonl line 2: not an epoch record" in one_error_line(distnn(work, "plot", "r"))
+
+
+@pytest.mark.parametrize("metrics", [{"val": [1, 2]}, {"val": {"loss": "low"}}, {"test": 3}])
+def test_info_refuses_metrics_that_are_not_tables_of_numbers(tmp_path, metrics):
+    from distnn import Network
+
+    save_model(tmp_path / "m.npz", Network([3, 4, 1], family="gaussian"), meta={"metrics": metrics})
+    assert "model field 'metrics'" in one_error_line(distnn(tmp_path, "info", "m.npz"))
+
+
+def test_an_out_dir_that_is_a_file_is_named(work):
+    (work / "afile").write_text("")
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--out", "afile"))
+    assert "--out afile: is a file, not a directory" in line
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--out", "afile/sub"))
+    assert "--out afile/sub: afile is a file, not a directory" in line

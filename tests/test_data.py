@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from distnn.data import (DataError, Standardizer, batches, check_finite, chunk_range, encode_labels,
-                         epoch_permutation, load, shard, train_val_split)
+                         epoch_permutation, fingerprint, load, scan, shard, train_val_split)
 
 
 @pytest.fixture
@@ -224,6 +224,37 @@ def test_encode_labels_inverts_to_the_labels():
     np.testing.assert_array_equal(classes[codes], y)
     codes, classes = encode_labels(np.array([[7], [3], [7]]))
     assert list(codes) == [1, 0, 1] and list(classes) == [3, 7]
+
+
+@pytest.mark.parametrize("bad, what", [(np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "-inf")])
+def test_a_non_finite_float_is_no_class_label(bad, what):
+    with pytest.raises(DataError, match=rf"^d.npz: target 'y' row 2 is {what}; class labels must"):
+        encode_labels(np.array([0.0, 1.0, bad, 1.0]), name="d.npz: target 'y'")
+
+
+def test_scan_checksums_the_same_blocks_at_any_rank_count(monkeypatch):
+    import distnn.data
+
+    monkeypatch.setattr(distnn.data, "BLOCK_BYTES", 10 * 4 * 8)  # blocks of 10 rows
+    X = np.random.default_rng(0).standard_normal((95, 4))
+    one = scan(X)
+    assert one.shape == (10,) and np.all(one != 0)
+    for size in (2, 3, 16):
+        assert np.array_equal(sum(scan(X, rank, size) for rank in range(size)), one)
+    X[93, 1] = np.nan
+    with pytest.raises(DataError, match=r"^X row 93, column 1 is NaN$"):
+        scan(X, 2, 3)
+
+
+def test_the_fingerprint_changes_with_any_value():
+    ds = load("synthetic:classification?n=50")
+    before = fingerprint(ds, np.arange(3), scan(ds.X))
+    assert before["rows"] == 50 and before["features"] == 10 and before["classes"] == [0, 1, 2]
+    ds.X[17, 3] += 1e-12
+    assert fingerprint(ds, np.arange(3), scan(ds.X))["crc32"] != before["crc32"]
+    ds.X[17, 3] -= 1e-12
+    ds.y[4] = (ds.y[4] + 1) % 3
+    assert fingerprint(ds, np.arange(3), scan(ds.X))["crc32"] != before["crc32"]
 
 
 # ----------------------------------------------------------------- split, order, shards
