@@ -49,6 +49,7 @@ _REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64))
 # (measured in one 2-rank training step: 7.1 MiB float32 0.79 ms against MPICH's 1.30 ms, but
 # 14.2 MiB float64 2.21 ms against 1.50 ms)
 SHARED_MAX_BYTES = 8 << 20
+SUM_BLOCK = 1 << 16  # elements a rank sums at a time: its partial sum stays in cache
 SHARED_TOTAL_BYTES = 256 << 20  # per process: past it (Trainers never closed), buffers are plain
 SHM_DIR = "/dev/shm"  # where MPICH maps shared windows on Linux; a container may give it 64 MiB
 
@@ -351,11 +352,14 @@ class _SharedSum:
     def sum(self, barrier) -> None:
         """Every rank's buffer becomes the sum of all of them; barrier() waits for every rank."""
         lo, hi = self.cuts[self.rank], self.cuts[self.rank + 1]
+        first, *rest = self.inputs
         self._fence(barrier)  # every buffer is written
-        mine = self.sums[self.rank][lo:hi]
-        np.copyto(mine, self.inputs[0][lo:hi])
-        for other in self.inputs[1:]:
-            mine += other[lo:hi]  # in rank order: one summation, whatever rank reads it
+        for at in range(lo, hi, SUM_BLOCK):  # block by block: the partial sum stays in cache
+            b = slice(at, min(at + SUM_BLOCK, hi))
+            mine = self.sums[self.rank][b]
+            np.add(first[b], rest[0][b], out=mine) if rest else np.copyto(mine, first[b])
+            for other in rest[1:]:
+                mine += other[b]  # in rank order: one summation, whatever rank reads it
         self._fence(barrier)  # every slice is summed; no rank reads the buffers again this step
         for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
             self.buffer[a:b] = self.sums[p][a:b]  # sums[p] is rewritten only after the next barrier
