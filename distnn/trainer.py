@@ -35,7 +35,9 @@ from .network import Network
 from .threads import threads_in_force
 
 _STATS = 3  # loss sum, correct count, stop flag: ride behind the gradient in the allreduce
-STOP_GRACE_S = 30.0  # after SIGTERM/SIGINT, how long the peers may take to reach the agreeing step
+# After SIGTERM/SIGINT, how long the peers may take to reach the step that agrees on stopping:
+# this, or four of the last step's durations if that is longer (a slow step is no stall)
+STOP_GRACE_S = 30.0
 
 
 class DivergenceError(RuntimeError):
@@ -107,6 +109,7 @@ class Trainer:
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
+        self._step_s = 0.0  # the last step's seconds: the stop grace is at least a few of them
         self._stop_agreed = False
 
     # ---- the public surface ------------------------------------------------------------------
@@ -134,7 +137,9 @@ class Trainer:
                 perm = data.epoch_permutation(self.seed, self.epoch, len(X))
                 while self.batch < len(batches):
                     lo, hi = batches[self.batch]
+                    step_started = time.perf_counter()
                     self._train_step(X, Y, perm, lo, hi)
+                    self._step_s = time.perf_counter() - step_started
                     self.batch += 1
                     self.step += 1
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0:
@@ -487,7 +492,8 @@ class _StopOnSignals:
 
     def _handler(self, signum, frame):
         self.trainer._stop_signal = signum
-        self.trainer.comm.hurry(STOP_GRACE_S)  # a stalled peer must not hold the job
+        grace = max(STOP_GRACE_S, 4 * self.trainer._step_s)
+        self.trainer.comm.hurry(grace)  # a stalled peer must not hold the job
 
     def __enter__(self):
         main = threading.current_thread() is threading.main_thread()  # handlers live there only
