@@ -21,7 +21,9 @@ call, and the rank that timed out reads its peers' counters with a bounded wait.
 ch4, shared memory) the read needs nothing from the target, so a sleeping peer is read too; where a
 read needs the target's progress and gets none, that rank is reported as not arrived, saying so.
 The window is freed at exit (collectively): a rank that exits while its peers still train waits
-there until their watchdog ends the job, rather than mpiexec reporting a false success.
+there until their watchdog ends the job, rather than mpiexec reporting a false success. After a
+stop request (`hurry`) the collectives of a training step (`urgent`) get a short grace instead of
+the whole timeout: a peer that stalled then cannot hold a job asked to stop.
 """
 import atexit
 import contextlib
@@ -72,7 +74,8 @@ class Comm:
         if bucket_bytes < 8:
             raise ValueError(f"bucket_bytes must be at least 8, got {bucket_bytes!r}")
         self.timeout, self.bucket_bytes = timeout, int(bucket_bytes)
-        self._hurry = None  # (monotonic deadline, seconds) set by `hurry`
+        self._hurry = None  # (monotonic time of the request, seconds) set by `hurry`
+        self._urgent = False  # inside `urgent()`: the collectives `hurry` may cut short
         self._calls = 0  # collectives started; the watchdog's arrival counter
         self._win = None
         self.shared_memory = bool(shared_memory)  # let `buffer` use node shared memory
@@ -237,11 +240,22 @@ class Comm:
         return total.astype(rows.dtype)
 
     def hurry(self, seconds) -> None:
-        """From now on the watchdog gives every collective at most until `seconds` from now (None:
-        back to its timeout alone). A rank asked to stop (SIGTERM) calls it: the peers must reach
-        the step that agrees on stopping soon, and one that stalled must not keep the job alive for
-        the whole watchdog timeout. No effect without a watchdog, whose calls block in MPI."""
-        self._hurry = None if seconds is None else (time.monotonic() + seconds, seconds)
+        """From now on the watchdog gives each collective inside `urgent()` at most `seconds` from
+        its start or from now, whichever is later (None: back to its timeout alone). A rank asked to
+        stop (SIGTERM) calls it: its peers must reach the step that agrees on stopping soon, and one
+        that stalled must not keep the job alive for the whole watchdog timeout; slow work outside
+        the steps (validation, a checkpoint rank 0 writes) keeps the full timeout. No effect
+        without a watchdog, whose calls block in MPI."""
+        self._hurry = None if seconds is None else (time.monotonic(), seconds)
+
+    @contextlib.contextmanager
+    def urgent(self):
+        """The collectives inside may be cut short by `hurry` (a training step's)."""
+        self._urgent = True
+        try:
+            yield
+        finally:
+            self._urgent = False
 
     def local_ranks(self) -> int:
         """How many ranks of this communicator share this node (collective)."""
@@ -307,8 +321,10 @@ class Comm:
             now = time.monotonic()
             if now - start > self.timeout:
                 self._stalled(what, f"within {self.timeout:g} s")
-            if self._hurry is not None and now > self._hurry[0]:
-                self._stalled(what, f"within {self._hurry[1]:g} s of the request to stop")
+            if self._urgent and self._hurry is not None:
+                asked, grace = self._hurry
+                if now > max(asked, start) + grace:
+                    self._stalled(what, f"within {grace:g} s of the request to stop")
             if self._oversubscribed:
                 os.sched_yield()  # hand the core to a peer that has work, then poll again
             elif now - start > SPIN_S:

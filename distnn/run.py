@@ -117,7 +117,7 @@ def train(args, comm) -> int:
     settings = trainer_settings(cfg, run / "checkpoints", log) | pinned
     resume_from = _latest(comm, run / "checkpoints") if args.resume else None
     if resume_from is None:
-        _together(comm, _may_start_afresh, run, args.overwrite, comm.is_root)
+        _together(comm, _may_start_afresh, run, args, comm.is_root)
         trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=tcomm, **settings)
     else:
         trainer = Trainer.resume(resume_from, comm=tcomm, optimizer=make_optimizer(cfg.optim),
@@ -133,7 +133,8 @@ def train(args, comm) -> int:
                     scan=False)  # prepare() scanned every row of X already
     model = Model(trainer.net, scaler, job.classes, job.meta(cfg))
     done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
-            "threads": trainer.threads or 1 if cfg.train.deterministic else n, "last": trainer.history[-1] if trainer.history else None}
+            "threads": trainer.threads or 1 if cfg.train.deterministic else n,
+            "last": trainer.history[-1] if trainer.history else None}
     _together(comm, _finish_run_dir, run, model, job, done, started, comm.is_root)
     return 0
 
@@ -314,10 +315,10 @@ def _newest_loadable(directory, is_root):
     return None
 
 
-def _may_start_afresh(run, overwrite, is_root) -> None:
+def _may_start_afresh(run, args, is_root) -> None:
     """Rank 0: a fresh run would replace what is in `run`; a finished run or checkpoints only
     with --overwrite (without it, a run that then fails would have destroyed them for nothing)."""
-    if not is_root or overwrite:
+    if not is_root or args.overwrite:
         return
     if (run / DONE).exists() or (run / "model.npz").exists():
         held = "a finished run"
@@ -325,6 +326,9 @@ def _may_start_afresh(run, overwrite, is_root) -> None:
         held = "checkpoints of an unfinished run"
     else:
         return
+    if args.resume:  # reached with no checkpoint to resume from
+        raise UsageError(f"{run}: holds {held} but no checkpoint to resume from; train afresh "
+                         f"with --overwrite instead of --resume, or into another --out directory")
     raise UsageError(f"{run}: holds {held}; continue it with --resume, train into another --out "
                      f"directory, or pass --overwrite to replace it")
 
@@ -357,6 +361,8 @@ def _same_data(path, source, now) -> None:
         return  # a run from before fingerprints
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable data fingerprint ({e})") from None
+    if not isinstance(before, dict):
+        raise CheckpointError(f"{path}: not a data fingerprint (a JSON object)")
     differ = data.fingerprint_changes(before, now)
     if differ:
         raise DataError(f"{source}: the training data changed since the run started "
@@ -423,8 +429,16 @@ def _write_json(path, obj) -> None:
 
 def write_atomically(path, write, binary=False) -> None:
     """write(f) to a temp file beside `path`, then rename it over `path`: a full disk or a crash
-    leaves the old file whole, never half a new one. An OSError names `path`."""
+    leaves the old file whole, never half a new one. Anything but a plain file (a link, a FIFO,
+    /dev/stdout) is written in place: renaming over it would replace it. An OSError names `path`."""
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        try:
+            with open(path, "wb") if binary else open(path, "w", newline="") as f:
+                write(f)
+        except OSError as e:
+            raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:

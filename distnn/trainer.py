@@ -125,6 +125,7 @@ class Trainer:
         X, Y = self._checked_data(X, y, "training", scan)
         val = None if X_val is None else self._checked_data(X_val, y_val, "validation", scan)
         self._transform = transform
+        self._stop_signal, self._stop_agreed = 0, False  # a signal of an earlier fit is spent
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
         # total_steps follows this fit's epochs (a resumed run may be given more), unless set
@@ -138,7 +139,8 @@ class Trainer:
                 while self.batch < len(batches):
                     lo, hi = batches[self.batch]
                     step_started = time.perf_counter()
-                    self._train_step(X, Y, perm, lo, hi)
+                    with self.comm.urgent():  # after a stop request, a stalled peer ends the job
+                        self._train_step(X, Y, perm, lo, hi)
                     self._step_s = time.perf_counter() - step_started
                     self.batch += 1
                     self.step += 1
@@ -492,8 +494,9 @@ class _StopOnSignals:
 
     def _handler(self, signum, frame):
         self.trainer._stop_signal = signum
-        grace = max(STOP_GRACE_S, 4 * self.trainer._step_s)
-        self.trainer.comm.hurry(grace)  # a stalled peer must not hold the job
+        if not self.trainer._stop_agreed:  # a late copy of the signal: the stop is under way
+            grace = max(STOP_GRACE_S, 4 * self.trainer._step_s)
+            self.trainer.comm.hurry(grace)  # a stalled peer must not hold the job
 
     def __enter__(self):
         main = threading.current_thread() is threading.main_thread()  # handlers live there only

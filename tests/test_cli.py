@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -580,6 +581,33 @@ def test_predict_replaces_its_output_only_when_complete(work, monkeypatch, capsy
     assert err.startswith("distnn: error: pred.csv: cannot write") and "No space left" in err
     assert (work / "pred.csv").read_text() == "keep me\n"
     assert sorted(p.name for p in work.iterdir() if "pred" in p.name) == ["pred.csv"]
+
+
+def test_predict_writes_through_a_link_or_into_a_fifo_instead_of_replacing_it(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    (work / "real.csv").write_text("old\n")
+    (work / "link.csv").symlink_to("real.csv")
+    assert distnn(work, "predict", "run/model.npz", "flowers.csv", "-o", "link.csv").returncode == 0
+    assert (work / "link.csv").is_symlink() and (work / "real.csv").read_text().startswith("p_")
+    os.mkfifo(work / "fifo.csv")
+    reader = subprocess.Popen(["cat", str(work / "fifo.csv")], stdout=subprocess.PIPE, text=True)
+    assert distnn(work, "predict", "run/model.npz", "flowers.csv", "-o", "fifo.csv").returncode == 0
+    assert reader.communicate(timeout=30)[0].startswith("p_")
+    assert stat.S_ISFIFO(os.stat(work / "fifo.csv").st_mode)
+
+
+def test_resume_refuses_a_data_fingerprint_that_is_not_one(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    (work / "run" / "data.json").write_text("null\n")
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2"))
+    assert "data.json: not a data fingerprint" in line
+
+
+def test_resume_of_a_finished_run_without_checkpoints_says_there_is_nothing_to_resume(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    shutil.rmtree(work / "run" / "checkpoints")
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2"))
+    assert "no checkpoint to resume from" in line and "--overwrite" in line
 
 
 # -------------------------------------------------------------------------- test_source features

@@ -34,11 +34,23 @@ def run(ranks, out, *args):
     return json.loads(result.stdout)
 
 
+def digests(run_):
+    return {k: v for k, v in run_.items() if not k.endswith(":summed in place")}
+
+
 def test_one_to_four_ranks_give_identical_bits(tmp_path):
     runs = {p: run(p, tmp_path) for p in (1, 2, 3, 4)}
     assert runs[1]["multinomial-float64-adam:steps"] == 105
     for p in (2, 3, 4):
         assert runs[p] == runs[1], f"{p} ranks differ from 1 rank"
+
+
+def test_summing_in_float64_through_mpi_gives_the_bits_of_shared_memory(tmp_path):
+    """Across nodes each rank rounds its chunks into float64 and MPI adds them: the same bits."""
+    shared, mpi = run(3, tmp_path), run(3, tmp_path, "--no-shared-memory")
+    assert all(shared[k] for k in shared if k.endswith(":summed in place"))
+    assert not any(mpi[k] for k in mpi if k.endswith(":summed in place"))
+    assert digests(mpi) == digests(shared) == digests(run(1, tmp_path))
 
 
 def test_resume_at_another_rank_count_is_bit_identical_to_an_uninterrupted_run(tmp_path):

@@ -104,6 +104,15 @@ def test_a_stop_request_while_a_rank_stalls_ends_the_job_within_the_grace_not_th
     assert "within 2 s of the request to stop" in err and "ranks not arrived: [1]" in err
 
 
+def test_a_stop_request_before_slow_healthy_epoch_end_work_still_stops_with_a_checkpoint(tmp_path):
+    # SIGTERM on rank 1 after the epoch's last step; rank 0's epoch-end checkpoint then takes
+    # longer than the stop grace, which only the training steps' collectives must respect
+    code, err, _ = train(config(tmp_path), "--set", "train.watchdog=600", fault="termslow:1:39")
+    assert code == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "watchdog" not in err
+    assert checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == "ckpt-000000041.npz"
+
+
 @pytest.mark.parametrize("mode", [[], ["--set", "train.deterministic=true", "--set", "train.chunk_size=8"]],
                          ids=["default", "deterministic"])
 def test_a_nan_gradient_stops_every_rank_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, mode):

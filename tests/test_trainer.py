@@ -42,6 +42,9 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resume_is_bit_id
     assert resumed.step == 8 * 2 + 1  # two epochs of 8 batches, then the step that saw the flag
     resumed.fit(X, y)
     np.testing.assert_array_equal(resumed.net.params, straight.net.params)
+    stopped.callback = None
+    stopped.fit(X, y)  # the same trainer goes on too: the spent signal does not stop it again
+    np.testing.assert_array_equal(stopped.net.params, straight.net.params)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",

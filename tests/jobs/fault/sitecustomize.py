@@ -9,6 +9,7 @@ the job (mpiexec passes the environment on) then misbehaves on rank RANK before 
   nan     that rank's gradient becomes NaN (every rank sees it after the allreduce)
   sigterm SIGTERM to that rank only (the ranks must agree to stop at the same step)
   stallterm  that rank stalls and every other rank gets SIGTERM, with a 2 s stop grace
+  termslow   SIGTERM to that rank after the step, every checkpoint takes 3 s, a 1 s stop grace
 """
 
 import os
@@ -27,8 +28,23 @@ if _SPEC:
     _original = distnn.trainer.Trainer._train_step
     if _MODE == "stallterm":
         distnn.trainer.STOP_GRACE_S = 2.0
+    if _MODE == "termslow":
+        import distnn.checkpoint
+
+        distnn.trainer.STOP_GRACE_S = 1.0
+        _save = distnn.checkpoint.save
+
+        def _slow_save(*args, **kwargs):
+            time.sleep(3.0)  # slow but healthy: longer than the stop grace
+            return _save(*args, **kwargs)
+
+        distnn.checkpoint.save = _slow_save
 
     def _faulty_step(self, X, Y, perm, lo, hi):
+        if _MODE == "termslow" and self.step == int(_STEP) and self.comm.rank == int(_RANK):
+            _original(self, X, Y, perm, lo, hi)
+            os.kill(os.getpid(), signal.SIGTERM)  # seen by the others at the next step
+            return None
         if _MODE == "stallterm" and self.step == int(_STEP):
             if self.comm.rank == int(_RANK):
                 time.sleep(3600)
