@@ -234,17 +234,22 @@ def test_two_ranks_in_deterministic_mode_give_the_bits_of_one(work):
                                                                            b.scaler.scale)
 
 
-@needs_mpiexec
-def test_sigterm_to_the_launcher_checkpoints_and_exits_143_then_resume_finishes(work):
+def long_two_rank_run(work, stdout=subprocess.PIPE):
+    """`distnn train -n 2` of a run far too long to finish, once its first epoch is recorded."""
     cmd = [sys.executable, "-m", "distnn", "train", "cfg.toml", "-n", "2",
            "--set", "train.epochs=100000", "--set", "train.batch_size=8"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    job = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    job = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)},
+                           stdout=stdout, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not (work / "run" / "metrics.jsonl").is_file() or not records(work / "run"):
         assert time.monotonic() < deadline and job.poll() is None, job.communicate()
         time.sleep(0.05)
+    return job
+
+
+@needs_mpiexec
+def test_sigterm_to_the_launcher_checkpoints_and_exits_143_then_resume_finishes(work):
+    job = long_two_rank_run(work)
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=30)
     assert job.returncode == 128 + signal.SIGTERM, err
@@ -530,14 +535,7 @@ def test_numeric_labels_compare_as_numbers(work, trained, scored):
 
 @needs_mpiexec
 def test_sighup_to_the_launcher_stops_every_rank_with_a_checkpoint(work):
-    cmd = [sys.executable, "-m", "distnn", "train", "cfg.toml", "-n", "2",
-           "--set", "train.epochs=100000", "--set", "train.batch_size=8"]
-    job = subprocess.Popen(cmd, cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (work / "run" / "metrics.jsonl").is_file() or not records(work / "run"):
-        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
-        time.sleep(0.05)
+    job = long_two_rank_run(work, stdout=subprocess.DEVNULL)
     job.send_signal(signal.SIGHUP)
     _, err = job.communicate(timeout=30)
     assert job.returncode == 128 + signal.SIGTERM, err
