@@ -190,30 +190,53 @@ def per_rank(comm, values):
     return table
 
 
-def dist_step(net, opt, comm, X, Y, buf, global_batch):
-    """One data-parallel step as the trainer takes it; (compute, allreduce, update) seconds."""
-    n = net.n_params
-    t0 = time.perf_counter()
-    buf[n] = net.grad_sum(X, Y, buf[:n], divisor=global_batch)
-    t1 = time.perf_counter()
-    comm.allreduce(buf, "bench: step")
-    t2 = time.perf_counter()
-    opt.step(net.params, buf[:n])
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
+def timed(obj, name, clock, key):
+    """Wrap the method obj.name so that its calls add their seconds to clock[key]."""
+    method = getattr(obj, name)
+
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            clock[key] += time.perf_counter() - t0
+
+    setattr(obj, name, call)  # an instance attribute: shadows the method for this object only
+
+
+def trainer_step(comm, run, threads):
+    """step() -> (compute, allreduce, update) seconds of one Trainer step on the global batch."""
+    # The trainer's own step (Trainer._train_step): every rank holds the whole global batch and
+    # takes its shard, as in fit; on one node each rank updates only its share of the parameters
+    # inside the shared-memory sum, so the allreduce phase there excludes that update.
+    from .trainer import Trainer
+    net = Network(run["sizes"], dtype=run["dtype"], seed=0)
+    X, Y, _ = synthetic_batch(net, run["batch"], seed=1)
+    trainer = Trainer(net, OPTIMIZERS["sgd-momentum"](), batch_size=run["batch"], epochs=1,
+                      comm=comm, threads=threads, check_every=0)
+    trainer.optimizer.threads = threads  # as fit sets it: the update uses the BLAS threads' cores
+    trainer._transform, trainer._lr_args = None, {"total_steps": 1}  # what fit sets up
+    clock = {"compute": 0.0, "allreduce": 0.0, "update": 0.0}
+    timed(net, "grad_sum", clock, "compute")
+    timed(trainer.optimizer, "step", clock, "update")
+    for name in ("allreduce", "allreduce_sharded"):
+        timed(comm, name, clock, "allreduce")
+    rows = np.arange(run["batch"])
+
+    def step():
+        clock.update(compute=0.0, allreduce=0.0, update=0.0)
+        trainer._train_step(X, Y, rows, 0, run["batch"])
+        inside = clock["update"] if trainer._sharded else 0.0
+        return clock["compute"], clock["allreduce"] - inside, clock["update"]
+
+    return trainer, step
 
 
 def scaling_run(comm, run, min_s, threads):
     """Time the step loop on this communicator for one net and global batch; per-rank phase split."""
     # The step reported is the fastest (as in timeit) by its slowest rank's wall time; every rank
     # gives its (wall, compute, allreduce, update) seconds of that same step.
-    net = Network(run["sizes"], dtype=run["dtype"], seed=0)
-    a, b = data.shard(0, run["batch"], comm.size, comm.rank)
-    X, Y, _ = synthetic_batch(net, b - a, seed=1 + comm.rank)
-    opt = OPTIMIZERS["sgd-momentum"]()
-    opt.init(net.params)
-    opt.threads = threads  # as Trainer.fit sets it: the update uses the BLAS threads' cores
-    buf = comm.buffer(net.n_params + 3, net.dtype)  # gradient + 3 statistics, as the trainer's
-    step = lambda: dist_step(net, opt, comm, X, Y, buf, run["batch"])  # noqa: E731
+    trainer, step = trainer_step(comm, run, threads)
     reps = agreed_reps(comm, step, min_s)
     times = np.empty((reps, 4))  # per step: wall, compute, allreduce, update
     comm.barrier()
@@ -224,7 +247,7 @@ def scaling_run(comm, run, min_s, threads):
     walls = times[:, 0].copy()
     comm.allreduce_max(walls, "bench: step times")
     best = int(np.argmin(walls))  # the same step on every rank
-    comm.release(buf)
+    trainer.close()
     table = per_rank(comm, times[best])
     return dict(run, ranks=comm.size, steps=reps, step_s=float(walls[best]),
                 per_rank=[dict(zip(("step_s", "compute_s", "allreduce_s", "update_s"), map(float, r)))

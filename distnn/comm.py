@@ -100,17 +100,20 @@ class Comm:
             self._win = None
         atexit.unregister(self.close)
 
-    def buffer(self, n, dtype, rows=None) -> np.ndarray:
-        """A zeroed (n,) array for `allreduce`, or with `rows` a (rows, n) array of chunk rows for
-        `grid_sum` (collective). With every rank on one node it lives in node shared memory, where
-        the sum skips MPI's copies, until `release(buf)` or `close()`; else (or past
-        SHARED_TOTAL_BYTES live, or without room in SHM_DIR) a plain array."""
+    def buffer(self, n, dtype, rows=None, sharded=False) -> np.ndarray:
+        """A zeroed (n,) array for `allreduce` (`allreduce_sharded` if `sharded`), or with `rows` a
+        (rows, n) array of chunk rows for `grid_sum` (collective). With every rank on one node it
+        lives in node shared memory, where the sum skips MPI's copies, until `release(buf)` or
+        `close()`; else (or past SHARED_TOTAL_BYTES live, or without room in SHM_DIR) a plain
+        array. SHARED_MAX_BYTES bounds only the plain allreduce's buffers: where each rank then
+        updates its own slice, or rounds chunks in cache, sharing pays at any size."""
         dtype = np.dtype(dtype)
         shape = (n,) if rows is None else (rows, n)
         nbytes = ((rows or 1) + 1) * n * dtype.itemsize  # per rank: its rows and its summed slice
         live = sum(s.nbytes for s in self._shared.values())
+        plain = rows is None and not sharded
         if (self.size == 1 or not self.shared_memory or dtype not in _REDUCIBLE
-                or (rows is None and n * dtype.itemsize > SHARED_MAX_BYTES)  # grid_sum: no limit
+                or (plain and n * dtype.itemsize > SHARED_MAX_BYTES)
                 or live + nbytes > SHARED_TOTAL_BYTES
                 or self.any(not _room_for(2 * nbytes * self.size))):  # a full SHM_DIR is a SIGBUS
             return np.zeros(shape, dtype)
@@ -170,6 +173,20 @@ class Comm:
             return
         shared = self._shared[id(rows)]
         shared.grid_sum(lambda: self._collective("Barrier", what=what), counts, grid, out)
+
+    def allreduce_sharded(self, buf, own, collect, what="allreduce") -> None:
+        """The sum over ranks of a buffer in node shared memory (`shares(buf)`), each rank getting
+        its own slice only: own(lo, hi, slot) runs on this rank's slice [lo, hi) of the sum, held
+        in slot (this rank's shared vector as long as buf, which own may overwrite there with
+        results for the others), then collect(p, lo, hi, slot) runs for every rank p's slice and
+        slot, own's results in them. How a rank updates only its share of the parameters."""
+        self._shared[id(buf)].sum_sharded(lambda: self._collective("Barrier", what=what),
+                                          own, collect)
+
+    def gather_slices(self, buf, vector, what="gather") -> None:
+        """Make `vector` (laid out like a prefix of the shared `buf`) whole on every rank from
+        the slices each rank owns in `allreduce_sharded` (e.g. sharded optimizer state)."""
+        self._shared[id(buf)].gather(lambda: self._collective("Barrier", what=what), vector)
 
     def allreduce_max(self, buf, what="allreduce_max") -> None:
         """In-place element-wise MAX over ranks (same buffers as allreduce)."""
@@ -367,18 +384,43 @@ class _SharedSum:
 
     def sum(self, barrier) -> None:
         """Every rank's buffer becomes the sum of all of them; barrier() waits for every rank."""
+        self._fence(barrier)  # every buffer is written
+        self._sum_slice()
+        self._fence(barrier)  # every slice is summed; no rank reads the buffers again this step
+        for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
+            self.buffer[a:b] = self.sums[p][a:b]  # sums[p] is rewritten only after the next barrier
+
+    def sum_sharded(self, barrier, own, collect) -> None:
+        """Comm.allreduce_sharded: own() on this rank's summed slice, then collect() on every one."""
+        self._fence(barrier)
+        self._sum_slice()
+        own(self.cuts[self.rank], self.cuts[self.rank + 1], self.sums[self.rank])
+        self._fence(barrier)  # every rank has written what own() leaves for the others
+        for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
+            collect(p, a, b, self.sums[p])
+
+    def gather(self, barrier, vector) -> None:
+        """Every rank's copy of its slice of `vector` (a prefix of the buffer's layout) to all."""
+        n = len(vector)
+        cuts = [min(c, n) for c in self.cuts]
+        self._fence(barrier)  # no rank still reads the slots of the last step
+        mine = slice(cuts[self.rank], cuts[self.rank + 1])
+        self.sums[self.rank][mine] = vector[mine]
+        self._fence(barrier)
+        for p, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            if p != self.rank:
+                vector[a:b] = self.sums[p][a:b]
+
+    def _sum_slice(self) -> None:
+        """This rank's slice of the sum into its slot, block by block (the partial sum in cache)."""
         lo, hi = self.cuts[self.rank], self.cuts[self.rank + 1]
         first, *rest = self.inputs
-        self._fence(barrier)  # every buffer is written
-        for at in range(lo, hi, SUM_BLOCK):  # block by block: the partial sum stays in cache
+        for at in range(lo, hi, SUM_BLOCK):
             b = slice(at, min(at + SUM_BLOCK, hi))
             mine = self.sums[self.rank][b]
             np.add(first[b], rest[0][b], out=mine) if rest else np.copyto(mine, first[b])
             for other in rest[1:]:
                 mine += other[b]  # in rank order: one summation, whatever rank reads it
-        self._fence(barrier)  # every slice is summed; no rank reads the buffers again this step
-        for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
-            self.buffer[a:b] = self.sums[p][a:b]  # sums[p] is rewritten only after the next barrier
 
     def grid_sum(self, barrier, counts, grid, out) -> None:
         """out = the exact grid sum of every rank p's first counts[p] rows (Comm.grid_sum)."""

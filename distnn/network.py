@@ -224,16 +224,20 @@ class Network:
                 total += self.l1 * float(np.abs(w).sum(dtype=np.float64))
         return total
 
-    def add_penalty_grad(self, grad):
-        """grad += 2 l2 W + l1 sign(W) on the weight views of a params-shaped vector."""
+    def add_penalty_grad(self, grad, start=0):
+        """grad += 2 l2 W + l1 sign(W) on the weights, for grad laid out like params[start:start +
+        len(grad)] (the whole vector by default; a rank's slice in a sharded update)."""
         if not (self.l1 or self.l2):
             return grad
-        g_w, _ = _layer_views(grad, [w.shape for w in self.weights])
-        for g, w in zip(g_w, self.weights):
-            if self.l2:
-                g += (2 * self.l2) * w
-            if self.l1:
-                g += self.l1 * np.sign(w)
+        stop = start + len(grad)
+        for weights, _ in _layer_slices([w.shape for w in self.weights]):
+            a, b = max(weights.start, start), min(weights.stop, stop)
+            if a < b:  # element-wise: the same bits however the vector is cut
+                g, w = grad[a - start:b - start], self.params[a:b]
+                if self.l2:
+                    g += (2 * self.l2) * w
+                if self.l1:
+                    g += self.l1 * np.sign(w)
         return grad
 
     # ---- the public, validating surface ------------------------------------------------------

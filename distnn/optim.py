@@ -53,8 +53,10 @@ class _Optimizer:
         self.state = {k: np.zeros(params.shape, params.dtype) for k in self.slots}
         self._scratch = np.empty_like(params)
 
-    def step(self, params, grad, lr=None):
-        """Update `params` in place; `lr` overrides self.lr. Overwrites `grad`, the caller's scratch."""
+    def step(self, params, grad, lr=None, part=None):
+        """Update `params` in place; `lr` overrides self.lr. Overwrites `grad`, the caller's scratch.
+        With `part` (a slice), only params[part] and its state, from grad[part]: the share of one
+        rank in an update sharded between ranks; the other elements' state goes stale."""
         s = self._scratch
         if s is None or (s.shape, s.dtype) != (params.shape, params.dtype):
             self.init(params)  # the first step allocates; another size or dtype raises
@@ -63,7 +65,7 @@ class _Optimizer:
                                  f"parameters are {params.shape} {params.dtype}")
         self.t += 1
         lr = float(self.lr if lr is None else lr)
-        if params.size <= _BLOCK:  # the hot path of small nets
+        if part is None and params.size <= _BLOCK:  # the hot path of small nets
             self._update(params, grad, lr, self.state, self._scratch)
             return
 
@@ -73,7 +75,7 @@ class _Optimizer:
                 self._update(params[b], grad[b], lr, {k: v[b] for k, v in self.state.items()},
                              self._scratch[b])
 
-        run_parallel(update, _slices(params.size, self.threads))
+        run_parallel(update, _slices(params.size, self.threads) if part is None else [part])
 
     def state_dict(self):
         """Copies of all that continuing bit-identically needs: state vectors and `t` (0-d int64)."""

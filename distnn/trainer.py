@@ -104,8 +104,13 @@ class Trainer:
             self.buf = np.zeros(n, net.dtype)
             if not self.comm.sums_in_place(self._rows):
                 self._total = self.buf if net.dtype == np.float64 else np.zeros(n, np.float64)
-        else:
-            self.buf = self.comm.buffer(n, net.dtype)
+        else:  # + one flag per rank, for the sharded update's verdicts
+            # On one node (and without clipping, which needs the whole gradient), each rank
+            # updates its own share of the parameters right after summing it
+            # (_sum_and_update_share), which pays at any size
+            shard = self.clip_norm == 0
+            self.buf = self.comm.buffer(n + self.comm.size, net.dtype, sharded=shard)
+        self._sharded = not self.deterministic and self.clip_norm == 0 and self.comm.shares(self.buf)
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
@@ -151,6 +156,7 @@ class Trainer:
                 stop = self._end_epoch(len(X), val, time.perf_counter() - started)
                 if stop:
                     break
+        self._gather_state()  # the optimizer, as the caller may read it or fit again
         if self.patience and self.best_params is not None:
             self.net.params[...] = self.best_params  # early stopping keeps the best model
         return self.history
@@ -179,6 +185,7 @@ class Trainer:
 
     def save(self, path):
         """Write the full training state to `path` (rank 0 writes; every rank must call)."""
+        self._gather_state()
         arrays = {"params": self.net.params}
         arrays |= {f"opt/{k}": v for k, v in self.optimizer.state_dict().items()}
         if self.best_params is not None:
@@ -237,6 +244,7 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------
     def _train_step(self, X, Y, perm, lo, hi):
         n = self.net.n_params
+        lr = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
         if self.deterministic:
             try:
                 self._exact_grad_sum(X, Y, perm, lo, hi)
@@ -249,15 +257,13 @@ class Trainer:
             self.buf[n] = self.net.grad_sum(Xb, Yb, self.grad, divisor=hi - lo)
             self.buf[n + 1] = self.net.last_correct(Yb) or 0
             self.buf[n + 2] = 1.0 if self._stop_signal else 0.0
-            self.comm.allreduce(self.buf, what=f"step {self.step + 1}")
-        loss_sum, correct, stop = self.buf[n:]
-        if not np.isfinite(self.buf.sum()):  # NaN/Inf anywhere; the same verdict on every rank
-            self._diverged()
-        self.net.add_penalty_grad(self.grad)
-        if self.clip_norm > 0:
-            optim.clip_by_global_norm(self.grad, self.clip_norm)
-        lr = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
-        self.optimizer.step(self.net.params, self.grad, lr)
+            if self._sharded:
+                self._sum_and_update_share(lr)
+            else:
+                self.comm.allreduce(self.buf, what=f"step {self.step + 1}")
+        if not self._sharded:
+            self._update(lr)
+        loss_sum, correct, stop = self.buf[n:n + _STATS]
         self.partial[0] += float(loss_sum)
         self.partial[1] += float(correct)
         self._stop_agreed = stop > 0  # a flag raised on any rank, seen by all at this same step
@@ -265,6 +271,50 @@ class Trainer:
             self.comm.hurry(None)  # every rank is here: the checkpoint may take its time
         if self.check_every and self.step % self.check_every == 0:
             self.comm.check_agree(self.net.params, what=f"parameters after step {self.step + 1}")
+
+    def _update(self, lr):
+        """The optimizer step from the summed gradient in `buf`, after its checks and penalty."""
+        if not np.isfinite(self.buf.sum()):  # NaN/Inf anywhere; the same verdict on every rank
+            self._diverged()
+        self.net.add_penalty_grad(self.grad)
+        if self.clip_norm > 0:
+            optim.clip_by_global_norm(self.grad, self.clip_norm)
+        self.optimizer.step(self.net.params, self.grad, lr)
+
+    def _sum_and_update_share(self, lr):
+        """The step buffer summed in node shared memory, each rank checking and updating its own
+        slice of the parameters (and of the optimizer state) while the slice is in cache; then
+        every rank copies the others' updated slices. The same bits as `_update` on every rank
+        (every operation is element-wise), with 1/P of its memory traffic on each: the ranks no
+        longer repeat the whole update on the node's shared memory bus. The optimizer state of
+        the other slices goes stale on a rank; `_gather_state` makes it whole where it is read."""
+        n, rank, verdicts = self.net.n_params, self.comm.rank, []
+
+        def own(lo, hi, slot):
+            finite = bool(np.isfinite(slot[lo:hi].sum()))  # my slice of the summed buffer
+            slot[n + _STATS + rank] = 0.0 if finite else 1.0  # my verdict, read by every rank
+            if finite:
+                part = slice(min(lo, n), min(hi, n))
+                self.net.add_penalty_grad(slot[part], start=part.start)
+                self.optimizer.step(self.net.params, slot[:n], lr, part=part)
+                slot[part] = self.net.params[part]  # what the other ranks copy
+
+        def collect(p, lo, hi, slot):
+            if p != rank:
+                self.net.params[min(lo, n):min(hi, n)] = slot[min(lo, n):min(hi, n)]
+            a, b = max(lo, n), min(hi, n + _STATS)  # the statistics, wherever they fall
+            self.buf[a:b] = slot[a:b]
+            verdicts.append(slot[n + _STATS + p])
+
+        self.comm.allreduce_sharded(self.buf, own, collect, what=f"step {self.step + 1}")
+        if any(verdicts):
+            self._diverged()
+
+    def _gather_state(self):
+        """After sharded updates, every rank's optimizer state whole again (collective)."""
+        if self._sharded:
+            for vector in self.optimizer.state.values():
+                self.comm.gather_slices(self.buf, vector, what="optimizer state")
 
     def _exact_grad_sum(self, X, Y, perm, lo, hi):
         """Deterministic mode: the chunks' gradient and statistics summed exactly over all ranks

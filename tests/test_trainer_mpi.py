@@ -52,6 +52,20 @@ def train(comm, family, opt, *, batch_size=10, epochs=7, **kw):
     return trainer, history
 
 
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_each_rank_updating_its_share_gives_the_bits_of_every_rank_updating_all(opt, monkeypatch):
+    """On one node each rank updates its slice of the parameters and optimizer state after the
+    shared-memory sum; the result, state included, equals the whole update on every rank."""
+    sharded, _ = train(WORLD, "multinomial", opt)
+    assert all_ranks(sharded._sharded)
+    monkeypatch.setattr(Trainer, "_sum_and_update_share", lambda self, lr: (
+        self.comm.allreduce(self.buf, what="whole"), self._update(lr)))
+    whole, _ = train(WORLD, "multinomial", opt)
+    same = sharded.net.params.tobytes() == whole.net.params.tobytes()
+    state, expected = sharded.optimizer.state_dict(), whole.optimizer.state_dict()
+    assert all_ranks(same and all(state[k].tobytes() == expected[k].tobytes() for k in expected))
+
+
 @pytest.mark.parametrize("family", ["gaussian", "bernoulli", "multinomial", "poisson"])
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_p_ranks_train_like_one_rank(family, opt):
