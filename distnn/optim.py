@@ -75,7 +75,9 @@ class _Optimizer:
                 self._update(params[b], grad[b], lr, {k: v[b] for k, v in self.state.items()},
                              self._scratch[b])
 
-        run_parallel(update, _slices(params.size, self.threads) if part is None else [part])
+        part = slice(0, params.size) if part is None else part
+        run_parallel(update, [slice(part.start + s.start, part.start + s.stop)
+                              for s in _slices(part.stop - part.start, self.threads)])
 
     def state_dict(self):
         """Copies of all that continuing bit-identically needs: state vectors and `t` (0-d int64)."""

@@ -389,6 +389,7 @@ class Trainer:
         record["seconds"] = self._root_value(seconds)  # wall time differs per rank: report rank 0's
         self.history.append(record)
         self.comm.check_agree(self.net.params, what=f"parameters after epoch {self.epoch}")
+        self._gather_state()  # whole at every epoch's end, for the callback as for checkpoints
         if self.callback is not None:  # e.g. rank 0 appending to a metrics file: may fail there only
             self._together(self.callback, record)
         if self.checkpoint_dir is not None:

@@ -168,6 +168,25 @@ def test_blocked_and_threaded_steps_give_the_bits_of_one_pass_over_the_whole_vec
         assert all(s_other[k].tobytes() == s[k].tobytes() for k in s)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_shares_updated_apart_give_the_bits_of_one_update(case):
+    """A sharded update: each 'rank' updates its part of its own copy, then the parts are joined."""
+    name, hyper = CASES[case]
+    p0 = np.random.default_rng(2).normal(size=2 * 2**15 + 91)
+    whole = run(make_optimizer(name, **hyper), p0.copy(), LRS[:6])
+    cut = len(p0) // 3
+    parts = [slice(0, cut), slice(cut, len(p0))]
+    copies = [(make_optimizer(name, **hyper), p0.copy()) for _ in parts]
+    for lr in LRS[:6]:
+        g = gradient(copies[0][1])  # every copy holds the same parameters here
+        for (opt, p), part in zip(copies, parts):
+            opt.step(p, g.copy(), lr=lr, part=part)
+        for (_, p), part in zip(copies, parts):  # every copy takes every part from its owner
+            for (_, q), other in zip(copies, parts):
+                p[other] = q[other]
+    assert all(p.tobytes() == whole.tobytes() for _, p in copies)
+
+
 def test_threads_cut_only_vectors_worth_the_handover():
     from distnn.optim import _slices
     assert _slices(1000, 8) == [slice(0, 1000)]  # a small net: one slice, no thread
