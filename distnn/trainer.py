@@ -10,6 +10,9 @@ stop flag) that ride in the same allreduce, so a step makes one MPI call (one pe
 models). Each rank divides its output proxy errors by the *global* count B before back-propagating
 (the gradient is linear in them), so the allreduce yields the mean gradient and P ranks compute
 what 1 rank computes on the same global batches, up to the order of floating-point additions.
+With every rank on one node (and no clipping), the sum runs in node shared memory and each rank
+updates only its slice of the parameters there, then copies the others' slices: the same bits as
+every rank updating everything, with a P-th of the update's memory traffic on each rank.
 With `deterministic=True` the order is removed as well: every global batch is cut into chunks of
 `chunk_size` samples, each chunk's gradient is a fixed computation wherever it runs, and the chunks
 are rounded to a grid every rank derives alike, on which float64 sums are exact (exactsum.py), so
