@@ -107,13 +107,12 @@ class Trainer:
             self.buf = np.zeros(n, net.dtype)
             if not self.comm.sums_in_place(self._rows):
                 self._total = self.buf if net.dtype == np.float64 else np.zeros(n, np.float64)
-        else:  # + one flag per rank, for the sharded update's verdicts
-            # On one node (and without clipping, which needs the whole gradient), each rank
-            # updates its own share of the parameters right after summing it
-            # (_sum_and_update_share), which pays at any size
-            shard = self.clip_norm == 0
-            self.buf = self.comm.buffer(n + self.comm.size, net.dtype, sharded=shard)
-        self._sharded = not self.deterministic and self.clip_norm == 0 and self.comm.shares(self.buf)
+        else:  # + one flag per rank for the sharded update's verdicts: on one node (and without
+            # clipping, which needs the whole gradient) each rank updates its own share of the
+            # parameters right after summing it (_sum_and_update_share), which pays at any size
+            self.buf = self.comm.buffer(n + self.comm.size, net.dtype, sharded=self.clip_norm == 0)
+        self._sharded = (not self.deterministic and self.clip_norm == 0
+                         and self.comm.shares(self.buf))
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
