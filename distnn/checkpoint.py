@@ -89,6 +89,11 @@ def list_checkpoints(directory):
     return [p for _, p in sorted(steps)]
 
 
+def is_checkpoint_name(name):
+    """Whether `name` is a checkpoint's file name (ckpt-{step:09d}.npz)."""
+    return _NAME.fullmatch(name) is not None
+
+
 def latest_checkpoint(directory):
     """The newest checkpoint in `directory` that loads cleanly, or None."""
     for p in reversed(list_checkpoints(directory)):

@@ -89,7 +89,7 @@ def launch(args) -> int:
     # A closed stdout (`>&-`) is None here; mpiexec fails on a closed descriptor, so give it null.
     stdout = subprocess.DEVNULL if sys.stdout is None else None
     child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=_term_when_orphaned(os.getpid()))
 
     def forward(signum, frame):
         child.send_signal(FORWARDED[signum])  # to every rank: checkpoint, then exit 128+N
@@ -107,6 +107,24 @@ def launch(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _term_when_orphaned(parent):
+    """A preexec_fn: the child gets SIGTERM when this launcher dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so the ranks, in their own session, checkpoint and stop instead of running
+    on unwatched. Where prctl is unavailable it does nothing."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def arm():
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
 
 
 def find_mpiexec() -> list[str]:
@@ -128,7 +146,9 @@ def plot(args) -> int:
     run_dir = Path(args.run_dir)
     out = Path(args.output) if args.output else run_dir / "curves.png"
     try:
-        run.plot_curves(run.read_metrics(run_dir / "metrics.jsonl"), out)
+        # -o names the user's file (written through a link); RUN_DIR/curves.png is replaced
+        run.plot_curves(run.read_metrics(run_dir / "metrics.jsonl"), out,
+                        through=args.output is not None)
     except ImportError:
         raise UsageError("distnn plot needs matplotlib: pip install 'distnn[examples]'") from None
     print(out)
@@ -160,6 +180,7 @@ def evaluate(args) -> int:
 
 def predict(args) -> int:
     """`distnn predict MODEL DATA -o OUT.csv`: mean response per row, and labels for classifiers."""
+    _check_output(args.output, args.model, args.data)
     model, ds = _model_data(args, require_target=False)  # data to predict on needs no labels
     mean = model.predict(ds.X)
     columns = prediction_columns(model)
@@ -173,9 +194,25 @@ def predict(args) -> int:
             # str of a numpy float is its shortest round-trip text: reading it back gives the bits
             out.writerow([str(v) for v in row] + ([] if labels is None else list(labels[i])))
 
-    run.write_atomically(args.output, write)  # an existing file stays whole until the new one is
+    # an existing file stays whole until the new one is; a link or FIFO is written through
+    run.write_atomically(args.output, write, through=True)
     print(f"{len(mean)} predictions -> {args.output}")
     return 0
+
+
+def _check_output(out, model, source) -> None:
+    """predict -o must not replace its own input, nor a file of a run directory."""
+    for what, path in (("model", model), ("data", source)):
+        if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+            raise UsageError(f"-o {out}: is the {what} file {path}; predicting would overwrite "
+                             f"it, so write to another file")
+    target = Path(out).resolve()  # through a link: where the predictions would land
+    where, name = target.parent, target.name
+    in_run = (where / run.DONE).exists() or (where / run.DATA).exists()
+    if (in_run and name in {*run.REPLACED, run.DONE, run.LOCK, "model.npz"}) or (
+            where.name == "checkpoints" and (where.parent / run.DATA).exists()):
+        raise UsageError(f"-o {out}: is a file of the run directory {where}; write the "
+                         f"predictions to another file")
 
 
 def prediction_columns(model) -> list[str]:

@@ -9,7 +9,10 @@ A run directory (rank 0 writes it) holds config.toml (resolved), data.json (the 
 fingerprint, which --resume checks), metrics.jsonl (one line per epoch), checkpoints/, model.npz,
 curves.png and, as the very last act of a successful run, done.json: the completion record.
 `train -n NP` fails a run that ended without its own (done.json carries the launch's RUN_TOKEN).
-A fresh run replaces a finished or checkpointed run only with --overwrite.
+A fresh run replaces a finished or checkpointed run, or files not of a distnn run (a run's
+config.toml starts with HEADER), only with --overwrite. Rank 0 holds an flock on .lock for the whole
+run, so a second run into the directory is refused, and, holding it, deletes the temp files a killed
+run left.
 
 Progress: one summary line per epoch on stdout, and a tqdm bar below them when stdout is a terminal
 (DISTNN_PROGRESS=1 forces it on, =0 off; `train -n` sets it for its ranks, whose stdout is
@@ -17,8 +20,11 @@ mpiexec's pipe). Bar and lines share stdout: through mpiexec two streams would i
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +40,12 @@ from .network import Network
 
 DONE = "done.json"  # the completion record
 DATA = "data.json"  # the training data's fingerprint: a resumed run must see the same data
+LOCK = ".lock"  # rank 0 holds an flock on it for the whole run: one run per directory at a time
+# The first line of the config.toml a run writes: a config.toml without it is the user's own
+HEADER = "# distnn: the resolved config of this run, written by distnn train"
+REPLACED = ("config.toml", DATA, "metrics.jsonl", "curves.png")  # what a fresh run rewrites
+# Temp files of write_atomically (.NAME.PID.tmp) and checkpoint.save (.NAME.PID.HEX8.tmp)
+_TEMP = re.compile(r"\.(?P<name>.+?)\.\d+(\.[0-9a-f]{8})?\.tmp")
 RUN_TOKEN = "DISTNN_RUN_TOKEN"  # set by `train -n`; rank 0 copies it into done.json
 SCALER_CHUNK = 4096  # rows per standardization chunk: moments are summed exactly over chunks
 
@@ -78,14 +90,19 @@ def _check_out_dir(out, key) -> None:
             if not p.is_dir():
                 what = "is a file" if p == path else f"{p} is a file"
                 raise UsageError(f"{key} {out}: {what}, not a directory")
-            return
+            break
+    checkpoints = path / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():  # found up front, not after an epoch
+        raise UsageError(f"{checkpoints}: is a file, not a directory; the run keeps its "
+                         f"checkpoints there, so move it away")
 
 
 def finished(run_dir, token) -> bool:
     """Whether done.json in run_dir records the launch that set RUN_TOKEN = token."""
+    path = Path(run_dir) / DONE
     try:
-        record = json.loads((Path(run_dir) / DONE).read_text())
-    except (OSError, ValueError):
+        record = json.loads(path.read_text()) if path.is_file() else None  # a FIFO would block
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(record, dict) and record.get("run") == token
 
@@ -112,31 +129,33 @@ def train(args, comm) -> int:
     fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
     scaler = fit_scaler(job.X, job.train, comm) if cfg.data.standardize else None
     run = Path(cfg.out_dir)
-    tcomm = Comm(timeout=cfg.train.watchdog or None, bucket_bytes=int(cfg.train.bucket_mb * 2**20))
-    log = _EpochLog(run, cfg.train.epochs, comm.is_root)
-    settings = trainer_settings(cfg, run / "checkpoints", log) | pinned
-    resume_from = _latest(comm, run / "checkpoints") if args.resume else None
-    if resume_from is None:
-        _together(comm, _may_start_afresh, run, args, comm.is_root)
-        trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=tcomm, **settings)
-    else:
-        trainer = Trainer.resume(resume_from, comm=tcomm, optimizer=make_optimizer(cfg.optim),
-                                 **settings)
-        _same_network(resume_from, trainer.net, job.net)
-        _together(comm, _same_run, resume_from, run, cfg, fingerprint, comm.is_root)
-    _together(comm, _start_run_dir, run, cfg, fingerprint, trainer.history, resume_from is None,
-              comm.is_root)
-    # NaN/Inf is the trainer's to report (one message naming the step), not numpy's warnings
-    with log.progress(trainer.epoch), np.errstate(all="ignore"):
-        trainer.fit(_Rows(job.X, job.train), job.y[job.train], *job.val_split(),
-                    transform=None if scaler is None else scaler.transform,
-                    scan=False)  # prepare() scanned every row of X already
-    model = Model(trainer.net, scaler, job.classes, job.meta(cfg))
-    done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
-            "threads": trainer.threads or 1 if cfg.train.deterministic else n,
-            "last": trainer.history[-1] if trainer.history else None}
-    _together(comm, _finish_run_dir, run, model, job, done, started, comm.is_root)
-    return 0
+    with hold_lock(comm, run):  # before anything in the run directory is read or touched
+        tcomm = Comm(timeout=cfg.train.watchdog or None,
+                     bucket_bytes=int(cfg.train.bucket_mb * 2**20))
+        log = _EpochLog(run, cfg.train.epochs, comm.is_root)
+        settings = trainer_settings(cfg, run / "checkpoints", log) | pinned
+        resume_from = _latest(comm, run / "checkpoints") if args.resume else None
+        if resume_from is None:
+            _together(comm, _may_start_afresh, run, args, comm.is_root)
+            trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=tcomm, **settings)
+        else:
+            trainer = Trainer.resume(resume_from, comm=tcomm, optimizer=make_optimizer(cfg.optim),
+                                     **settings)
+            _same_network(resume_from, trainer.net, job.net)
+            _together(comm, _same_run, resume_from, run, cfg, fingerprint, comm.is_root)
+        _together(comm, _start_run_dir, run, cfg, fingerprint, trainer.history, resume_from is None,
+                  comm.is_root)
+        # NaN/Inf is the trainer's to report (one message naming the step), not numpy's warnings
+        with log.progress(trainer.epoch), np.errstate(all="ignore"):
+            trainer.fit(_Rows(job.X, job.train), job.y[job.train], *job.val_split(),
+                        transform=None if scaler is None else scaler.transform,
+                        scan=False)  # prepare() scanned every row of X already
+        model = Model(trainer.net, scaler, job.classes, job.meta(cfg))
+        done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
+                "threads": trainer.threads or 1 if cfg.train.deterministic else n,
+                "last": trainer.history[-1] if trainer.history else None}
+        _together(comm, _finish_run_dir, run, model, job, done, started, comm.is_root)
+        return 0
 
 
 # ------------------------------------------------------------------------ data and the network
@@ -316,8 +335,9 @@ def _newest_loadable(directory, is_root):
 
 
 def _may_start_afresh(run, args, is_root) -> None:
-    """Rank 0: a fresh run would replace what is in `run`; a finished run or checkpoints only
-    with --overwrite (without it, a run that then fails would have destroyed them for nothing)."""
+    """Rank 0: a fresh run would replace what is in `run`; a finished run, checkpoints or files
+    not of a distnn run only with --overwrite (without it, a run that then fails would have
+    destroyed them for nothing)."""
     if not is_root or args.overwrite:
         return
     if (run / DONE).exists() or (run / "model.npz").exists():
@@ -325,6 +345,7 @@ def _may_start_afresh(run, args, is_root) -> None:
     elif checkpoint.list_checkpoints(run / "checkpoints"):
         held = "checkpoints of an unfinished run"
     else:
+        _no_foreign_files(run)
         return
     if args.resume:  # reached with no checkpoint to resume from
         raise UsageError(f"{run}: holds {held} but no checkpoint to resume from; train afresh "
@@ -333,14 +354,39 @@ def _may_start_afresh(run, args, is_root) -> None:
                      f"directory, or pass --overwrite to replace it")
 
 
+def _no_foreign_files(run) -> None:
+    """A fresh run replaces REPLACED; refuse when one is the user's, not a distnn run's: a run
+    writes config.toml (with HEADER) first, so the others count as a run's only beside it. Empty
+    files lose nothing (and are what a run that failed at once may leave)."""
+    ours = _written_by_a_run(run / "config.toml")
+    for name in REPLACED:
+        p = run / name
+        if (p.exists() or p.is_symlink()) and not ours and not _empty_file(p):
+            raise UsageError(f"{p}: a fresh run would replace it, and it is not a distnn run's "
+                             f"(whose config.toml begins '# distnn:'); train into another --out "
+                             f"directory, or pass --overwrite to replace it")
+
+
+def _written_by_a_run(path) -> bool:
+    """Whether `path` is a plain file whose first line is HEADER."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.readline().rstrip("\n") == HEADER
+
+
+def _empty_file(path) -> bool:
+    return not path.is_symlink() and path.is_file() and path.stat().st_size == 0
+
+
 def _same_run(path, run, cfg, fingerprint, is_root) -> None:
-    """A resumed run must keep its data split and order: the data, the seed, the batch size."""
+    """A resumed run must keep its data split and order: the data, the seed, the batch size;
+    without the files that tell (data.json, config.toml) it cannot resume."""
     if not is_root:
         return
     _same_data(run / DATA, cfg.data.source, fingerprint)
     saved = run / "config.toml"
-    if not saved.is_file():
-        return
+    _required(saved, "the data split and order settings are the ones")
     before = config.to_dict(config.load_config(saved))
     now = config.to_dict(cfg)
     keys = [("data", k) for k in ("source", "target", "features", "val_fraction", "standardize")]
@@ -353,14 +399,25 @@ def _same_run(path, run, cfg, fingerprint, is_root) -> None:
                               f"order. Train into a new --out directory, or drop --resume")
 
 
+def _required(path, what) -> None:
+    """`path`, which resuming checks against, is a plain file (a FIFO would block the read)."""
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path} is missing: cannot check {what} the run started with; "
+                              f"restore it or train afresh with --overwrite")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file; restore the one the run wrote or "
+                              f"train afresh with --overwrite")
+
+
 def _same_data(path, source, now) -> None:
-    """The data's fingerprint (data.fingerprint) is the one the run started with, if it kept one."""
+    """The data's fingerprint (data.fingerprint) is the one the run started with."""
+    _required(path, "the data is the one")
     try:
         before = json.loads(path.read_text())
-    except FileNotFoundError:
-        return  # a run from before fingerprints
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable data fingerprint ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable data fingerprint (nested too deeply)") from None
     if not isinstance(before, dict):
         raise CheckpointError(f"{path}: not a data fingerprint (a JSON object)")
     differ = data.fingerprint_changes(before, now)
@@ -380,6 +437,56 @@ def _same_network(path, resumed, configured) -> None:
 
 # ------------------------------------------------------------------------ the run directory
 
+@contextlib.contextmanager
+def hold_lock(comm, run):
+    """Context: rank 0 holds `run`'s lock (every rank fails if another process holds it), then
+    clears the temp files a killed run left; the lock goes when the context or the process ends."""
+    fd = _together(comm, _lock, run, comm.is_root)
+    try:
+        _together(comm, _remove_stale_temp_files, run, comm.is_root)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # an in-process caller may train into `run` again
+
+
+def _lock(run, is_root):
+    """Rank 0: an exclusive, non-blocking flock on run/.lock; its descriptor, or None elsewhere.
+    The lock file stays: unlinking it would let a waiting run lock a file nobody else sees."""
+    if not is_root:
+        return None
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise OSError(f"{path}: cannot open the run directory's lock ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise UsageError(f"another run is training into {run} (it holds {path} locked); "
+                             f"wait for it to end, or train into another --out directory") from None
+        raise OSError(f"{path}: cannot lock the run directory ({e.strerror or e})") from None
+    return fd
+
+
+def _remove_stale_temp_files(run, is_root) -> None:
+    """Rank 0, holding the lock: delete the temp files of run files a killed run left, and only
+    those (`.NAME.PID.tmp`, `.ckpt-*.npz.PID.HEX.tmp`); no other process writes them now."""
+    if not is_root:
+        return
+    for directory, names in ((run, {*REPLACED, DONE, "model.npz"}), (run / "checkpoints", None)):
+        if not directory.is_dir():
+            continue
+        for p in directory.iterdir():
+            m = _TEMP.fullmatch(p.name)
+            ours = m and (m["name"] in names if names else checkpoint.is_checkpoint_name(m["name"]))
+            if ours and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+
+
 def _start_run_dir(run, cfg, fingerprint, history, fresh, is_root) -> None:
     """Rank 0: remove a stale completion record, write the config and the data's fingerprint,
     restart metrics.jsonl from the history the run continues (none when fresh, which removes what
@@ -392,7 +499,7 @@ def _start_run_dir(run, cfg, fingerprint, history, fresh, is_root) -> None:
         for old in [run / "model.npz", run / "curves.png",
                     *checkpoint.list_checkpoints(run / "checkpoints")]:
             old.unlink(missing_ok=True)
-    write_atomically(run / "config.toml", lambda f: f.write(config.to_toml(cfg)))
+    write_atomically(run / "config.toml", lambda f: f.write(f"{HEADER}\n{config.to_toml(cfg)}"))
     _write_json(run / DATA, fingerprint)
     write_atomically(run / "metrics.jsonl",
                      lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
@@ -427,12 +534,14 @@ def _write_json(path, obj) -> None:
     write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1) + "\n"))
 
 
-def write_atomically(path, write, binary=False) -> None:
+def write_atomically(path, write, binary=False, through=False) -> None:
     """write(f) to a temp file beside `path`, then rename it over `path`: a full disk or a crash
-    leaves the old file whole, never half a new one. Anything but a plain file (a link, a FIFO,
-    /dev/stdout) is written in place: renaming over it would replace it. An OSError names `path`."""
+    leaves the old file whole, never half a new one. With `through` (a user's output file)
+    anything but a plain file (a link, a FIFO, /dev/stdout) is written in place instead, where
+    renaming over it would replace it; run files always replace the path, never write through a
+    link to a file elsewhere. An OSError names `path`."""
     path = Path(path)
-    if path.is_symlink() or (path.exists() and not path.is_file()):
+    if through and (path.is_symlink() or (path.exists() and not path.is_file())):
         try:
             with open(path, "wb") if binary else open(path, "w", newline="") as f:
                 write(f)
@@ -508,7 +617,7 @@ def read_metrics(path) -> list[dict]:
     for i, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise DataError(f"{path} line {i}: not a JSON record") from None
         if not _epoch_record(record):
             raise DataError(f"{path} line {i}: not an epoch record (a JSON object with an integer "
@@ -530,8 +639,9 @@ def _epoch_record(r) -> bool:
             and not isinstance(r["epoch"], bool) and all(number(r[k]) for k in PLOTTED if k in r))
 
 
-def plot_curves(records, path) -> None:
-    """Loss and validation loss (and accuracies, for classifiers) against the epoch, as a PNG."""
+def plot_curves(records, path, through=False) -> None:
+    """Loss and validation loss (and accuracies, for classifiers) against the epoch, as a PNG;
+    `through` as in write_atomically."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     from matplotlib.ticker import MaxNLocator
 
@@ -547,4 +657,5 @@ def plot_curves(records, path) -> None:
         ax.set_ylabel(keys[0])
         ax.grid(alpha=0.3)
         ax.legend()
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True,
+                     through=through)

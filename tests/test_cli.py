@@ -668,3 +668,124 @@ def test_an_out_dir_that_is_a_file_is_named(work):
     assert "--out afile: is a file, not a directory" in line
     line = one_error_line(distnn(work, "train", "cfg.toml", "--out", "afile/sub"))
     assert "--out afile/sub: afile is a file, not a directory" in line
+
+
+# ------------------------------------------------------------- the run directory is the run's own
+
+@pytest.mark.parametrize("ranks", [[], pytest.param(["-n", "2"], marks=needs_mpiexec)],
+                         ids=["1 rank", "2 ranks"])
+def test_a_run_into_a_directory_another_run_is_training_into_is_refused(work, ranks):
+    import fcntl
+
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    before = run_files(work / "run")
+    with open(work / "run" / ".lock", "a") as held:  # as the other run's rank 0 holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        line = one_error_line(distnn(work, "train", "cfg.toml", "--overwrite", *ranks))
+    assert "another run is training into run" in line
+    assert run_files(work / "run") == before
+    done = distnn(work, "train", "cfg.toml", "--overwrite", "--set", "train.epochs=1")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_killed_launcher_takes_its_mpiexec_down(work):
+    fake = work / "fake-mpiexec"
+    fake.write_text(f"#!/bin/sh\ntrap 'touch {work}/stopped; exit 143' TERM\ntouch {work}/started\n"
+                    f"while :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    launcher = subprocess.Popen([sys.executable, "-m", "distnn", "train", "cfg.toml", "-n", "2"],
+                                cwd=work,
+                                env=os.environ | {"PYTHONPATH": str(REPO), "MPIEXEC": str(fake)})
+    deadline = time.monotonic() + 30
+    while not (work / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.kill()  # SIGKILL: no handler forwards anything
+    launcher.wait()
+    while not (work / "stopped").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (work / "stopped").exists()
+
+
+@pytest.mark.parametrize("output", ["run/model.npz", "flowers.csv", "model-link.npz",
+                                    "run/data.json", "run/checkpoints/p.csv"])
+def test_predict_refuses_to_overwrite_its_input_or_a_run_file(work, output):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    (work / "model-link.npz").symlink_to("run/model.npz")
+    before = run_files(work)
+    line = one_error_line(distnn(work, "predict", "run/model.npz", "flowers.csv", "-o", output))
+    assert f"-o {output}" in line
+    assert run_files(work) == before
+
+
+@pytest.mark.parametrize("users", [["config.toml", "metrics.jsonl"], ["metrics.jsonl"]])
+def test_a_fresh_run_does_not_replace_the_users_own_files_without_overwrite(work, users):
+    for name in users:
+        (work / name).write_text("# my own, with comments\n")
+    before = run_files(work)
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--out", "."))
+    assert f"error: {users[0]}: a fresh run would replace it" in line and "--overwrite" in line
+    assert run_files(work) | {".lock": b""} == before | {".lock": b""}  # the lock file may stay
+
+
+def test_a_fresh_run_may_replace_a_run_that_failed_before_its_first_checkpoint(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "optim.lr=1e300").returncode == 1  # diverges
+    assert {"config.toml", "data.json"} <= {p.name for p in (work / "run").iterdir()}
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+
+
+@pytest.mark.parametrize("name", ["data.json", "config.toml"])
+@pytest.mark.parametrize("spoil", ["missing", "fifo"])
+def test_resume_refuses_without_the_files_it_checks_against(work, name, spoil):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    (work / "run" / name).unlink()
+    if spoil == "fifo":
+        os.mkfifo(work / "run" / name)  # reading it would block
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2",
+                                 timeout=30))
+    assert f"run/{name}" in line and "--overwrite" in line
+
+
+def test_resume_refuses_a_deeply_nested_data_fingerprint_in_one_line(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    (work / "run" / "data.json").write_text("[" * 100000)
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2"))
+    assert "data.json: unreadable data fingerprint" in line
+
+
+@pytest.mark.parametrize("name", ["data.json", "config.toml"])
+def test_a_run_replaces_a_link_or_fifo_in_its_directory_instead_of_writing_through_it(work, name):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    (work / "victim.txt").write_text("not yours\n")
+    (work / "run" / name).unlink()
+    (work / "run" / name).symlink_to(work / "victim.txt")
+    done = distnn(work, "train", "cfg.toml", "--overwrite", "--set", "train.epochs=1")
+    assert done.returncode == 0, done.stderr
+    assert (work / "victim.txt").read_text() == "not yours\n"
+    (work / "run" / name).unlink()
+    os.mkfifo(work / "run" / name)
+    done = distnn(work, "train", "cfg.toml", "--overwrite", "--set", "train.epochs=1", timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert (work / "run" / name).is_file() and not (work / "run" / name).is_symlink()
+
+
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_anything_is_replaced(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    shutil.rmtree(work / "run" / "checkpoints")
+    (work / "run" / "checkpoints").write_text("")
+    before = run_files(work / "run")
+    line = one_error_line(distnn(work, "train", "cfg.toml", "--overwrite"))
+    assert "run/checkpoints: is a file, not a directory" in line
+    assert run_files(work / "run") == before
+
+
+def test_a_run_removes_the_temp_files_a_killed_run_left_and_nothing_else(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    run = work / "run"
+    stale = [run / ".config.toml.4242.tmp", run / ".model.npz.4242.0badf00d.tmp",
+             run / "checkpoints" / ".ckpt-000000002.npz.4242.0badf00d.tmp"]
+    kept = [run / ".notes.txt.4242.tmp", run / "notes.4242.tmp",
+            run / "checkpoints" / ".mine.npz.4242.0badf00d.tmp"]
+    for p in stale + kept:
+        p.write_text("x")
+    assert distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2").returncode == 0
+    assert [p.exists() for p in stale + kept] == [False] * len(stale) + [True] * len(kept)
