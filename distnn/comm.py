@@ -174,14 +174,16 @@ class Comm:
         shared = self._shared[id(rows)]
         shared.grid_sum(lambda: self._collective("Barrier", what=what), counts, grid, out)
 
-    def allreduce_sharded(self, buf, own, collect, what="allreduce") -> None:
+    def allreduce_sharded(self, buf, own, collect, what="allreduce") -> bool:
         """The sum over ranks of a buffer in node shared memory (`shares(buf)`), each rank getting
-        its own slice only: own(lo, hi, slot) runs on this rank's slice [lo, hi) of the sum, held
-        in slot (this rank's shared vector as long as buf, which own may overwrite there with
-        results for the others), then collect(p, lo, hi, slot) runs for every rank p's slice and
-        slot, own's results in them. How a rank updates only its share of the parameters."""
-        self._shared[id(buf)].sum_sharded(lambda: self._collective("Barrier", what=what),
-                                          own, collect)
+        its own slice only. If every element of the sum is finite (returns True, else False and
+        nothing more happens, on every rank): own(lo, hi, slot) runs on this rank's slice [lo, hi)
+        of the sum, held in slot (this rank's shared vector as long as buf, which own may
+        overwrite there with results for the others), then collect(p, lo, hi, slot) runs for
+        every rank p's slice and slot, own's results in them. How a rank updates only its share
+        of the parameters, and no rank updates any when a NaN/Inf reached the sum."""
+        return self._shared[id(buf)].sum_sharded(lambda: self._collective("Barrier", what=what),
+                                                 own, collect)
 
     def gather_slices(self, buf, vector, what="gather") -> None:
         """Make `vector` (laid out like a prefix of the shared `buf`) whole on every rank from
@@ -368,13 +370,16 @@ class _SharedSum:
 
     def __init__(self, node, shape, dtype):
         dtype, n, size = np.dtype(dtype), shape[-1], int(np.prod(shape))
-        # per rank: its buffer, then the slot where it writes the slice it sums for everyone
-        self.win = MPI.Win.Allocate_shared((size + n) * dtype.itemsize, dtype.itemsize, comm=node)
+        # per rank: its buffer, the slot where it writes the slice it sums for everyone, and a
+        # verdict on that slice (sum_sharded)
+        self.win = MPI.Win.Allocate_shared((size + n + 1) * dtype.itemsize, dtype.itemsize,
+                                           comm=node)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive epoch, for Sync's memory fences
-        memory = [np.frombuffer(self.win.Shared_query(p)[0], dtype, count=size + n)
+        memory = [np.frombuffer(self.win.Shared_query(p)[0], dtype, count=size + n + 1)
                   for p in range(node.Get_size())]
         self.inputs = [m[:size].reshape(shape) for m in memory]
-        self.sums = [m[size:] for m in memory]
+        self.sums = [m[size:size + n] for m in memory]
+        self.verdicts = [m[size + n:] for m in memory]
         self.rank = node.Get_rank()
         self.buffer = self.inputs[self.rank]
         memory[self.rank][...] = 0  # touch every page now: a shortfall shows here, not mid-training
@@ -390,14 +395,21 @@ class _SharedSum:
         for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
             self.buffer[a:b] = self.sums[p][a:b]  # sums[p] is rewritten only after the next barrier
 
-    def sum_sharded(self, barrier, own, collect) -> None:
-        """Comm.allreduce_sharded: own() on this rank's summed slice, then collect() on every one."""
+    def sum_sharded(self, barrier, own, collect) -> bool:
+        """Comm.allreduce_sharded: if the whole sum is finite, own() on this rank's summed slice,
+        then collect() on every one; returns whether it was."""
+        lo, hi = self.cuts[self.rank], self.cuts[self.rank + 1]
         self._fence(barrier)
         self._sum_slice()
-        own(self.cuts[self.rank], self.cuts[self.rank + 1], self.sums[self.rank])
+        self.verdicts[self.rank][0] = np.isfinite(self.sums[self.rank][lo:hi]).all()
+        self._fence(barrier)  # every slice's verdict is written
+        if not all(v[0] for v in self.verdicts):
+            return False  # the same verdict on every rank: nobody updates anything
+        own(lo, hi, self.sums[self.rank])
         self._fence(barrier)  # every rank has written what own() leaves for the others
         for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
             collect(p, a, b, self.sums[p])
+        return True
 
     def gather(self, barrier, vector) -> None:
         """Every rank's copy of its slice of `vector` (a prefix of the buffer's layout) to all."""

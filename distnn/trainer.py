@@ -23,6 +23,7 @@ The data order comes from `data.epoch_permutation(seed, epoch)`, so a checkpoint
 Only rank 0 writes files; every rank returns the same `history`.
 """
 
+import contextlib
 import math
 import signal
 import threading
@@ -107,10 +108,10 @@ class Trainer:
             self.buf = np.zeros(n, net.dtype)
             if not self.comm.sums_in_place(self._rows):
                 self._total = self.buf if net.dtype == np.float64 else np.zeros(n, np.float64)
-        else:  # + one flag per rank for the sharded update's verdicts: on one node (and without
-            # clipping, which needs the whole gradient) each rank updates its own share of the
-            # parameters right after summing it (_sum_and_update_share), which pays at any size
-            self.buf = self.comm.buffer(n + self.comm.size, net.dtype, sharded=self.clip_norm == 0)
+        else:  # on one node (and without clipping, which needs the whole gradient) each rank
+            # updates its own share of the parameters right after summing it
+            # (_sum_and_update_share), which pays at any size
+            self.buf = self.comm.buffer(n, net.dtype, sharded=self.clip_norm == 0)
         self._sharded = (not self.deterministic and self.clip_norm == 0
                          and self.comm.shares(self.buf))
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
@@ -139,7 +140,7 @@ class Trainer:
         self._lr_args = {"total_steps": max(1, self.epochs * len(batches))} | self.schedule
         blas = self._blas_threads()
         self.optimizer.threads = blas or threads_in_force()  # the update uses the GEMMs' cores
-        with _StopOnSignals(self), threadpool_limits(blas, user_api="blas"):
+        with _StopOnSignals(self), threadpool_limits(blas, user_api="blas"), self._whole_state():
             while self.epoch < self.epochs and not self._stopped_early():
                 started = time.perf_counter()
                 perm = data.epoch_permutation(self.seed, self.epoch, len(X))
@@ -158,7 +159,6 @@ class Trainer:
                 stop = self._end_epoch(len(X), val, time.perf_counter() - started)
                 if stop:
                     break
-        self._gather_state()  # the optimizer, as the caller may read it or fit again
         if self.patience and self.best_params is not None:
             self.net.params[...] = self.best_params  # early stopping keeps the best model
         return self.history
@@ -276,7 +276,7 @@ class Trainer:
 
     def _update(self, lr):
         """The optimizer step from the summed gradient in `buf`, after its checks and penalty."""
-        if not np.isfinite(self.buf.sum()):  # NaN/Inf anywhere; the same verdict on every rank
+        if not np.isfinite(self.buf).all():  # NaN/Inf anywhere; the same verdict on every rank
             self._diverged()
         self.net.add_penalty_grad(self.grad)
         if self.clip_norm > 0:
@@ -284,39 +284,46 @@ class Trainer:
         self.optimizer.step(self.net.params, self.grad, lr)
 
     def _sum_and_update_share(self, lr):
-        """The step buffer summed in node shared memory, each rank checking and updating its own
-        slice of the parameters (and of the optimizer state) while the slice is in cache; then
-        every rank copies the others' updated slices. The same bits as `_update` on every rank
+        """The step buffer summed in node shared memory; if all of it is finite, each rank updates
+        its own slice of the parameters (and of the optimizer state) while the slice is in cache,
+        and every rank copies the others' updated slices. The same bits as `_update` on every rank
         (every operation is element-wise), with 1/P of its memory traffic on each: the ranks no
         longer repeat the whole update on the node's shared memory bus. The optimizer state of
         the other slices goes stale on a rank; `_gather_state` makes it whole where it is read."""
-        n, rank, verdicts = self.net.n_params, self.comm.rank, []
+        n, rank = self.net.n_params, self.comm.rank
 
-        def own(lo, hi, slot):
-            finite = bool(np.isfinite(slot[lo:hi].sum()))  # my slice of the summed buffer
-            slot[n + _STATS + rank] = 0.0 if finite else 1.0  # my verdict, read by every rank
-            if finite:
-                part = slice(min(lo, n), min(hi, n))
-                self.net.add_penalty_grad(slot[part], start=part.start)
-                self.optimizer.step(self.net.params, slot[:n], lr, part=part)
-                slot[part] = self.net.params[part]  # what the other ranks copy
+        def own(lo, hi, slot):  # my slice of the summed buffer, all of it finite
+            part = slice(min(lo, n), min(hi, n))
+            self.net.add_penalty_grad(slot[part], start=part.start)
+            self.optimizer.step(self.net.params, slot[:n], lr, part=part)
+            slot[part] = self.net.params[part]  # what the other ranks copy
 
         def collect(p, lo, hi, slot):
             if p != rank:
                 self.net.params[min(lo, n):min(hi, n)] = slot[min(lo, n):min(hi, n)]
-            a, b = max(lo, n), min(hi, n + _STATS)  # the statistics, wherever they fall
+            a, b = max(lo, n), hi  # the statistics, wherever they fall
             self.buf[a:b] = slot[a:b]
-            verdicts.append(slot[n + _STATS + p])
 
-        self.comm.allreduce_sharded(self.buf, own, collect, what=f"step {self.step + 1}")
-        if any(verdicts):
-            self._diverged()
+        if not self.comm.allreduce_sharded(self.buf, own, collect, what=f"step {self.step + 1}"):
+            self._diverged()  # NaN/Inf in the sum: no rank updated anything
 
     def _gather_state(self):
         """After sharded updates, every rank's optimizer state whole again (collective)."""
         if self._sharded:
             for vector in self.optimizer.state.values():
                 self.comm.gather_slices(self.buf, vector, what="optimizer state")
+
+    @contextlib.contextmanager
+    def _whole_state(self):
+        """fit's context: however it ends, normally or by an error raised on every rank at the
+        same step (Interrupted, DivergenceError), the optimizer state is whole again after it,
+        for the caller to read, save or fit again."""
+        try:
+            yield
+        except (Interrupted, DivergenceError):
+            self._gather_state()
+            raise
+        self._gather_state()
 
     def _exact_grad_sum(self, X, Y, perm, lo, hi):
         """Deterministic mode: the chunks' gradient and statistics summed exactly over all ranks

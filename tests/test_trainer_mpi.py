@@ -66,6 +66,59 @@ def test_each_rank_updating_its_share_gives_the_bits_of_every_rank_updating_all(
     assert all_ranks(same and all(state[k].tobytes() == expected[k].tobytes() for k in expected))
 
 
+def same_everywhere(*arrays):
+    """True on every rank iff every array has the same bytes on every rank."""
+    mine = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+    return len(set(WORLD.allgather(hashlib.sha256(mine).hexdigest()))) == 1
+
+
+def test_a_nan_in_one_ranks_share_of_the_sum_leaves_every_rank_unchanged_and_alike(monkeypatch):
+    """No rank updates its share before every share of the sum is known to be finite."""
+    from distnn.trainer import DivergenceError
+    X, y = problem("multinomial")
+    net = Network([5, 8, 3], activation="tanh", l2=1e-3, seed=1)
+    trainer = Trainer(net, optim.Adam(lr=0.01), batch_size=10, epochs=1, seed=2, comm=WORLD)
+    calls, grad_sum, before = [0], net.grad_sum, {}
+
+    def nan_at_the_fourth_step(X_, Y_, out, divisor=1):
+        loss = grad_sum(X_, Y_, out, divisor)
+        calls[0] += 1
+        if calls[0] == 4:
+            before.update(params=net.params.copy(), t=trainer.optimizer.t)
+            if WORLD.rank == 0:
+                out[0] = np.nan  # in rank 0's share of the sum
+        return loss
+
+    monkeypatch.setattr(net, "grad_sum", nan_at_the_fourth_step)
+    with pytest.raises(DivergenceError, match="step 4"):
+        trainer.fit(X, y)
+    assert all_ranks(trainer._sharded)
+    assert all_ranks(np.array_equal(net.params, before["params"]) and trainer.optimizer.t == 3)
+    assert all_ranks(same_everywhere(net.params, *trainer.optimizer.state.values()))
+
+
+def test_a_trainer_stopped_without_checkpoints_fits_on_as_if_never_stopped():
+    """The sharded optimizer state is whole again after an interrupted fit, checkpoint or not."""
+    from distnn.trainer import Interrupted
+    straight, _ = train(WORLD, "multinomial", "adam")
+    stopped, _ = train(WORLD, "multinomial", "adam", epochs=0)
+    stopped.epochs = 7
+    X, y = problem("multinomial")
+    step = stopped._train_step
+
+    def stop_at_step_10(*args):
+        if stopped.step == 10 and WORLD.rank == 0:
+            stopped._stop_signal = 15  # as the SIGTERM handler sets it on one rank
+        return step(*args)
+
+    stopped._train_step = stop_at_step_10
+    with pytest.raises(Interrupted):
+        stopped.fit(X, y, X[:13], y[:13])
+    stopped._train_step = step
+    stopped.fit(X, y, X[:13], y[:13])
+    assert all_ranks(stopped.net.params.tobytes() == straight.net.params.tobytes())
+
+
 @pytest.mark.parametrize("family", ["gaussian", "bernoulli", "multinomial", "poisson"])
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_p_ranks_train_like_one_rank(family, opt):
