@@ -243,6 +243,39 @@ def test_grid_sum_in_shared_memory_has_the_bits_of_the_serial_grid_sum(dtype, mo
     comm.close()
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_sharded_allreduce_hands_each_rank_its_slice_of_the_sum_then_everyone_collects(dtype):
+    raw = MPI.COMM_WORLD
+    comm = Comm(raw)
+    buf = comm.buffer(1000, dtype, sharded=True)
+    rows = np.random.default_rng(3).normal(size=(raw.size, 1000)).astype(dtype)
+    buf[...] = rows[raw.rank]
+    expected = comm.buffer(1000, dtype)  # the plain shared sum, in rank order too
+    expected[...] = rows[raw.rank]
+    comm.allreduce(expected)
+    owned, seen = [], np.full(1000, np.nan, dtype)
+
+    def own(lo, hi, slot):
+        owned.append((lo, hi))
+        slot[lo:hi] *= 2  # what the others collect
+
+    def collect(p, lo, hi, slot):
+        seen[lo:hi] = slot[lo:hi]
+
+    assert comm.allreduce_sharded(buf, own, collect)
+    assert everywhere(raw, len(owned) == 1 and seen.tobytes() == (2 * expected).tobytes())
+    spans = raw.allgather(owned[0])  # the slices tile the buffer, in rank order
+    assert spans[0][0] == 0 and spans[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    buf[...] = rows[raw.rank]
+    if raw.rank == raw.size - 1:
+        buf[3] = np.inf  # in rank 0's slice of the sum: no rank may go on
+    owned.clear()
+    assert everywhere(raw, comm.allreduce_sharded(buf, own, collect) is False and not owned)
+    comm.close()
+
+
 def test_exact_sum_stops_every_rank_on_a_non_finite_chunk(raw, comm):
     rows = chunks(np.float64, n=comm.size)
     if comm.rank == comm.size - 1:
