@@ -174,16 +174,18 @@ class Comm:
         shared = self._shared[id(rows)]
         shared.grid_sum(lambda: self._collective("Barrier", what=what), counts, grid, out)
 
-    def allreduce_sharded(self, buf, own, collect, what="allreduce") -> bool:
+    def allreduce_sharded(self, buf, own, collect, share=None, what="allreduce") -> bool:
         """The sum over ranks of a buffer in node shared memory (`shares(buf)`), each rank getting
-        its own slice only. If every element of the sum is finite (returns True, else False and
-        nothing more happens, on every rank): own(lo, hi, slot) runs on this rank's slice [lo, hi)
-        of the sum, held in slot (this rank's shared vector as long as buf, which own may
-        overwrite there with results for the others), then collect(p, lo, hi, slot) runs for
-        every rank p's slice and slot, own's results in them. How a rank updates only its share
-        of the parameters, and no rank updates any when a NaN/Inf reached the sum."""
+        its own slice only: share(lo, hi, slot) may first work on this rank's slice [lo, hi) of
+        the sum, held in slot (this rank's shared vector as long as buf), and return a number for
+        every rank. If every element of the sum is finite (returns True, else False and nothing
+        more happens, on every rank): own(lo, hi, slot, shared) runs with every rank's number in
+        rank order, and may overwrite slot[lo:hi] with results for the others; then
+        collect(p, lo, hi, slot) runs for every rank p's slice and slot, own's results in them.
+        How a rank updates only its share of the parameters (shared: the parts of a global norm),
+        and no rank updates any when a NaN/Inf reached the sum."""
         return self._shared[id(buf)].sum_sharded(lambda: self._collective("Barrier", what=what),
-                                                 own, collect)
+                                                 share or (lambda lo, hi, slot: 0.0), own, collect)
 
     def gather_slices(self, buf, vector, what="gather") -> None:
         """Make `vector` (laid out like a prefix of the shared `buf`) whole on every rank from
@@ -371,11 +373,11 @@ class _SharedSum:
     def __init__(self, node, shape, dtype):
         dtype, n, size = np.dtype(dtype), shape[-1], int(np.prod(shape))
         # per rank: its buffer, the slot where it writes the slice it sums for everyone, and a
-        # verdict on that slice (sum_sharded)
-        self.win = MPI.Win.Allocate_shared((size + n + 1) * dtype.itemsize, dtype.itemsize,
+        # verdict on that slice and a number it shares (sum_sharded)
+        self.win = MPI.Win.Allocate_shared((size + n + 2) * dtype.itemsize, dtype.itemsize,
                                            comm=node)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # a passive epoch, for Sync's memory fences
-        memory = [np.frombuffer(self.win.Shared_query(p)[0], dtype, count=size + n + 1)
+        memory = [np.frombuffer(self.win.Shared_query(p)[0], dtype, count=size + n + 2)
                   for p in range(node.Get_size())]
         self.inputs = [m[:size].reshape(shape) for m in memory]
         self.sums = [m[size:size + n] for m in memory]
@@ -395,17 +397,19 @@ class _SharedSum:
         for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
             self.buffer[a:b] = self.sums[p][a:b]  # sums[p] is rewritten only after the next barrier
 
-    def sum_sharded(self, barrier, own, collect) -> bool:
+    def sum_sharded(self, barrier, share, own, collect) -> bool:
         """Comm.allreduce_sharded: if the whole sum is finite, own() on this rank's summed slice,
         then collect() on every one; returns whether it was."""
-        lo, hi = self.cuts[self.rank], self.cuts[self.rank + 1]
+        lo, hi, mine = self.cuts[self.rank], self.cuts[self.rank + 1], self.verdicts[self.rank]
         self._fence(barrier)
         self._sum_slice()
-        self.verdicts[self.rank][0] = np.isfinite(self.sums[self.rank][lo:hi]).all()
-        self._fence(barrier)  # every slice's verdict is written
+        mine[0] = np.isfinite(self.sums[self.rank][lo:hi]).all()
+        if mine[0]:
+            mine[1] = share(lo, hi, self.sums[self.rank])
+        self._fence(barrier)  # every slice's verdict and shared number are written
         if not all(v[0] for v in self.verdicts):
             return False  # the same verdict on every rank: nobody updates anything
-        own(lo, hi, self.sums[self.rank])
+        own(lo, hi, self.sums[self.rank], [float(v[1]) for v in self.verdicts])
         self._fence(barrier)  # every rank has written what own() leaves for the others
         for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
             collect(p, a, b, self.sums[p])

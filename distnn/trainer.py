@@ -10,7 +10,7 @@ stop flag) that ride in the same allreduce, so a step makes one MPI call (one pe
 models). Each rank divides its output proxy errors by the *global* count B before back-propagating
 (the gradient is linear in them), so the allreduce yields the mean gradient and P ranks compute
 what 1 rank computes on the same global batches, up to the order of floating-point additions.
-With every rank on one node (and no clipping), the sum runs in node shared memory and each rank
+With every rank on one node, the sum runs in node shared memory and each rank
 updates only its slice of the parameters there, then copies the others' slices: the same bits as
 every rank updating everything, with a P-th of the update's memory traffic on each rank.
 With `deterministic=True` the order is removed as well: every global batch is cut into chunks of
@@ -108,12 +108,10 @@ class Trainer:
             self.buf = np.zeros(n, net.dtype)
             if not self.comm.sums_in_place(self._rows):
                 self._total = self.buf if net.dtype == np.float64 else np.zeros(n, np.float64)
-        else:  # on one node (and without clipping, which needs the whole gradient) each rank
-            # updates its own share of the parameters right after summing it
-            # (_sum_and_update_share), which pays at any size
-            self.buf = self.comm.buffer(n, net.dtype, sharded=self.clip_norm == 0)
-        self._sharded = (not self.deterministic and self.clip_norm == 0
-                         and self.comm.shares(self.buf))
+        else:  # on one node each rank updates its own share of the parameters right after
+            # summing it (_sum_and_update_share), which pays at any size
+            self.buf = self.comm.buffer(n, net.dtype, sharded=True)
+        self._sharded = not self.deterministic and self.comm.shares(self.buf)
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
@@ -290,11 +288,18 @@ class Trainer:
         (every operation is element-wise), with 1/P of its memory traffic on each: the ranks no
         longer repeat the whole update on the node's shared memory bus. The optimizer state of
         the other slices goes stale on a rank; `_gather_state` makes it whole where it is read."""
-        n, rank = self.net.n_params, self.comm.rank
+        n, rank, clip = self.net.n_params, self.comm.rank, self.clip_norm
 
-        def own(lo, hi, slot):  # my slice of the summed buffer, all of it finite
+        def share(lo, hi, slot):  # my slice of the summed buffer: its part of the global norm
             part = slice(min(lo, n), min(hi, n))
             self.net.add_penalty_grad(slot[part], start=part.start)
+            return optim.global_norm(slot[part]) if clip > 0 else 0.0
+
+        def own(lo, hi, slot, norms):  # all of the sum is finite
+            part = slice(min(lo, n), min(hi, n))
+            norm = math.sqrt(sum(x * x for x in norms))  # in rank order: the same on every rank
+            if clip > 0 and math.isfinite(norm) and norm > clip:
+                slot[part] *= slot.dtype.type(clip / norm)
             self.optimizer.step(self.net.params, slot[:n], lr, part=part)
             slot[part] = self.net.params[part]  # what the other ranks copy
 
@@ -304,7 +309,8 @@ class Trainer:
             a, b = max(lo, n), hi  # the statistics, wherever they fall
             self.buf[a:b] = slot[a:b]
 
-        if not self.comm.allreduce_sharded(self.buf, own, collect, what=f"step {self.step + 1}"):
+        if not self.comm.allreduce_sharded(self.buf, own, collect, share,
+                                           what=f"step {self.step + 1}"):
             self._diverged()  # NaN/Inf in the sum: no rank updated anything
 
     def _gather_state(self):

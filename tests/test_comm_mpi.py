@@ -256,23 +256,27 @@ def test_a_sharded_allreduce_hands_each_rank_its_slice_of_the_sum_then_everyone_
     comm.allreduce(expected)
     owned, seen = [], np.full(1000, np.nan, dtype)
 
-    def own(lo, hi, slot):
-        owned.append((lo, hi))
+    def share(lo, hi, slot):
+        return float(raw.rank + 1)
+
+    def own(lo, hi, slot, shared):
+        owned.append((lo, hi, shared))
         slot[lo:hi] *= 2  # what the others collect
 
     def collect(p, lo, hi, slot):
         seen[lo:hi] = slot[lo:hi]
 
-    assert comm.allreduce_sharded(buf, own, collect)
+    assert comm.allreduce_sharded(buf, own, collect, share)
     assert everywhere(raw, len(owned) == 1 and seen.tobytes() == (2 * expected).tobytes())
-    spans = raw.allgather(owned[0])  # the slices tile the buffer, in rank order
+    assert everywhere(raw, owned[0][2] == [float(p + 1) for p in range(raw.size)])
+    spans = raw.allgather(owned[0][:2])  # the slices tile the buffer, in rank order
     assert spans[0][0] == 0 and spans[-1][1] == 1000
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     buf[...] = rows[raw.rank]
     if raw.rank == raw.size - 1:
         buf[3] = np.inf  # in rank 0's slice of the sum: no rank may go on
     owned.clear()
-    assert everywhere(raw, comm.allreduce_sharded(buf, own, collect) is False and not owned)
+    assert everywhere(raw, comm.allreduce_sharded(buf, own, collect, share) is False and not owned)
     comm.close()
 
 

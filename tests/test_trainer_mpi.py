@@ -66,6 +66,18 @@ def test_each_rank_updating_its_share_gives_the_bits_of_every_rank_updating_all(
     assert all_ranks(same and all(state[k].tobytes() == expected[k].tobytes() for k in expected))
 
 
+def test_clipping_the_shares_by_their_global_norm_matches_clipping_the_whole_gradient(monkeypatch):
+    """Each rank clips its share by the norm of all shares: the whole gradient's, to round-off."""
+    free, _ = train(WORLD, "multinomial", "momentum")
+    sharded, _ = train(WORLD, "multinomial", "momentum", clip_norm=0.05)
+    monkeypatch.setattr(Trainer, "_sum_and_update_share", lambda self, lr: (
+        self.comm.allreduce(self.buf, what="whole"), self._update(lr)))
+    whole, _ = train(WORLD, "multinomial", "momentum", clip_norm=0.05)
+    assert all_ranks(sharded._sharded and same_everywhere(sharded.net.params))
+    assert all_ranks(np.allclose(sharded.net.params, whole.net.params, rtol=1e-11, atol=1e-14))
+    assert not np.allclose(sharded.net.params, free.net.params, rtol=1e-3)  # clipping acted
+
+
 def same_everywhere(*arrays):
     """True on every rank iff every array has the same bytes on every rank."""
     mine = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
