@@ -160,6 +160,15 @@ class Comm:
         Else the caller rounds them to the grid in float64 and allreduces that."""
         return self.size == 1 or self.shares(rows)
 
+    def grid_sum_sharded(self, rows, counts, grid, own, collect, share=None,
+                         what="exact sum") -> bool:
+        """`grid_sum` for chunk rows in node shared memory, with each rank getting only its part
+        of the sum (grid.owner_cuts), as `allreduce_sharded` does: share, then (if all of the sum
+        is finite) own, then collect."""
+        return self._shared[id(rows)].grid_sum_sharded(
+            lambda: self._collective("Barrier", what=what), counts, grid,
+            share or (lambda lo, hi, slot: 0.0), own, collect)
+
     def grid_sum(self, rows, counts, grid, out, what="exact sum") -> None:
         """Deterministic mode's gradient sum, where `sums_in_place(rows)`: out = Σ over ranks p of
         their first counts[p] rows, each rounded to `grid` (exactsum.SignalGrid) and added
@@ -187,10 +196,11 @@ class Comm:
         return self._shared[id(buf)].sum_sharded(lambda: self._collective("Barrier", what=what),
                                                  share or (lambda lo, hi, slot: 0.0), own, collect)
 
-    def gather_slices(self, buf, vector, what="gather") -> None:
+    def gather_slices(self, buf, vector, cuts=None, what="gather") -> None:
         """Make `vector` (laid out like a prefix of the shared `buf`) whole on every rank from
-        the slices each rank owns in `allreduce_sharded` (e.g. sharded optimizer state)."""
-        self._shared[id(buf)].gather(lambda: self._collective("Barrier", what=what), vector)
+        the slices each rank owns in `allreduce_sharded` (or cuts[rank]:cuts[rank + 1], as in
+        `grid_sum_sharded`), e.g. sharded optimizer state."""
+        self._shared[id(buf)].gather(lambda: self._collective("Barrier", what=what), vector, cuts)
 
     def allreduce_max(self, buf, what="allreduce_max") -> None:
         """In-place element-wise MAX over ranks (same buffers as allreduce)."""
@@ -400,9 +410,23 @@ class _SharedSum:
     def sum_sharded(self, barrier, share, own, collect) -> bool:
         """Comm.allreduce_sharded: if the whole sum is finite, own() on this rank's summed slice,
         then collect() on every one; returns whether it was."""
-        lo, hi, mine = self.cuts[self.rank], self.cuts[self.rank + 1], self.verdicts[self.rank]
-        self._fence(barrier)
-        self._sum_slice()
+        return self._sharded(barrier, self.cuts, self._sum_slice, share, own, collect)
+
+    def grid_sum_sharded(self, barrier, counts, grid, share, own, collect) -> bool:
+        """Comm.grid_sum with own/collect: the exact grid sum, each rank getting its blocks."""
+        blocks, cuts = grid.owner_cuts(len(self.inputs))
+        r, chunks = self.rank, [rows[:k] for rows, k in zip(self.inputs, counts)]
+        if self._scratch is None or self._scratch.shape[1] < grid.width:
+            self._scratch = np.empty((3, grid.width))
+        return self._sharded(barrier, cuts, lambda: grid.sum_into(
+            chunks, self.sums[r], blocks[r], blocks[r + 1], self._scratch), share, own, collect)
+
+    def _sharded(self, barrier, cuts, summed, share, own, collect) -> bool:
+        """The protocol of a sum of which each rank gets its slice cuts[rank]:cuts[rank + 1]:
+        summed() writes it into the rank's slot; then verdicts, share, own and collect."""
+        lo, hi, mine = cuts[self.rank], cuts[self.rank + 1], self.verdicts[self.rank]
+        self._fence(barrier)  # every rank's input is written
+        summed()
         mine[0] = np.isfinite(self.sums[self.rank][lo:hi]).all()
         if mine[0]:
             mine[1] = share(lo, hi, self.sums[self.rank])
@@ -411,14 +435,15 @@ class _SharedSum:
             return False  # the same verdict on every rank: nobody updates anything
         own(lo, hi, self.sums[self.rank], [float(v[1]) for v in self.verdicts])
         self._fence(barrier)  # every rank has written what own() leaves for the others
-        for p, (a, b) in enumerate(zip(self.cuts, self.cuts[1:])):
+        for p, (a, b) in enumerate(zip(cuts, cuts[1:])):
             collect(p, a, b, self.sums[p])
         return True
 
-    def gather(self, barrier, vector) -> None:
-        """Every rank's copy of its slice of `vector` (a prefix of the buffer's layout) to all."""
+    def gather(self, barrier, vector, cuts=None) -> None:
+        """Every rank's copy of its slice of `vector` (a prefix of the buffer's layout) to all;
+        the slices are the sum's (or `cuts`)."""
         n = len(vector)
-        cuts = [min(c, n) for c in self.cuts]
+        cuts = [min(c, n) for c in (self.cuts if cuts is None else cuts)]
         self._fence(barrier)  # no rank still reads the slots of the last step
         mine = slice(cuts[self.rank], cuts[self.rank + 1])
         self.sums[self.rank][mine] = vector[mine]
@@ -441,13 +466,12 @@ class _SharedSum:
     def grid_sum(self, barrier, counts, grid, out) -> None:
         """out = the exact grid sum of every rank p's first counts[p] rows (Comm.grid_sum)."""
         ranks, r = len(self.inputs), self.rank
-        owned = [len(grid.spans) * p // ranks for p in range(ranks + 1)]  # blocks each rank sums
-        at = [grid.spans[b][0] for b in owned[:-1]] + [grid.size]  # their parameter ranges
+        blocks, at = grid.owner_cuts(ranks)  # the blocks each rank sums, their parameter ranges
         if self._scratch is None or self._scratch.shape[1] < grid.width:
             self._scratch = np.empty((3, grid.width))
         chunks = [rows[:k] for rows, k in zip(self.inputs, counts)]
         self._fence(barrier)  # every rank's chunks are written
-        grid.sum_into(chunks, self.sums[r], owned[r], owned[r + 1], self._scratch)
+        grid.sum_into(chunks, self.sums[r], blocks[r], blocks[r + 1], self._scratch)
         self._fence(barrier)  # every block is summed; no rank reads the chunks again this step
         for p in range(ranks):
             out[at[p]:at[p + 1]] = self.sums[p][at[p]:at[p + 1]]

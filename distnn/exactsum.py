@@ -193,6 +193,13 @@ class SignalGrid:
                 np.add(row[j:k, None], col[None, :-1], out=m.view(np.uint64).reshape(k - j, -1))
             yield lo, hi, _raise_tiny(m, tiny)
 
+    def owner_cuts(self, ranks):
+        """(blocks, parameters): the first block and first parameter each of `ranks` ranks sums
+        in a shared-memory grid sum (Comm.grid_sum), as bounds lists of ranks + 1 each. The
+        same for every grid of these shapes: the blocks do not depend on the signals."""
+        blocks = [len(self.spans) * p // ranks for p in range(ranks + 1)]
+        return blocks, [self.spans[b][0] for b in blocks[:-1]] + [self.size]
+
     @property
     def width(self):
         """The longest block: the scratch `blocks` and `encode` need."""

@@ -111,7 +111,9 @@ class Trainer:
         else:  # on one node each rank updates its own share of the parameters right after
             # summing it (_sum_and_update_share), which pays at any size
             self.buf = self.comm.buffer(n, net.dtype, sharded=True)
-        self._sharded = not self.deterministic and self.comm.shares(self.buf)
+        # deterministic mode shards its update too, over the grid's blocks (_exact_grad_sum)
+        self._sharded = self.comm.shares(self._rows if self.deterministic else self.buf)
+        self._share_cuts = None  # deterministic mode's slices of the parameters, once known
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)
         self._stop_signal = 0  # set by the signal handler on this rank only
@@ -247,7 +249,7 @@ class Trainer:
         lr = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
         if self.deterministic:
             try:
-                self._exact_grad_sum(X, Y, perm, lo, hi)
+                self._exact_grad_sum(X, Y, perm, lo, hi, lr)
             except exactsum.NonFiniteError:  # a NaN/Inf has no grid: found before anything is rounded
                 self._diverged()
         else:
@@ -288,9 +290,19 @@ class Trainer:
         (every operation is element-wise), with 1/P of its memory traffic on each: the ranks no
         longer repeat the whole update on the node's shared memory bus. The optimizer state of
         the other slices goes stale on a rank; `_gather_state` makes it whole where it is read."""
+        share, own, collect = self._share_update(lr)
+        if not self.comm.allreduce_sharded(self.buf, own, collect, share,
+                                           what=f"step {self.step + 1}"):
+            self._diverged()  # NaN/Inf in the sum: no rank updated anything
+
+    def _share_update(self, lr):
+        """(share, own, collect) for Comm's sharded sums: a rank's slice of the summed gradient
+        gets the penalty and, with clipping, gives its part of the global norm (share); it is
+        clipped and stepped, and the new parameters are published in the slot (own); every rank
+        copies the others' parameters and the statistics where they fall (collect)."""
         n, rank, clip = self.net.n_params, self.comm.rank, self.clip_norm
 
-        def share(lo, hi, slot):  # my slice of the summed buffer: its part of the global norm
+        def share(lo, hi, slot):
             part = slice(min(lo, n), min(hi, n))
             self.net.add_penalty_grad(slot[part], start=part.start)
             return optim.global_norm(slot[part]) if clip > 0 else 0.0
@@ -306,18 +318,17 @@ class Trainer:
         def collect(p, lo, hi, slot):
             if p != rank:
                 self.net.params[min(lo, n):min(hi, n)] = slot[min(lo, n):min(hi, n)]
-            a, b = max(lo, n), hi  # the statistics, wherever they fall
+            a, b = max(lo, n), min(hi, len(slot))  # the statistics, where the buffer has them
             self.buf[a:b] = slot[a:b]
 
-        if not self.comm.allreduce_sharded(self.buf, own, collect, share,
-                                           what=f"step {self.step + 1}"):
-            self._diverged()  # NaN/Inf in the sum: no rank updated anything
+        return share, own, collect
 
     def _gather_state(self):
         """After sharded updates, every rank's optimizer state whole again (collective)."""
-        if self._sharded:
+        window, cuts = (self._rows, self._share_cuts) if self.deterministic else (self.buf, None)
+        if self._sharded and (cuts is not None or not self.deterministic):
             for vector in self.optimizer.state.values():
-                self.comm.gather_slices(self.buf, vector, what="optimizer state")
+                self.comm.gather_slices(window, vector, cuts, what="optimizer state")
 
     @contextlib.contextmanager
     def _whole_state(self):
@@ -331,7 +342,7 @@ class Trainer:
             raise
         self._gather_state()
 
-    def _exact_grad_sum(self, X, Y, perm, lo, hi):
+    def _exact_grad_sum(self, X, Y, perm, lo, hi, lr):
         """Deterministic mode: the chunks' gradient and statistics summed exactly over all ranks
         (exactsum.py): a MAX of the layers' signal bounds and the statistics' (a few thousand
         numbers), then the sum of the chunks rounded to the grid they define, in node shared
@@ -358,7 +369,14 @@ class Trainer:
         flags[2] = 1.0 if self._stop_signal else 0.0  # flags add exactly too
         if self.comm.sums_in_place(self._rows):
             counts = [b - a for a, b in (data.chunk_range(n_chunks, size, p) for p in range(size))]
-            self.comm.grid_sum(self._rows, counts, grid, self.grad, what=f"{what} (exact sum)")
+            if self._sharded:  # each rank updates the blocks it sums, as _sum_and_update_share
+                self._share_cuts = grid.owner_cuts(size)[1]
+                share, own, collect = self._share_update(lr)
+                if not self.comm.grid_sum_sharded(self._rows, counts, grid, own, collect, share,
+                                                  what=f"{what} (exact sum)"):
+                    self._diverged()  # a float32 sum overflowed: no rank updated anything
+            else:
+                self.comm.grid_sum(self._rows, counts, grid, self.grad, what=f"{what} (exact sum)")
             self.comm.allreduce(flags, what=f"{what} (exact sum: statistics)")
             self.buf[n:] = flags
             return
