@@ -111,8 +111,10 @@ class Trainer:
         else:  # on one node each rank updates its own share of the parameters right after
             # summing it (_sum_and_update_share), which pays at any size
             self.buf = self.comm.buffer(n, net.dtype, sharded=True)
-        # deterministic mode shards its update too, over the grid's blocks (_exact_grad_sum)
-        self._sharded = self.comm.shares(self._rows if self.deterministic else self.buf)
+        # deterministic mode shards its update too, over the grid's blocks (_exact_grad_sum), but
+        # not with clipping: a norm added up from P shares would round differently for every P
+        self._sharded = (self.comm.shares(self._rows) and self.clip_norm == 0
+                         if self.deterministic else self.comm.shares(self.buf))
         self._share_cuts = None  # deterministic mode's slices of the parameters, once known
         self.grad = self.buf[:net.n_params]  # a view: the gradient is reduced where it is computed
         self._exact = None  # deterministic mode's work arrays (_exact_buffers)

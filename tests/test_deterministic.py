@@ -1,8 +1,9 @@
 """Deterministic mode: the same bits for any number of ranks, resumed at any number of ranks.
 
 Each run is a separate job under `mpiexec -n P` with a time limit (tests/jobs/deterministic.py),
-so a hang fails the test instead of the suite. 16 cases: every family x float32/float64 x
-momentum SGD/Adam, 105 steps, global batches not divisible by P or by the chunk size.
+so a hang fails the test instead of the suite. 17 cases: every family x float32/float64 x
+momentum SGD/Adam, and Adam with gradient clipping, 105 steps, global batches not divisible by P
+or by the chunk size.
 """
 
 import json

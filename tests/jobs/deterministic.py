@@ -34,15 +34,17 @@ def cases():
         for dtype in ("float64", "float32"):
             for opt in ("momentum", "adam"):
                 yield f"{family}-{dtype}-{opt}", family, dtype, opt
+    yield "multinomial-float32-adam-clipped", "multinomial", "float32", "adam-clipped"
 
 
 def trainer_for(family, dtype, opt, comm, directory=None, save_every=0):
     net = Network([6, 10, 3], activation="tanh", family=family, l2=1e-3, dtype=dtype, seed=3)
     optimizer = optim.SGD(lr=0.05, momentum=0.9) if opt == "momentum" else optim.Adam(lr=0.01)
+    clip = 0.05 if opt == "adam-clipped" else 0.0  # the global norm, the same for every P
     # 83 samples, global batch 13 (not divisible by P = 2, 3, 4 nor by chunk_size 5); the last
     # batch of each epoch has 5 samples = one chunk, so most ranks own no chunk there.
     return Trainer(net, optimizer, batch_size=13, epochs=15, seed=11, comm=comm,
-                   deterministic=True, chunk_size=5, checkpoint_dir=directory,
+                   deterministic=True, chunk_size=5, clip_norm=clip, checkpoint_dir=directory,
                    checkpoint_every=save_every, keep_checkpoints=1000)
 
 
