@@ -414,12 +414,17 @@ class _SharedSum:
 
     def grid_sum_sharded(self, barrier, counts, grid, share, own, collect) -> bool:
         """Comm.grid_sum with own/collect: the exact grid sum, each rank getting its blocks."""
+        return self._sharded(barrier, *self._grid_part(counts, grid), share, own, collect)
+
+    def _grid_part(self, counts, grid):
+        """(cuts, summed) of a grid sum: every rank's parameter range, and summed() rounding and
+        adding this rank's blocks of every rank's first counts[p] chunk rows into its slot."""
         blocks, cuts = grid.owner_cuts(len(self.inputs))
         r, chunks = self.rank, [rows[:k] for rows, k in zip(self.inputs, counts)]
         if self._scratch is None or self._scratch.shape[1] < grid.width:
             self._scratch = np.empty((3, grid.width))
-        return self._sharded(barrier, cuts, lambda: grid.sum_into(
-            chunks, self.sums[r], blocks[r], blocks[r + 1], self._scratch), share, own, collect)
+        return cuts, lambda: grid.sum_into(chunks, self.sums[r], blocks[r], blocks[r + 1],
+                                           self._scratch)
 
     def _sharded(self, barrier, cuts, summed, share, own, collect) -> bool:
         """The protocol of a sum of which each rank gets its slice cuts[rank]:cuts[rank + 1]:
@@ -465,16 +470,12 @@ class _SharedSum:
 
     def grid_sum(self, barrier, counts, grid, out) -> None:
         """out = the exact grid sum of every rank p's first counts[p] rows (Comm.grid_sum)."""
-        ranks, r = len(self.inputs), self.rank
-        blocks, at = grid.owner_cuts(ranks)  # the blocks each rank sums, their parameter ranges
-        if self._scratch is None or self._scratch.shape[1] < grid.width:
-            self._scratch = np.empty((3, grid.width))
-        chunks = [rows[:k] for rows, k in zip(self.inputs, counts)]
+        cuts, summed = self._grid_part(counts, grid)
         self._fence(barrier)  # every rank's chunks are written
-        grid.sum_into(chunks, self.sums[r], blocks[r], blocks[r + 1], self._scratch)
+        summed()
         self._fence(barrier)  # every block is summed; no rank reads the chunks again this step
-        for p in range(ranks):
-            out[at[p]:at[p + 1]] = self.sums[p][at[p]:at[p + 1]]
+        for p, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            out[a:b] = self.sums[p][a:b]
 
     def _fence(self, barrier) -> None:
         """MPI's shared-memory idiom: Win_sync, barrier, Win_sync (writes seen before reads)."""
