@@ -254,6 +254,19 @@ class Comm:
             raise error
         raise _same_kind(info, f"rank {first}: {info['message']}")
 
+    def together(self, fn, *args, root_only=False, catch=(Exception,)):
+        """fn(*args) on every rank (on rank 0 alone if root_only: files, printing), returning its
+        result (None where it did not run). An error of a kind in `catch` on any rank is raised
+        on every rank, instead of leaving the others waiting in their next collective."""
+        result, error = None, None
+        if self.is_root or not root_only:
+            try:
+                result = fn(*args)
+            except catch as e:
+                error = e
+        self.fail_together(error)
+        return result
+
     def exact_sum(self, rows, n_chunks_total, what="step"):
         """Sum over all ranks' chunks (rows: (n_local, m)), equal in bits for any rank count and split.
 
