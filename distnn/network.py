@@ -90,6 +90,14 @@ class Network:
                 w[...] = rng.uniform(-limit, limit, w.shape)
             b[...] = 0
 
+    @property
+    def is_classifier(self):
+        return self.family in ("multinomial", "bernoulli")
+
+    @property
+    def decisions(self):
+        return self.sizes[-1] if self.family == "bernoulli" else 1
+
     def spec(self):
         """The architecture as a JSON-able dict: `Network(**net.spec())` rebuilds it."""
         return {"sizes": self.sizes, "activation": self.activation, "family": self.family,

@@ -88,20 +88,20 @@ def test_a_shared_buffer_sums_in_rank_order_and_every_rank_gets_the_same_bits(ra
 def test_released_or_closed_shared_memory_is_given_back(raw, comm):
     buf = comm.buffer(64, np.float64)
     comm.release(buf)
-    assert everywhere(raw, not comm.shares(buf) and not comm._shared)
+    assert everywhere(raw, not comm.shares(buf) and comm.shared_nbytes == 0)
     comm.release(np.zeros(3))  # a plain array: nothing to give back
     kept = comm.buffer(64, np.float64)
     comm.close()
-    assert everywhere(raw, not comm.shares(kept) and not comm._shared)
+    assert everywhere(raw, not comm.shares(kept) and comm.shared_nbytes == 0)
 
 
 def test_shared_memory_falls_back_to_plain_arrays_without_room(raw, monkeypatch):
-    import distnn.comm as comm_module
+    import distnn.comm.shared as shared
     comm = Comm(raw)
-    monkeypatch.setattr(comm_module, "_room_for", lambda nbytes: raw.rank != 0)  # one rank is short
+    monkeypatch.setattr(shared, "room_for", lambda nbytes: raw.rank != 0)  # one rank is short
     assert everywhere(raw, not comm.shares(comm.buffer(64, np.float32)))
-    monkeypatch.setattr(comm_module, "_room_for", lambda nbytes: True)
-    monkeypatch.setattr(comm_module, "SHARED_TOTAL_BYTES", 2 * 64 * 4)  # room for one buffer
+    monkeypatch.setattr(shared, "room_for", lambda nbytes: True)
+    monkeypatch.setattr(shared, "SHARED_TOTAL_BYTES", 2 * 64 * 4)  # room for one buffer
     first, second = comm.buffer(64, np.float32), comm.buffer(64, np.float32)
     assert everywhere(raw, comm.shares(first) == (comm.size > 1) and not comm.shares(second))
     comm.close()
@@ -245,38 +245,30 @@ def test_grid_sum_in_shared_memory_has_the_bits_of_the_serial_grid_sum(dtype, mo
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_a_sharded_allreduce_hands_each_rank_its_slice_of_the_sum_then_everyone_collects(dtype):
+def test_a_shared_window_sums_each_ranks_slice_and_every_rank_collects_every_slice(dtype):
+    """The named steps of a sharded update: each rank sums its slice (the bits of the plain
+    shared sum), posts a note, works on its slice; after a fence every rank reads them all."""
     raw = MPI.COMM_WORLD
     comm = Comm(raw)
     buf = comm.buffer(1000, dtype, sharded=True)
+    window = comm.window(buf)
     rows = np.random.default_rng(3).normal(size=(raw.size, 1000)).astype(dtype)
     buf[...] = rows[raw.rank]
     expected = comm.buffer(1000, dtype)  # the plain shared sum, in rank order too
     expected[...] = rows[raw.rank]
     comm.allreduce(expected)
-    owned, seen = [], np.full(1000, np.nan, dtype)
-
-    def share(lo, hi, slot):
-        return float(raw.rank + 1)
-
-    def own(lo, hi, slot, shared):
-        owned.append((lo, hi, shared))
-        slot[lo:hi] *= 2  # what the others collect
-
-    def collect(p, lo, hi, slot):
-        seen[lo:hi] = slot[lo:hi]
-
-    assert comm.allreduce_sharded(buf, own, collect, share)
-    assert everywhere(raw, len(owned) == 1 and seen.tobytes() == (2 * expected).tobytes())
-    assert everywhere(raw, owned[0][2] == [float(p + 1) for p in range(raw.size)])
-    spans = raw.allgather(owned[0][:2])  # the slices tile the buffer, in rank order
-    assert spans[0][0] == 0 and spans[-1][1] == 1000
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    buf[...] = rows[raw.rank]
-    if raw.rank == raw.size - 1:
-        buf[3] = np.inf  # in rank 0's slice of the sum: no rank may go on
-    owned.clear()
-    assert everywhere(raw, comm.allreduce_sharded(buf, own, collect, share) is False and not owned)
+    cuts = window.cuts  # the slices tile the buffer, in rank order
+    assert cuts[0] == 0 and cuts[-1] == 1000 and all(a <= b for a, b in zip(cuts, cuts[1:]))
+    lo, hi = cuts[raw.rank], cuts[raw.rank + 1]
+    window.fence("test")
+    window.sum_slice(lo, hi)
+    window.post(True, raw.rank + 1.0)
+    window.slot[lo:hi] *= 2  # what the others collect
+    window.fence("test")
+    seen = np.full(1000, np.nan, dtype)
+    window.collect(seen, cuts)
+    assert everywhere(raw, seen.tobytes() == (2 * expected).tobytes())
+    assert everywhere(raw, window.notes() == [(True, p + 1.0) for p in range(raw.size)])
     comm.close()
 
 

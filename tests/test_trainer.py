@@ -127,9 +127,9 @@ def test_deterministic_mode_keeps_its_threads_through_a_checkpoint_and_in_evalua
     resumed = Trainer.resume(tmp_path / "t.npz", comm=MPI.COMM_SELF)
     assert resumed.threads == 2  # the thread count is part of what makes the bits
     seen = []
-    evaluate = resumed._evaluate
-    resumed._evaluate = lambda *a: (seen.extend(p["num_threads"] for p in threadpool_info()
-                                                if p["user_api"] == "blas"), evaluate(*a))[1]
+    eval_sums = resumed.net.eval_sums
+    resumed.net.eval_sums = lambda *a: (seen.extend(p["num_threads"] for p in threadpool_info()
+                                                    if p["user_api"] == "blas"), eval_sums(*a))[1]
     with threadpool_limits(1, user_api="blas"):
         resumed.evaluate(X, y)
     assert seen and set(seen) == {2}
@@ -140,7 +140,7 @@ def test_close_gives_back_the_step_buffers_and_the_comm_it_made():
     with make(epochs=1) as trainer:
         trainer.fit(X, y)
         comm = trainer.comm
-    assert trainer.buf is None and comm._win is None and not comm._shared
+    assert trainer.stepper is None and comm.watchdog is None and comm.shared_nbytes == 0
     assert trainer.history and trainer.net.predict(X[:3]).shape == (3, 3)  # results stay
     with pytest.raises(RuntimeError, match="this Trainer was closed"):
         trainer.fit(X, y)

@@ -53,27 +53,24 @@ def train(comm, family, opt, *, batch_size=10, epochs=7, **kw):
 
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-def test_each_rank_updating_its_share_gives_the_bits_of_every_rank_updating_all(opt, monkeypatch):
+def test_each_rank_updating_its_share_gives_the_bits_of_every_rank_updating_all(opt):
     """On one node each rank updates its slice of the parameters and optimizer state after the
     shared-memory sum; the result, state included, equals the whole update on every rank."""
-    sharded, _ = train(WORLD, "multinomial", opt)
-    assert all_ranks(sharded._sharded)
-    monkeypatch.setattr(Trainer, "_sum_and_update_share", lambda self, lr: (
-        self.comm.allreduce(self.buf, what="whole"), self._update(lr)))
-    whole, _ = train(WORLD, "multinomial", opt)
+    sharded, _ = train(WORLD, "multinomial", opt, update="sharded")
+    assert all_ranks(sharded.stepper.sharded)
+    whole, _ = train(WORLD, "multinomial", opt, update="whole")
+    assert all_ranks(not whole.stepper.sharded)
     same = sharded.net.params.tobytes() == whole.net.params.tobytes()
     state, expected = sharded.optimizer.state_dict(), whole.optimizer.state_dict()
     assert all_ranks(same and all(state[k].tobytes() == expected[k].tobytes() for k in expected))
 
 
-def test_clipping_the_shares_by_their_global_norm_matches_clipping_the_whole_gradient(monkeypatch):
+def test_clipping_the_shares_by_their_global_norm_matches_clipping_the_whole_gradient():
     """Each rank clips its share by the norm of all shares: the whole gradient's, to round-off."""
     free, _ = train(WORLD, "multinomial", "momentum")
-    sharded, _ = train(WORLD, "multinomial", "momentum", clip_norm=0.05)
-    monkeypatch.setattr(Trainer, "_sum_and_update_share", lambda self, lr: (
-        self.comm.allreduce(self.buf, what="whole"), self._update(lr)))
-    whole, _ = train(WORLD, "multinomial", "momentum", clip_norm=0.05)
-    assert all_ranks(sharded._sharded and same_everywhere(sharded.net.params))
+    sharded, _ = train(WORLD, "multinomial", "momentum", clip_norm=0.05, update="sharded")
+    whole, _ = train(WORLD, "multinomial", "momentum", clip_norm=0.05, update="whole")
+    assert all_ranks(sharded.stepper.sharded and same_everywhere(sharded.net.params))
     assert all_ranks(np.allclose(sharded.net.params, whole.net.params, rtol=1e-11, atol=1e-14))
     assert not np.allclose(sharded.net.params, free.net.params, rtol=1e-3)  # clipping acted
 
@@ -104,7 +101,7 @@ def test_a_nan_in_one_ranks_share_of_the_sum_leaves_every_rank_unchanged_and_ali
     monkeypatch.setattr(net, "grad_sum", nan_at_the_fourth_step)
     with pytest.raises(DivergenceError, match="step 4"):
         trainer.fit(X, y)
-    assert all_ranks(trainer._sharded)
+    assert all_ranks(trainer.stepper.sharded)
     assert all_ranks(np.array_equal(net.params, before["params"]) and trainer.optimizer.t == 3)
     assert all_ranks(same_everywhere(net.params, *trainer.optimizer.state.values()))
 
@@ -116,17 +113,17 @@ def test_a_trainer_stopped_without_checkpoints_fits_on_as_if_never_stopped():
     stopped, _ = train(WORLD, "multinomial", "adam", epochs=0)
     stopped.epochs = 7
     X, y = problem("multinomial")
-    step = stopped._train_step
+    grad_sum = stopped.net.grad_sum
 
-    def stop_at_step_10(*args):
+    def stop_at_step_10(*args, **kwargs):
         if stopped.step == 10 and WORLD.rank == 0:
-            stopped._stop_signal = 15  # as the SIGTERM handler sets it on one rank
-        return step(*args)
+            stopped.request_stop()  # as the SIGTERM handler does, on one rank
+        return grad_sum(*args, **kwargs)
 
-    stopped._train_step = stop_at_step_10
+    stopped.net.grad_sum = stop_at_step_10
     with pytest.raises(Interrupted):
         stopped.fit(X, y, X[:13], y[:13])
-    stopped._train_step = step
+    stopped.net.grad_sum = grad_sum
     stopped.fit(X, y, X[:13], y[:13])
     assert all_ranks(stopped.net.params.tobytes() == straight.net.params.tobytes())
 

@@ -70,7 +70,7 @@ def main():
         digests[name] = hashlib.sha256(trainer.net.params.tobytes()
                                        + json.dumps(losses).encode()).hexdigest()
         digests[name + ":steps"] = trainer.step
-        digests[name + ":summed in place"] = comm.sums_in_place(trainer._rows)
+        digests[name + ":summed in place"] = trainer.stepper.sums_in_place
         trainer.close()
     if MPI.COMM_WORLD.rank == 0:
         json.dump(digests, sys.stdout)
