@@ -206,28 +206,26 @@ def timed(obj, name, clock, key):
 
 def trainer_step(comm, run, threads):
     """step() -> (compute, allreduce, update) seconds of one Trainer step on the global batch."""
-    # The trainer's own step (Trainer._train_step): every rank holds the whole global batch and
-    # takes its shard, as in fit; on one node each rank updates only its share of the parameters
-    # inside the shared-memory sum, so the allreduce phase there excludes that update.
+    # Trainer.train_batch, as fit calls it: every rank holds the whole global batch and takes its
+    # shard. The sum's share is what the step takes besides the gradient and the update (on one
+    # node each rank updates only its share of the parameters, inside the shared-memory sum).
     from .trainer import Trainer
     net = Network(run["sizes"], dtype=run["dtype"], seed=0)
     X, Y, _ = synthetic_batch(net, run["batch"], seed=1)
     trainer = Trainer(net, OPTIMIZERS["sgd-momentum"](), batch_size=run["batch"], epochs=1,
                       comm=comm, threads=threads, check_every=0)
     trainer.optimizer.threads = threads  # as fit sets it: the update uses the BLAS threads' cores
-    trainer._transform, trainer._lr_args = None, {"total_steps": 1}  # what fit sets up
-    clock = {"compute": 0.0, "allreduce": 0.0, "update": 0.0}
+    clock = {"compute": 0.0, "update": 0.0}
     timed(net, "grad_sum", clock, "compute")
     timed(trainer.optimizer, "step", clock, "update")
-    for name in ("allreduce", "allreduce_sharded"):
-        timed(comm, name, clock, "allreduce")
     rows = np.arange(run["batch"])
 
     def step():
-        clock.update(compute=0.0, allreduce=0.0, update=0.0)
-        trainer._train_step(X, Y, rows, 0, run["batch"])
-        inside = clock["update"] if trainer._sharded else 0.0
-        return clock["compute"], clock["allreduce"] - inside, clock["update"]
+        clock.update(compute=0.0, update=0.0)
+        t0 = time.perf_counter()
+        trainer.train_batch(X, Y, rows)
+        total = time.perf_counter() - t0
+        return clock["compute"], total - clock["compute"] - clock["update"], clock["update"]
 
     return trainer, step
 

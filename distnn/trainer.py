@@ -27,6 +27,9 @@ from .stopping import DivergenceError, EarlyStopping, Interrupted, StopRequest, 
 from .threads import threads_in_force
 
 __all__ = ["Trainer", "DivergenceError", "Interrupted"]
+# The settings a checkpoint keeps (with patience and checkpoint_dir): Trainer.resume passes them back
+SETTINGS = ("batch_size", "epochs", "seed", "schedule", "clip_norm", "checkpoint_every",
+            "keep_checkpoints", "deterministic", "chunk_size", "check_every", "threads")
 
 
 class Trainer:
@@ -168,7 +171,7 @@ class Trainer:
         arrays |= {f"opt/{k}": v for k, v in self.optimizer.state_dict().items()}
         if self.early.params is not None:
             arrays["best_params"] = self.early.params
-        self.comm.together(checkpoint.save, path, arrays, self._meta(), root_only=True)
+        self.comm.together(checkpoint.save, path, arrays, _meta(self), root_only=True)
 
     def save_checkpoint(self):
         """Save into checkpoint_dir as ckpt-<step>.npz and keep the newest `keep_checkpoints`."""
@@ -200,23 +203,6 @@ class Trainer:
         # e.g. the state of another kind of optimizer: only rank 0, which holds the arrays, sees it
         comm.together(trainer._restore, arrays, meta["progress"], catch=(ValueError,))
         return trainer
-
-    def _meta(self):
-        return {
-            "kind": "training",
-            "network": self.net.spec(),
-            "optimizer": self.optimizer.config(),
-            "trainer": {"batch_size": self.batch_size, "epochs": self.epochs, "seed": self.seed,
-                        "schedule": self.schedule, "clip_norm": self.clip_norm,
-                        "patience": self.early.patience, "checkpoint_dir": _str(self.checkpoint_dir),
-                        "checkpoint_every": self.checkpoint_every,
-                        "keep_checkpoints": self.keep_checkpoints,
-                        "deterministic": self.deterministic, "chunk_size": self.chunk_size,
-                        "check_every": self.check_every, "threads": self.threads},
-            "progress": {"epoch": self.epoch, "batch": self.batch, "step": self.step,
-                         "history": self.history, "partial": self.partial, "best": self.early.best,
-                         "ranks": self.comm.size},
-        }
 
     def _restore(self, arrays, progress):
         """Rank 0 holds the arrays; `_sync_start` in fit broadcasts them to the others."""
@@ -298,24 +284,9 @@ class Trainer:
     # ---- start and checks --------------------------------------------------------------------
     def _checked_data(self, X, y, what, scan=True):
         """Validate shapes and values; each rank checks a block of X, all fail together."""
-        return self.comm.together(self._check_data, X, y, what, scan, catch=(ValueError,))
-
-    def _check_data(self, X, y, what, scan):
-        if X is None or y is None:
-            raise ValueError(f"{what} data: X and y are both required")
-        if X.ndim != 2 or X.shape[1] != self.net.sizes[0]:
-            raise ValueError(f"{what} X has shape {X.shape}; expected (N, {self.net.sizes[0]}) "
-                             f"for a network with {self.net.sizes[0]} inputs")
-        if len(X) < 1:
-            raise ValueError(f"{what} data is empty")
-        if what == "training" and len(X) < max(self.comm.size, self.batch_size):
-            raise ValueError(f"{what} data has {len(X)} samples, fewer than the batch size "
-                             f"{self.batch_size} or the {self.comm.size} ranks")
-        Y = self.net.check_targets(y, len(X))
-        if scan:
-            a, b = data.shard(0, len(X), self.comm.size, self.comm.rank)
-            data.check_finite(X, np.arange(a, b), name=f"{what} X")
-        return X, Y
+        batch = self.batch_size if what == "training" else None  # training needs whole batches
+        return self.comm.together(_checked, self.net, X, y, what, batch, self.comm, scan,
+                                  catch=(ValueError,))
 
     def _sync_start(self):
         """Everyone starts from rank 0's parameters and optimizer state, verified by checksum."""
@@ -332,6 +303,40 @@ class Trainer:
         value = np.array([x], np.float64)
         self.comm.bcast(value)
         return float(value[0])
+
+
+def _meta(trainer):
+    """A checkpoint's JSON: the network, optimizer, settings and progress of `trainer`."""
+    return {
+        "kind": "training",
+        "network": trainer.net.spec(),
+        "optimizer": trainer.optimizer.config(),
+        "trainer": {key: getattr(trainer, key) for key in SETTINGS}
+                   | {"patience": trainer.early.patience,
+                      "checkpoint_dir": _str(trainer.checkpoint_dir)},
+        "progress": {"epoch": trainer.epoch, "batch": trainer.batch, "step": trainer.step,
+                     "history": trainer.history, "partial": trainer.partial,
+                     "best": trainer.early.best, "ranks": trainer.comm.size},
+    }
+
+
+def _checked(net, X, y, what, batch_size, comm, scan):
+    """(X, Y) after the checks of shapes and targets, and of this rank's block of X."""
+    if X is None or y is None:
+        raise ValueError(f"{what} data: X and y are both required")
+    if X.ndim != 2 or X.shape[1] != net.sizes[0]:
+        raise ValueError(f"{what} X has shape {X.shape}; expected (N, {net.sizes[0]}) "
+                         f"for a network with {net.sizes[0]} inputs")
+    if len(X) < 1:
+        raise ValueError(f"{what} data is empty")
+    if batch_size is not None and len(X) < max(comm.size, batch_size):
+        raise ValueError(f"{what} data has {len(X)} samples, fewer than the batch size "
+                         f"{batch_size} or the {comm.size} ranks")
+    Y = net.check_targets(y, len(X))
+    if scan:
+        a, b = data.shard(0, len(X), comm.size, comm.rank)
+        data.check_finite(X, np.arange(a, b), name=f"{what} X")
+    return X, Y
 
 
 def _positive_int(name, value, low=1, high=None):

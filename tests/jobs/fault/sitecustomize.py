@@ -22,16 +22,17 @@ if _SPEC:
 
     import numpy as np
 
+    import distnn.stopping
     import distnn.trainer
 
     _MODE, _RANK, _STEP = _SPEC.split(":")
-    _original = distnn.trainer.Trainer._train_step
+    _original = distnn.trainer.Trainer.train_batch
     if _MODE == "stallterm":
-        distnn.trainer.STOP_GRACE_S = 2.0
+        distnn.stopping.STOP_GRACE_S = 2.0
     if _MODE == "termslow":
         import distnn.checkpoint
 
-        distnn.trainer.STOP_GRACE_S = 1.0
+        distnn.stopping.STOP_GRACE_S = 1.0
         _save = distnn.checkpoint.save
 
         def _slow_save(*args, **kwargs):
@@ -40,11 +41,11 @@ if _SPEC:
 
         distnn.checkpoint.save = _slow_save
 
-    def _faulty_step(self, X, Y, perm, lo, hi):
+    def _faulty_step(self, X, Y, rows, transform=None):
         if _MODE == "termslow" and self.step == int(_STEP) and self.comm.rank == int(_RANK):
-            _original(self, X, Y, perm, lo, hi)
+            verdict = _original(self, X, Y, rows, transform)
             os.kill(os.getpid(), signal.SIGTERM)  # seen by the others at the next step
-            return None
+            return verdict
         if _MODE == "stallterm" and self.step == int(_STEP):
             if self.comm.rank == int(_RANK):
                 time.sleep(3600)
@@ -61,12 +62,7 @@ if _SPEC:
             if _MODE == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
             if _MODE == "nan":
-                transform = self._transform
-                self._transform = lambda rows: np.full_like(rows, np.nan)
-                try:
-                    return _original(self, X, Y, perm, lo, hi)
-                finally:
-                    self._transform = transform
-        return _original(self, X, Y, perm, lo, hi)
+                return _original(self, X, Y, rows, lambda part: np.full_like(part, np.nan))
+        return _original(self, X, Y, rows, transform)
 
-    distnn.trainer.Trainer._train_step = _faulty_step
+    distnn.trainer.Trainer.train_batch = _faulty_step
