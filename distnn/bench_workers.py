@@ -207,8 +207,9 @@ def timed(obj, name, clock, key):
 def trainer_step(comm, run, threads):
     """step() -> (compute, allreduce, update) seconds of one Trainer step on the global batch."""
     # Trainer.train_batch, as fit calls it: every rank holds the whole global batch and takes its
-    # shard. The sum's share is what the step takes besides the gradient and the update (on one
-    # node each rank updates only its share of the parameters, inside the shared-memory sum).
+    # shard. Compute is gathering the rows and their gradient; the sum is what the step takes
+    # besides compute and the update (on one node each rank updates only its share of the
+    # parameters, inside the shared-memory sum).
     from .trainer import Trainer
     net = Network(run["sizes"], dtype=run["dtype"], seed=0)
     X, Y, _ = synthetic_batch(net, run["batch"], seed=1)
@@ -218,6 +219,7 @@ def trainer_step(comm, run, threads):
     clock = {"compute": 0.0, "update": 0.0}
     timed(net, "grad_sum", clock, "compute")
     timed(trainer.optimizer, "step", clock, "update")
+    X = _TimedRows(X, clock, "compute")  # gathering a shard's rows is compute too
     rows = np.arange(run["batch"])
 
     def step():
@@ -228,6 +230,19 @@ def trainer_step(comm, run, threads):
         return clock["compute"], total - clock["compute"] - clock["update"], clock["update"]
 
     return trainer, step
+
+
+class _TimedRows:
+    """X whose row gathers X[idx] add their seconds to clock[key]."""
+
+    def __init__(self, X, clock, key):
+        self.X, self.clock, self.key = X, clock, key
+
+    def __getitem__(self, idx):
+        t0 = time.perf_counter()
+        rows = self.X[idx]
+        self.clock[self.key] += time.perf_counter() - t0
+        return rows
 
 
 def scaling_run(comm, run, min_s, threads):
