@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(bench.launched_size() > 1,
 
 def mpiexec_or_skip():
     try:
-        return bench.find_mpiexec()
+        return bench.need_mpiexec()
     except bench.BenchError as e:
         pytest.skip(str(e))
 
