@@ -105,7 +105,7 @@ def latest_checkpoint(directory, kind=None, passed_over=None):
         except CheckpointError as e:
             refused.append(e)
             continue
-        for e in refused if passed_over else ():
+        for e in refused if passed_over is not None else []:
             passed_over(e)
         return candidate
     if candidates:

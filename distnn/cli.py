@@ -96,10 +96,10 @@ def launch(args) -> int:
 def plot(args) -> int:
     """`distnn plot RUN_DIR [-o PNG]`."""
     run_dir = Path(args.run_dir)
-    out = Path(args.output) if args.output else run_dir / "curves.png"
+    out = Path(args.output) if args.output else run_dir / rundir.CURVES
     try:
         # -o names the user's file (written through a link); RUN_DIR/curves.png is replaced
-        progress.plot_curves(progress.read_metrics(run_dir / "metrics.jsonl"), out,
+        progress.plot_curves(progress.read_metrics(run_dir / rundir.METRICS), out,
                              through=args.output is not None)
     except ImportError:
         raise UsageError("distnn plot needs matplotlib: pip install 'distnn[examples]'") from None

@@ -52,9 +52,9 @@ def train(args, comm) -> int:
         tcomm = Comm(timeout=cfg.train.watchdog or None,
                      bucket_bytes=int(cfg.train.bucket_mb * 2**20))
         # only rank 0 reports, but the trainer calls its callback on every rank
-        log = (progress.EpochLog(run.path / "metrics.jsonl", cfg.train.epochs) if comm.is_root
+        log = (progress.EpochLog(run.path / rundir.METRICS, cfg.train.epochs) if comm.is_root
                else progress.Silent())
-        settings = trainer_settings(cfg, run.path / "checkpoints", log) | pinned
+        settings = trainer_settings(cfg, run.path / rundir.CHECKPOINTS, log) | pinned
         resume_from = run.checkpoint_to_resume() if args.resume else None
         if resume_from is None:
             run.may_start_afresh(args)

@@ -31,10 +31,11 @@ from .model import save_model
 DONE = "done.json"  # the completion record
 DATA = "data.json"  # the training data's fingerprint: a resumed run must see the same data
 LOCK = ".lock"  # rank 0 holds an flock on it for the whole run: one run per directory at a time
-MODEL = "model.npz"
+CONFIG, METRICS, CURVES, MODEL = "config.toml", "metrics.jsonl", "curves.png", "model.npz"
+CHECKPOINTS = "checkpoints"  # the folder of the training checkpoints
 # The first line of the config.toml a run writes: a config.toml without it is the user's own
 HEADER = "# distnn: the resolved config of this run, written by distnn train"
-REPLACED = ("config.toml", DATA, "metrics.jsonl", "curves.png")  # what a fresh run rewrites
+REPLACED = (CONFIG, DATA, METRICS, CURVES)  # what a fresh run rewrites
 WRITTEN = (*REPLACED, DONE, MODEL)  # what a run writes into the directory (atomically)
 RUN_TOKEN = "DISTNN_RUN_TOKEN"  # set by `train -n`; rank 0 copies it into done.json
 
@@ -65,7 +66,7 @@ class RunDir:
     def checkpoint_to_resume(self) -> str | None:
         """The newest training checkpoint that loads, as rank 0 sees it, on every rank; None when
         there is none."""
-        return self.comm.bcast_json(self.on_root(_newest_checkpoint, self.path / "checkpoints"))
+        return self.comm.bcast_json(self.on_root(_newest_checkpoint, self.path / CHECKPOINTS))
 
     def may_start_afresh(self, args) -> None:
         """A fresh run would replace what is here: a finished run, checkpoints or files not of a
@@ -110,18 +111,18 @@ def check_out_dir(out, key) -> None:
                 what = "is a file" if p == path else f"{p} is a file"
                 raise UsageError(f"{key} {out}: {what}, not a directory")
             break
-    checkpoints = path / "checkpoints"
+    checkpoints = path / CHECKPOINTS
     if checkpoints.exists() and not checkpoints.is_dir():  # found up front, not after an epoch
         raise UsageError(f"{checkpoints}: is a file, not a directory; the run keeps its "
                          f"checkpoints there, so move it away")
 
 
 def is_run_file(path) -> bool:
-    """Whether `path` (links resolved) is a file a run writes, in a run directory or its checkpoints."""
+    """Whether `path` (its links resolved) is a file a run writes, in a run directory or its checkpoints."""
     where, name = path.parent, path.name
     in_run = (where / DONE).exists() or (where / DATA).exists()
     return (in_run and name in {*WRITTEN, LOCK}) or (
-        where.name == "checkpoints" and (where.parent / DATA).exists())
+        where.name == CHECKPOINTS and (where.parent / DATA).exists())
 
 
 def same_network(path, resumed, configured) -> None:
@@ -156,9 +157,9 @@ def _lock(run):
 
 
 def _remove_stale_temp_files(run) -> None:
-    """Holding the lock: delete the temp files of run files a killed run left, and only those
-    (`.NAME.PID.tmp`, `.ckpt-*.npz.PID.HEX8.tmp`); no other process writes them now."""
-    for directory, names in ((run, WRITTEN), (run / "checkpoints", None)):
+    """Holding the lock: delete the temp files (atomic.TEMP_NAME) of run files and checkpoints a
+    killed run left, and only those; no other process writes them now."""
+    for directory, names in ((run, WRITTEN), (run / CHECKPOINTS, None)):
         if not directory.is_dir():
             continue
         for p in directory.iterdir():
@@ -187,7 +188,7 @@ def _refuse_to_replace(run, resume) -> None:
     replace a finished run, checkpoints or files not of a distnn run."""
     if (run / DONE).exists() or (run / MODEL).exists():
         held = "a finished run"
-    elif checkpoint.list_checkpoints(run / "checkpoints"):
+    elif checkpoint.list_checkpoints(run / CHECKPOINTS):
         held = "checkpoints of an unfinished run"
     else:
         _no_foreign_files(run)
@@ -203,7 +204,7 @@ def _no_foreign_files(run) -> None:
     """A fresh run replaces REPLACED; refuse when one is the user's, not a distnn run's: a run
     writes config.toml (with HEADER) first, so the others count as a run's only beside it. Empty
     files lose nothing (and are what a run that failed at once may leave)."""
-    ours = _written_by_a_run(run / "config.toml")
+    ours = _written_by_a_run(run / CONFIG)
     for name in REPLACED:
         p = run / name
         if (p.exists() or p.is_symlink()) and not ours and not _empty_file(p):
@@ -229,7 +230,7 @@ def _empty_file(path) -> bool:
 def _same_run(path, run, cfg, fingerprint) -> None:
     """The data and the settings of its split and order are the ones the run started with."""
     _same_data(run / DATA, cfg.data.source, fingerprint)
-    saved = run / "config.toml"
+    saved = run / CONFIG
     _required(saved, "the data split and order settings are the ones")
     before = config.to_dict(config.load_config(saved))
     now = config.to_dict(cfg)
@@ -277,12 +278,12 @@ def _start(run, cfg, fingerprint, history, fresh) -> None:
     (run / DONE).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     if fresh:
-        for old in [run / MODEL, run / "curves.png",
-                    *checkpoint.list_checkpoints(run / "checkpoints")]:
+        for old in [run / MODEL, run / CURVES,
+                    *checkpoint.list_checkpoints(run / CHECKPOINTS)]:
             old.unlink(missing_ok=True)
-    write_atomically(run / "config.toml", lambda f: f.write(f"{HEADER}\n{config.to_toml(cfg)}"))
+    write_atomically(run / CONFIG, lambda f: f.write(f"{HEADER}\n{config.to_toml(cfg)}"))
     _write_json(run / DATA, fingerprint)
-    write_atomically(run / "metrics.jsonl",
+    write_atomically(run / METRICS,
                      lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
 
 
@@ -292,7 +293,7 @@ def _finish(run, model, done, started, scores) -> None:
                meta=model.meta | {"metrics": done})
     try:
         if done["last"] is not None:  # epochs = 0 trains nothing and has nothing to plot
-            progress.plot_curves(progress.read_metrics(run / "metrics.jsonl"), run / "curves.png")
+            progress.plot_curves(progress.read_metrics(run / METRICS), run / CURVES)
     except ImportError:
         print("distnn: note: no matplotlib, so no curves.png (pip install 'distnn[examples]')",
               file=sys.stderr)
