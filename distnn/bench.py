@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,8 @@ import numpy as np
 
 from .bench_report import report, roofline_rows, scaling_results, step_rows
 from .bench_workers import LARGE, SMALL, WORKERS, mpi_worker, worker_main
-from .threads import blas_env, usable_cpus
+from .launcher import NOT_FOUND, find_mpiexec
+from .threads import blas_env, threads_in_force, usable_cpus
 
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # removed for the workers (see module docstring)
 MEMORY_FEATURES = 256  # columns of the memory test's file: float32 rows of 1 KiB
@@ -88,19 +88,18 @@ def plan(quick, cores, ranks):
 
 # ============================================================================ launching workers
 
-def find_mpiexec():
-    """$MPIEXEC, else the mpiexec next to this python (a venv with distnn[mpich]), else PATH's."""
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    found = os.environ.get("MPIEXEC") or (beside if os.access(beside, os.X_OK) else shutil.which("mpiexec"))
-    if not found:
-        raise BenchError("no mpiexec next to this python or on PATH (install distnn[mpich], or set MPIEXEC)")
-    return found
+def need_mpiexec():
+    """launcher.find_mpiexec's command line, else a BenchError."""
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        raise BenchError(f"needs mpiexec: {NOT_FOUND}")
+    return mpiexec
 
 
 def mpi_version(mpiexec):
     """The MPI launcher's name and version from `mpiexec --version` (MPICH's Hydra or Open MPI)."""
     try:
-        text = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30).stdout
+        text = subprocess.run([*mpiexec, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return f"unknown ({e})"
     version = re.search(r"Version:\s*(\S+)", text)
@@ -126,7 +125,7 @@ def launch(kind, spec, env, timeout, ranks=None, mpiexec=None, oversubscribe=Fal
     cmd = [sys.executable, "-m", "distnn.bench", "--worker", kind, "--spec", json.dumps(spec)]
     if ranks is not None:
         extra = ["--oversubscribe"] if oversubscribe and "Open MPI" in mpi_version(mpiexec) else []
-        cmd = [mpiexec, "-n", str(ranks), *extra, *cmd]
+        cmd = [*mpiexec, "-n", str(ranks), *extra, *cmd]
     where = f"{kind} worker" + (f" on {ranks} ranks" if ranks else "")
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -290,7 +289,7 @@ def run_all(args, argv):
     cores = usable_cpus()
     ranks = args.ranks or ([1, 2] if args.quick else [1, 2, 4])
     p = plan(args.quick, cores, ranks)
-    mpiexec = find_mpiexec()
+    mpiexec = need_mpiexec()
     res = new_result(args, argv, machine(mpiexec, args.keep_blas_env))
     usage, started = cpu_usage(), time.perf_counter()
     if not args.scaling:
@@ -309,18 +308,13 @@ def run_all(args, argv):
 
 def in_job(args, argv):
     """Inside an MPI job of N ranks: scaling and communication at N with the given threads."""
-    from threadpoolctl import threadpool_info
     size, cores = launched_size(), usable_cpus()
     p = plan(args.quick, cores, [size])
-    threads = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
-    spec = scaling_spec(p, size, args.bucket_bytes, [threads])
+    spec = scaling_spec(p, size, args.bucket_bytes, [threads_in_force()])
     out = mpi_worker(spec | {"trainer": p["trainer"], "comm_bytes": p["comm_bytes"]})
     if out is None:
         return None  # not rank 0
-    try:
-        mpiexec = find_mpiexec()  # for its version only: the job was started by the site's launcher
-    except BenchError:
-        mpiexec = None
+    mpiexec = find_mpiexec()  # for its version only: the job was started by the site's launcher
     res = new_result(args, argv, machine(mpiexec, keep_blas_env=True) | {"blas": out["blas"]})
     res["scaling"], res["comm"] = scaling_results(out, cores, args.bucket_bytes)
     return res

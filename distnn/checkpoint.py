@@ -2,21 +2,21 @@
 
 A file holds the caller's arrays (names may contain '/', e.g. "opt/m") and three reserved members,
 each a uint8 array: `__format__` (FORMAT), `__meta__` (UTF-8 JSON) and `__sha256__` (hex digest over
-the sorted array names, dtypes, shapes, bytes and the meta JSON). `save` writes a temp file beside
-the target, fsyncs it and renames it over the target, so a crash leaves the old file or the new one,
-never half of one. `load` refuses, with a `CheckpointError` naming the file, anything else.
-Files are named `ckpt-{step:09d}.npz`; `latest_checkpoint` resumes from the newest one that loads.
+the sorted array names, dtypes, shapes, bytes and the meta JSON). `save` writes atomically
+(atomic.py), so a crash leaves the old file or the new one, never half of one. `load` refuses, with
+a `CheckpointError` naming the file, anything else. Files are named `ckpt-{step:09d}.npz`;
+`latest_checkpoint` finds the newest one that loads, the one to resume from.
 """
 
 import hashlib
 import json
-import os
 import re
-import secrets
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import write_atomically
 
 FORMAT = "distnn-checkpoint-1"
 _RESERVED = ("__format__", "__meta__", "__sha256__")
@@ -42,9 +42,9 @@ def save(path, arrays, meta):
                         "__meta__": _bytes_array(meta_json), "__sha256__": _bytes_array(digest)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, members)
-    except OSError as e:
-        raise CheckpointError(f"{path}: could not write checkpoint: {e}") from e
+        write_atomically(path, lambda f: _write_npz(f, members), binary=True)
+    except OSError as e:  # mkdir's, or write_atomically's, whose __cause__ is the system's reason
+        raise CheckpointError(f"{path}: could not write checkpoint: {e.__cause__ or e}") from e
 
 
 def load(path, kind=None):
@@ -94,14 +94,23 @@ def is_checkpoint_name(name):
     return _NAME.fullmatch(name) is not None
 
 
-def latest_checkpoint(directory):
-    """The newest checkpoint in `directory` that loads cleanly, or None."""
-    for p in reversed(list_checkpoints(directory)):
+def latest_checkpoint(directory, kind=None, passed_over=None):
+    """The newest checkpoint in `directory` that loads (as load(path, kind) checks it), or None when
+    it holds none; passed_over(error) hears why each newer one did not. Checkpoints none of which
+    loads are a CheckpointError: nothing can resume from them, and ignoring them would drop them."""
+    candidates, refused = list_checkpoints(directory), []
+    for candidate in reversed(candidates):
         try:
-            load(p)
-            return p
-        except CheckpointError:
+            load(candidate, kind=kind)
+        except CheckpointError as e:
+            refused.append(e)
             continue
+        for e in refused if passed_over is not None else []:
+            passed_over(e)
+        return candidate
+    if candidates:
+        raise CheckpointError(f"{directory}: none of the {len(candidates)} checkpoints loads "
+                              f"(the newest: {refused[0]}); nothing to resume")
     return None
 
 
@@ -140,27 +149,12 @@ def _digest(arrays, meta_json):
     return h.hexdigest()
 
 
-def _write_atomically(path, members):
-    """Zip to a temp file beside `path`, fsync it, rename it over `path`, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: honour the umask
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for name, a in members.items():
-                    with zf.open(name + ".npy", "w", force_zip64=True) as member:
-                        np.lib.format.write_array(member, a, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes the rename itself durable
-    finally:
-        os.close(dir_fd)
+def _write_npz(f, members):
+    """The members as an uncompressed npz (zip64: members may pass 4 GiB) into the open file f."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in members.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, a, allow_pickle=False)
 
 
 def _read_members(path):

@@ -7,10 +7,10 @@
     distnn info runs/digits/model.npz
     distnn plot runs/digits
 
-`train` runs run.train on every rank (run.py: what a run does and writes in its run directory);
-`train -n NP` starts this same command under `mpiexec -n NP`, passes SIGINT/SIGTERM on to it once
-(SIGHUP, a closed terminal, as SIGTERM), and fails a run that ended without a completion record,
-done.json, written by this launch.
+`train` runs run.train on every rank (run.py: the run; rundir.py: what it writes in its run
+directory); `train -n NP` starts this same command under `mpiexec -n NP` (launcher.py), passing
+SIGINT/SIGTERM on to it once, and fails a run that ended without a completion record, done.json,
+written by this launch.
 
 Exit codes: 0 success; 1 training diverged, or the run ended without its completion record;
 2 bad input (config, data, checkpoint, flags): one line "distnn: error: ..." on stderr from rank 0;
@@ -25,23 +25,17 @@ import hashlib
 import json
 import os
 import secrets
-import shlex
-import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
-from . import config, data, run
+from . import config, data, launcher, progress, run, rundir
+from .atomic import write_atomically
+from .errors import USER_ERRORS, UsageError
 from .model import load_model
-from .run import USER_ERRORS, UsageError
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")  # set inside an MPI job
 MAX_RANKS = 65536    # -n beyond this is a typo (and past 2**32 wraps around in mpiexec)
-# Passed on to mpiexec, which hands it to every rank. The ranks stop cleanly on SIGTERM/SIGINT;
-# SIGHUP (the terminal closed) would kill them without a checkpoint, so it goes on as SIGTERM.
-FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM,
-             signal.SIGHUP: signal.SIGTERM}
 
 
 # ------------------------------------------------------------------------------------- train
@@ -74,8 +68,8 @@ def launch(args) -> int:
 
     n = args.threads if args.threads is not None else cfg.train.threads
     token = secrets.token_hex(16)  # rank 0 writes it into done.json: this launch finished
-    env = os.environ | blas_env(n or max(1, usable_cpus() // args.np)) | {run.RUN_TOKEN: token}
-    if run.is_terminal(sys.stdout):
+    env = os.environ | blas_env(n or max(1, usable_cpus() // args.np)) | {rundir.RUN_TOKEN: token}
+    if progress.is_terminal(sys.stdout):
         env.setdefault("DISTNN_PROGRESS", "1")
     argv = ["train", args.config, *(f"--set={s}" for s in args.set)]  # all but -n
     if args.out is not None:
@@ -83,60 +77,18 @@ def launch(args) -> int:
     argv += [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on]
     if args.threads is not None:
         argv.append(f"--threads={args.threads}")
-    cmd = [*find_mpiexec(), "-n", str(args.np), sys.executable, "-m", "distnn", *argv]
-    # Own session: a terminal's Ctrl-C reaches only us, and we pass it on once (a second
-    # SIGINT makes mpiexec abort at once, without the checkpoint).
-    # A closed stdout (`>&-`) is None here; mpiexec fails on a closed descriptor, so give it null.
-    stdout = subprocess.DEVNULL if sys.stdout is None else None
-    child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-                             start_new_session=True, preexec_fn=_term_when_orphaned(os.getpid()))
-
-    def forward(signum, frame):
-        child.send_signal(FORWARDED[signum])  # to every rank: checkpoint, then exit 128+N
-
-    saved = {s: signal.signal(s, forward) for s in FORWARDED}
-    try:
-        code = child.wait()
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+    mpiexec = launcher.find_mpiexec()
+    if mpiexec is None:
+        raise UsageError(f"-n needs mpiexec: {launcher.NOT_FOUND}")
+    code = launcher.run_forwarding_signals(
+        [*mpiexec, "-n", str(args.np), sys.executable, "-m", "distnn", *argv], env)
     if code != 0:
-        return code if code > 0 else 128 - code  # killed by signal N: 128 + N, like a shell
-    if not run.finished(cfg.out_dir, token):  # a stale done.json does not vouch for this run
+        return code
+    if not rundir.finished(cfg.out_dir, token):  # a stale done.json does not vouch for this run
         print("distnn: error: the run ended without its completion record (a rank exited early?)",
               file=sys.stderr)
         return 1
     return 0
-
-
-def _term_when_orphaned(parent):
-    """A preexec_fn: the child gets SIGTERM when this launcher dies, even by SIGKILL (Linux
-    PR_SET_PDEATHSIG), so the ranks, in their own session, checkpoint and stop instead of running
-    on unwatched. Where prctl is unavailable it does nothing."""
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def arm():
-        prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-    return arm
-
-
-def find_mpiexec() -> list[str]:
-    """$MPIEXEC (split like a shell), else the mpiexec beside this python, else the one on PATH."""
-    if os.environ.get("MPIEXEC"):
-        return shlex.split(os.environ["MPIEXEC"])
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("mpiexec")
-    if not found:
-        raise UsageError(f"-n needs mpiexec: none beside {sys.executable} or on PATH "
-                         f"(pip install 'distnn[mpich]', or set MPIEXEC)")
-    return [found]
 
 
 # ---------------------------------------------------------------------------- plots
@@ -144,11 +96,11 @@ def find_mpiexec() -> list[str]:
 def plot(args) -> int:
     """`distnn plot RUN_DIR [-o PNG]`."""
     run_dir = Path(args.run_dir)
-    out = Path(args.output) if args.output else run_dir / "curves.png"
+    out = Path(args.output) if args.output else run_dir / rundir.CURVES
     try:
         # -o names the user's file (written through a link); RUN_DIR/curves.png is replaced
-        run.plot_curves(run.read_metrics(run_dir / "metrics.jsonl"), out,
-                        through=args.output is not None)
+        progress.plot_curves(progress.read_metrics(run_dir / rundir.METRICS), out,
+                             through=args.output is not None)
     except ImportError:
         raise UsageError("distnn plot needs matplotlib: pip install 'distnn[examples]'") from None
     print(out)
@@ -195,7 +147,7 @@ def predict(args) -> int:
             out.writerow([str(v) for v in row] + ([] if labels is None else list(labels[i])))
 
     # an existing file stays whole until the new one is; a link or FIFO is written through
-    run.write_atomically(args.output, write, through=True)
+    write_atomically(args.output, write, through=True)
     print(f"{len(mean)} predictions -> {args.output}")
     return 0
 
@@ -207,11 +159,8 @@ def _check_output(out, model, source) -> None:
             raise UsageError(f"-o {out}: is the {what} file {path}; predicting would overwrite "
                              f"it, so write to another file")
     target = Path(out).resolve()  # through a link: where the predictions would land
-    where, name = target.parent, target.name
-    in_run = (where / run.DONE).exists() or (where / run.DATA).exists()
-    if (in_run and name in {*run.REPLACED, run.DONE, run.LOCK, "model.npz"}) or (
-            where.name == "checkpoints" and (where.parent / run.DATA).exists()):
-        raise UsageError(f"-o {out}: is a file of the run directory {where}; write the "
+    if rundir.is_run_file(target):
+        raise UsageError(f"-o {out}: is a file of the run directory {target.parent}; write the "
                          f"predictions to another file")
 
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from distnn import Network, bench, bench_report, bench_workers
+from distnn import Network, bench, bench_report, bench_workers, launcher
 
 pytestmark = pytest.mark.skipif(bench.launched_size() > 1,
                                 reason="spawns its own mpiexec jobs; run it outside mpiexec")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(bench.launched_size() > 1,
 
 def mpiexec_or_skip():
     try:
-        return bench.find_mpiexec()
+        return bench.need_mpiexec()
     except bench.BenchError as e:
         pytest.skip(str(e))
 
@@ -121,6 +121,11 @@ def test_allreduce_calls_per_step_are_buckets_of_the_gradient_buffer():
     assert calls["large", "float32"]["calls"] == math.ceil(4 * n_large / (4 << 20)) == 2
     assert calls["large", "float64"]["calls"] == 4
     assert calls["small", "float64"]["calls"] == 1
+
+
+def test_bench_starts_the_mpiexec_train_would_start(monkeypatch):
+    monkeypatch.setenv("MPIEXEC", "'/opt/my mpi/mpiexec' --bind-to none")
+    assert bench.need_mpiexec() == launcher.find_mpiexec() == ["/opt/my mpi/mpiexec", "--bind-to", "none"]
 
 
 def test_workers_drop_the_blas_overrides_unless_kept(monkeypatch):

@@ -207,6 +207,22 @@ def test_latest_checkpoint_skips_a_corrupt_newest_file(tmp_path):
     assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 2)
 
 
+def test_latest_checkpoint_says_what_it_passed_over_and_refuses_when_none_loads(tmp_path):
+    save(checkpoint_path(tmp_path, 1), {"x": np.ones(2)}, {"kind": "training"})
+    save(checkpoint_path(tmp_path, 2), {"x": np.ones(2)}, {"kind": "model"})
+    checkpoint_path(tmp_path, 3).write_bytes(b"not a zip")
+    passed = []
+    assert latest_checkpoint(tmp_path, kind="training", passed_over=passed.append) == \
+        checkpoint_path(tmp_path, 1)
+    assert [type(e) for e in passed] == [CheckpointError] * 2
+    assert "ckpt-000000003.npz: not a zip" in str(passed[0])
+    assert "ckpt-000000002.npz: not a training checkpoint" in str(passed[1])
+    checkpoint_path(tmp_path, 1).unlink()
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints loads \(the newest: "
+                                              r".*ckpt-000000003.npz: not a zip"):
+        latest_checkpoint(tmp_path, kind="training")
+
+
 def test_prune_keeps_the_newest(tmp_path):
     for step in [5, 1, 9, 7]:
         save(checkpoint_path(tmp_path, step), {"x": np.ones(1)}, {})
