@@ -52,6 +52,8 @@ import operator
 
 import numpy as np
 
+from .network import layout
+
 MAX_CHUNKS = 2**20  # k <= 20: the quantum stays <= 2**-31 of the bound
 MAX_CHUNK_SIZE = 2**20  # keeps c u <= 1/2 for float32, which the gradient bound needs
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -154,7 +156,7 @@ class SignalGrid:
         exps = np.frexp(_finite(bounds, "layer signals"))[1].astype(np.int64)  # a few thousand
         if exps.size != sum(o + i for o, i in shapes):
             raise ValueError(f"{exps.size} bounds do not fit layers {list(shapes)}")
-        self.layers, self.size, pos = [], sum(o * i + o for o, i in shapes), 0
+        self.layers, pos = [], 0
         for o, i in shapes:
             a = exps[pos:pos + o] + offset
             b = np.append(exps[pos + o:pos + o + i], 1)  # the biases' column of ones: B = 1
@@ -167,19 +169,18 @@ class SignalGrid:
             # alone may leave the exponent field before B_k brings them back
             row = ((a + _BIAS).astype(np.uint64) << 52) + _HALF
             self.layers.append((row, b.astype(np.uint64) << 52, low < -1074))
-        self.spans = list(self._spans())
+        slots = layout(shapes)
+        self.size = slots[-1][1].stop if slots else 0
+        self.spans = list(self._spans(slots, shapes))
 
-    def _spans(self):
+    def _spans(self, slots, shapes):
         """(lo, hi, layer, j, k) per block: weight rows j..k of a layer, or its biases (j = None)."""
-        at = 0
-        for layer, (row, col, _) in enumerate(self.layers):
-            o, i = len(row), len(col) - 1
+        for layer, ((weights, biases), (o, i)) in enumerate(zip(slots, shapes)):
             step = max(1, self.BLOCK // i)
             for j in range(0, o, step):
                 k = min(o, j + step)
-                yield at + j * i, at + k * i, layer, j, k
-            yield at + o * i, at + o * i + o, layer, None, None
-            at += o * i + o
+                yield weights.start + j * i, weights.start + k * i, layer, j, k
+            yield biases.start, biases.stop, layer, None, None
 
     def blocks(self, magic, first=0, last=None):
         """Yield (lo, hi, M[lo:hi]) for the blocks spans[first:last] (all by default), each M block

@@ -55,8 +55,9 @@ class Network:
             raise ValueError(f"unknown activation {activation!r}; expected one of {list(activations.NAMES)}")
         if family not in families.NAMES:
             raise ValueError(f"unknown family {family!r}; expected one of {list(families.NAMES)}")
-        if family == "multinomial" and self.sizes[-1] < 2:
-            raise ValueError("a multinomial network needs at least 2 outputs (one per class)")
+        self._out = families.FAMILIES[family]
+        if self._out.labels and self.sizes[-1] < 2:
+            raise ValueError(f"a {family} network needs at least 2 outputs (one per class)")
         for name, lam in (("l1", l1), ("l2", l2)):
             if not (np.isfinite(lam) and lam >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {lam!r}")
@@ -65,13 +66,11 @@ class Network:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
 
-        shapes = list(zip(self.sizes[1:], self.sizes[:-1]))  # (|O_l|, |I_l|)
-        self.n_params = sum(o * i + o for o, i in shapes)
+        self.n_params = n_params(self.sizes)
         self.params = np.empty(self.n_params, self.dtype)
-        self.weights, self.biases = _layer_views(self.params, shapes)
+        self.weights, self.biases = _layer_views(self.params, layer_shapes(self.sizes))
         self._act = activations.FORWARD[activation]
         self._dact = activations.DERIVATIVE[activation]
-        self._mean = families.MEAN[family]
         self._buffers = {}
         self._views_of, self._views = None, None  # see _grad_views
         self.init_params(seed)
@@ -95,6 +94,17 @@ class Network:
         return {"sizes": self.sizes, "activation": self.activation, "family": self.family,
                 "l1": self.l1, "l2": self.l2, "dtype": self.dtype.name}
 
+    @property
+    def is_classifier(self):
+        """Whether the family decides classes (and eval_sums counts correct decisions)."""
+        return self._out.is_classifier
+
+    @property
+    def decisions(self):
+        """Classification decisions per sample: 1 for multinomial, n_out for bernoulli; None for
+        regression. Accuracy is the correct count over N * decisions."""
+        return self._out.decisions(self.sizes[-1])
+
     def grad_buffer(self):
         """A zeroed vector laid out like `params`, for gradients."""
         return np.zeros(self.n_params, self.dtype)
@@ -117,7 +127,7 @@ class Network:
 
     def check_targets(self, y, n=None):
         """Targets encoded for the family (labels as intp, others as (N, K) network dtype)."""
-        Y = families.TARGETS[self.family](y, self.sizes[-1], self.dtype)
+        Y = self._out.targets(y, self.sizes[-1], self.dtype)
         if n is not None and len(Y) != n:
             raise ValueError(f"X has {n} rows but y has {len(Y)}")
         return Y
@@ -148,7 +158,7 @@ class Network:
             if l < last:
                 inp = self._act(z, z)  # O_l overwrites Z_l: backward needs only O_l
         if mean:
-            self._mean(buf.z[-1], buf.mean)
+            self._out.mean(buf.z[-1], buf.mean)
         return buf
 
     def _backward(self, X, buf, out):
@@ -183,7 +193,7 @@ class Network:
         An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
         buf = self._forward(X, mean=False)
         p = buf.delta[-1]
-        loss = families.loss_and_residual(self.family, buf.z[-1], Y, buf.mean, p)  # P_L = O_L - Y
+        loss = self._out.loss_and_residual(buf.z[-1], Y, p)  # P_L = O_L - Y
         if divisor != 1:
             np.divide(p, divisor, out=p)
         self._backward(X, buf, out)
@@ -202,16 +212,16 @@ class Network:
 
     def loss_sum(self, X, Y):
         """Sum of per-sample losses (no penalty) for checked X and encoded Y."""
-        return families.LOSS_SUM[self.family](self._forward(X).z[-1], Y)
+        return self._out.loss_sum(self._forward(X).z[-1], Y)
 
     def last_correct(self, Y):
         """Correctly classified count in the last forward pass over len(Y) rows; None for regression."""
-        return families.correct_count(self.family, self._buffers[len(Y)].z[-1], Y)
+        return self._out.correct_count(self._buffers[len(Y)].z[-1], Y)
 
     def eval_sums(self, X, Y):
         """(loss sum, count classified correctly or None for regression), one forward pass."""
         z = self._forward(X).z[-1]
-        return families.LOSS_SUM[self.family](z, Y), families.correct_count(self.family, z, Y)
+        return self._out.loss_sum(z, Y), self._out.correct_count(z, Y)
 
     # ---- penalties ---------------------------------------------------------------------------
     def penalty(self):
@@ -230,7 +240,7 @@ class Network:
         if not (self.l1 or self.l2):
             return grad
         stop = start + len(grad)
-        for weights, _ in _layer_slices([w.shape for w in self.weights]):
+        for weights, _ in layout([w.shape for w in self.weights]):
             a, b = max(weights.start, start), min(weights.stop, stop)
             if a < b:  # element-wise: the same bits however the vector is cut
                 g, w = grad[a - start:b - start], self.params[a:b]
@@ -268,7 +278,7 @@ class Network:
         ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer contributes ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
         X, Y = self._checked(X, y)
         buf = self._forward(X)
-        families.residual(self.family, buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
+        self._out.residual(buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
         self._backward(X, buf, self.grad_buffer())
         sq = np.zeros(len(X), np.float64)
         for l, p in enumerate(buf.delta):
@@ -281,7 +291,7 @@ class Network:
         """Yield (l, G_l, I_l) from the output down, G_l = d O_L / d Z_l of shape (N, n_out, |O_l|)."""
         X = self.check_inputs(X)
         buf = self._forward(X)
-        g = families.mean_jacobian(self.family, buf.mean)  # d O_L / d Z_L
+        g = self._out.jacobian(buf.mean)  # d O_L / d Z_L
         for l in range(len(self.weights) - 1, -1, -1):
             inp = X if l == 0 else buf.z[l - 1]
             yield l, g, inp
@@ -299,7 +309,7 @@ class Network:
         """d outputs / d params, (N, n_out, n_params), columns in the `params` layout."""
         n, k = len(X), self.sizes[-1]
         jac = np.empty((n, k, self.n_params), self.dtype)
-        slices = _layer_slices([w.shape for w in self.weights])
+        slices = layout([w.shape for w in self.weights])
         for l, g, inp in self._jacobian_walk(X):
             w_at, b_at = slices[l]
             jac[:, :, w_at] = (g[:, :, :, None] * inp[:, None, None, :]).reshape(n, k, -1)
@@ -307,8 +317,14 @@ class Network:
         return jac
 
 
-def _layer_slices(shapes):
-    """(weight slice, bias slice) of each layer in the flat layout [W_0, b_0, W_1, b_1, ...]."""
+def layer_shapes(sizes):
+    """(|O_l|, |I_l|) of each layer's weights in a network of `sizes` [n_in, ..., n_out]."""
+    return list(zip(sizes[1:], sizes[:-1]))
+
+
+def layout(shapes):
+    """(weight slice, bias slice) of each layer of weight `shapes` in the flat parameter vector
+    [W_0, b_0, W_1, b_1, ...]: the one place that lays parameters out."""
     slices, at = [], 0
     for o, i in shapes:
         slices.append((slice(at, at + o * i), slice(at + o * i, at + o * i + o)))
@@ -316,9 +332,14 @@ def _layer_slices(shapes):
     return slices
 
 
+def n_params(sizes):
+    """Length of the flat parameter vector of a network of `sizes` (at least 2 of them)."""
+    return layout(layer_shapes(sizes))[-1][1].stop
+
+
 def _layer_views(flat, shapes):
     """Per-layer (weights, biases) views of a flat vector laid out [W_0, b_0, W_1, b_1, ...]."""
-    pairs = [(flat[w].reshape(shape), flat[b]) for (w, b), shape in zip(_layer_slices(shapes), shapes)]
+    pairs = [(flat[w].reshape(shape), flat[b]) for (w, b), shape in zip(layout(shapes), shapes)]
     return [w for w, _ in pairs], [b for _, b in pairs]
 
 
