@@ -78,16 +78,7 @@ class Network:
     # ---- construction ------------------------------------------------------------------------
     def init_params(self, seed):
         """He (rectifiers) or Glorot (others) initialization from `seed`, the same on every process."""
-        rng = np.random.default_rng(seed)
-        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
-            fan_out, fan_in = w.shape
-            hidden = l < len(self.weights) - 1
-            if hidden and activations.INIT[self.activation] == "he":
-                w[...] = rng.normal(0.0, np.sqrt(2.0 / fan_in), w.shape)
-            else:
-                limit = np.sqrt(6.0 / (fan_in + fan_out))
-                w[...] = rng.uniform(-limit, limit, w.shape)
-            b[...] = 0
+        _initialize(self.weights, self.biases, activations.INIT[self.activation], seed)
 
     def spec(self):
         """The architecture as a JSON-able dict: `Network(**net.spec())` rebuilds it."""
@@ -112,18 +103,7 @@ class Network:
     # ---- validation (once per call of the public methods; never inside grad_sum) --------------
     def check_inputs(self, X):
         """X as a (N, n_in) array of the network dtype; clear ValueError for bad shape or values."""
-        X = np.asarray(X)
-        if X.dtype.kind not in "biuf":
-            raise ValueError(f"X must be numeric, got dtype {X.dtype}")
-        if X.ndim != 2 or X.shape[1] != self.sizes[0]:
-            raise ValueError(f"X has shape {X.shape}; expected (N, {self.sizes[0]}) "
-                             f"for a network with {self.sizes[0]} inputs")
-        X = X.astype(self.dtype, copy=False)
-        bad = ~np.isfinite(X)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise ValueError(f"X contains NaN or Inf (first at row {i}, column {j})")
-        return X
+        return _inputs(X, self.sizes[0], self.dtype)
 
     def check_targets(self, y, n=None):
         """Targets encoded for the family (labels as intp, others as (N, K) network dtype)."""
@@ -179,7 +159,7 @@ class Network:
     def _grad_views(self, out):
         """Per-layer views of a gradient vector; the last one's are kept, as a step reuses it."""
         if self._views_of is not out:
-            self._views_of, self._views = out, _layer_views(out, [w.shape for w in self.weights])
+            self._views_of, self._views = out, _layer_views(out, layer_shapes(self.sizes))
         return self._views
 
     def grad_sum(self, X, Y, out, divisor=1):
@@ -240,14 +220,10 @@ class Network:
         if not (self.l1 or self.l2):
             return grad
         stop = start + len(grad)
-        for weights, _ in layout([w.shape for w in self.weights]):
+        for weights, _ in layout(layer_shapes(self.sizes)):
             a, b = max(weights.start, start), min(weights.stop, stop)
             if a < b:  # element-wise: the same bits however the vector is cut
-                g, w = grad[a - start:b - start], self.params[a:b]
-                if self.l2:
-                    g += (2 * self.l2) * w
-                if self.l1:
-                    g += self.l1 * np.sign(w)
+                _add_penalty_grad(grad[a - start:b - start], self.params[a:b], self.l1, self.l2)
         return grad
 
     # ---- the public, validating surface ------------------------------------------------------
@@ -309,7 +285,7 @@ class Network:
         """d outputs / d params, (N, n_out, n_params), columns in the `params` layout."""
         n, k = len(X), self.sizes[-1]
         jac = np.empty((n, k, self.n_params), self.dtype)
-        slices = layout([w.shape for w in self.weights])
+        slices = layout(layer_shapes(self.sizes))
         for l, g, inp in self._jacobian_walk(X):
             w_at, b_at = slices[l]
             jac[:, :, w_at] = (g[:, :, :, None] * inp[:, None, None, :]).reshape(n, k, -1)
@@ -341,6 +317,43 @@ def _layer_views(flat, shapes):
     """Per-layer (weights, biases) views of a flat vector laid out [W_0, b_0, W_1, b_1, ...]."""
     pairs = [(flat[w].reshape(shape), flat[b]) for (w, b), shape in zip(layout(shapes), shapes)]
     return [w for w, _ in pairs], [b for _, b in pairs]
+
+
+def _initialize(weights, biases, scheme, seed):
+    """Hidden weights by `scheme` ("he" or "glorot"), the output layer's Glorot, biases 0."""
+    rng = np.random.default_rng(seed)
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        fan_out, fan_in = w.shape
+        hidden = l < len(weights) - 1
+        if hidden and scheme == "he":
+            w[...] = rng.normal(0.0, np.sqrt(2.0 / fan_in), w.shape)
+        else:
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            w[...] = rng.uniform(-limit, limit, w.shape)
+        b[...] = 0
+
+
+def _inputs(X, n_in, dtype):
+    X = np.asarray(X)
+    if X.dtype.kind not in "biuf":
+        raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+    if X.ndim != 2 or X.shape[1] != n_in:
+        raise ValueError(f"X has shape {X.shape}; expected (N, {n_in}) "
+                         f"for a network with {n_in} inputs")
+    X = X.astype(dtype, copy=False)
+    bad = ~np.isfinite(X)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"X contains NaN or Inf (first at row {i}, column {j})")
+    return X
+
+
+def _add_penalty_grad(g, w, l1, l2):
+    """g += 2 l2 w + l1 sign(w), in place."""
+    if l2:
+        g += (2 * l2) * w
+    if l1:
+        g += l1 * np.sign(w)
 
 
 def _layer_size(s, i):
