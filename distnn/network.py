@@ -69,8 +69,7 @@ class Network:
         self.n_params = n_params(self.sizes)
         self.params = np.empty(self.n_params, self.dtype)
         self.weights, self.biases = _layer_views(self.params, layer_shapes(self.sizes))
-        self._act = activations.FORWARD[activation]
-        self._dact = activations.DERIVATIVE[activation]
+        self._act, self._dact, self._init = activations.ACTIVATIONS[activation]
         self._buffers = {}
         self._views_of, self._views = None, None  # see _grad_views
         self.init_params(seed)
@@ -78,7 +77,7 @@ class Network:
     # ---- construction ------------------------------------------------------------------------
     def init_params(self, seed):
         """He (rectifiers) or Glorot (others) initialization from `seed`, the same on every process."""
-        _initialize(self.weights, self.biases, activations.INIT[self.activation], seed)
+        _initialize(self.weights, self.biases, self._init, seed)
 
     def spec(self):
         """The architecture as a JSON-able dict: `Network(**net.spec())` rebuilds it."""

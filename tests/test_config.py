@@ -147,7 +147,7 @@ def test_every_activation_name_is_accepted():
 
 
 @pytest.mark.parametrize("key,table", [
-    ("model.activation", activations.FORWARD), ("model.family", families.FAMILIES),
+    ("model.activation", activations.ACTIVATIONS), ("model.family", families.FAMILIES),
     ("model.dtype", network.DTYPES), ("optim.name", optim.OPTIMIZERS), ("optim.schedule", optim.SCHEDULES)])
 def test_the_accepted_names_are_the_tables_keys(key, table):
     for value in table:  # a new table entry is accepted with no second list to extend
