@@ -1,9 +1,13 @@
-"""Hidden-layer activations: name -> (forward, derivative through the forward output).
+"""Hidden-layer activations in one table, ACTIVATIONS: name -> (forward, derivative through the
+forward output, weight initialization).
 
 Every function works in place on preallocated arrays (`out=`), so a training step allocates nothing.
 The derivative is written in terms of the forward *output* O = A(Z), which the forward pass already
-holds, so backward never recomputes Z. A new activation is one entry in each table.
+holds, so backward never recomputes Z. A new activation is one entry in the table.
 """
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -53,16 +57,6 @@ def _identity(z, out):
     return out
 
 
-FORWARD = {
-    "identity": _identity,
-    "relu": lambda z, out: np.maximum(z, _zeros(z), out=out),
-    "leaky_relu": _leaky_relu,
-    "tanh": lambda z, out: np.tanh(z, out=out),
-    "sigmoid": sigmoid,
-    "softplus": softplus,
-}
-
-
 def _d_sigmoid(o, out):
     np.subtract(1, o, out=out)
     return np.multiply(out, o, out=out)  # o (1 - o)
@@ -86,18 +80,29 @@ def _d_leaky_relu(o, out):
     return np.add(out, LEAKY_SLOPE, out=out)  # 1 or slope, exactly: (1 - s) + s rounds to 1
 
 
-# A'(Z) expressed through O = A(Z). None means A' == 1: backward skips the multiply.
-DERIVATIVE = {
-    "identity": None,
-    "relu": lambda o, out: np.greater(o, 0, out=out, casting="unsafe"),
-    "leaky_relu": _d_leaky_relu,
-    "tanh": _d_tanh,
-    "sigmoid": _d_sigmoid,
-    "softplus": _d_softplus,
+def _relu(z, out):
+    return np.maximum(z, _zeros(z), out=out)
+
+
+def _d_relu(o, out):
+    return np.greater(o, 0, out=out, casting="unsafe")
+
+
+class Activation(NamedTuple):
+    """One hidden-layer activation A: its forward pass, derivative and weight initialization."""
+
+    forward: Callable  # (z, out) -> out = A(z); out may be z
+    derivative: Callable | None  # (o, out) -> out = A'(z) through o = A(z); None: A' == 1 (no multiply)
+    init: str  # "he" for the rectifier family, "glorot" otherwise
+
+
+ACTIVATIONS = {
+    "identity": Activation(_identity, None, "glorot"),
+    "relu": Activation(_relu, _d_relu, "he"),
+    "leaky_relu": Activation(_leaky_relu, _d_leaky_relu, "he"),
+    "tanh": Activation(lambda z, out: np.tanh(z, out=out), _d_tanh, "glorot"),
+    "sigmoid": Activation(sigmoid, _d_sigmoid, "glorot"),
+    "softplus": Activation(softplus, _d_softplus, "he"),
 }
 
-# Weight initialization scale by activation: He for the rectifier family, Glorot otherwise.
-INIT = {"identity": "glorot", "relu": "he", "leaky_relu": "he", "tanh": "glorot",
-        "sigmoid": "glorot", "softplus": "he"}
-
-NAMES = tuple(FORWARD)
+NAMES = tuple(ACTIVATIONS)

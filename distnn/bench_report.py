@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from .bench_workers import LARGE, SMALL
+from .network import n_params
 
 
 # ============================================================================ derived figures
@@ -98,7 +99,7 @@ def calls_per_step(bucket_bytes):
     """Allreduce calls per step: the gradient buffer (+3 statistics) in buckets of bucket_bytes."""
     rows = []
     for name, sizes in (("large", LARGE), ("small", SMALL)):
-        n = sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:])) + 3
+        n = n_params(sizes) + 3
         for dtype, itemsize in (("float32", 4), ("float64", 8)):
             rows.append({"net": name, "dtype": dtype, "bytes": n * itemsize,
                          "calls": math.ceil(n * itemsize / bucket_bytes)})

@@ -16,12 +16,14 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
-# The names the network, families and optimizers accept (they index the same tables there).
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "softplus")
-FAMILIES = ("gaussian", "bernoulli", "multinomial", "poisson")
-DTYPES = ("float32", "float64")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "linear")
+from . import activations, families, network, optim
+
+# The names the network, families and optimizers accept: the keys of their tables.
+ACTIVATIONS = activations.NAMES
+FAMILIES = families.NAMES
+DTYPES = tuple(network.DTYPES)
+OPTIMIZERS = tuple(optim.OPTIMIZERS)
+SCHEDULES = tuple(optim.SCHEDULES)
 MAX_THREADS = 4096  # BLAS threads per rank (the BLAS libraries take a C int)
 
 
@@ -74,7 +76,7 @@ class TrainConfig:
     patience: int = 0               # early stopping on validation loss; 0 = off
     checkpoint_every: int = 0       # steps between checkpoints; 0 = end of each epoch only
     keep_checkpoints: int = 3       # newest checkpoints kept on disk
-    deterministic: bool = False     # bit-identical results for any rank count (issue 7)
+    deterministic: bool = False     # bit-identical results for any rank count
     chunk_size: int = 64            # deterministic mode: samples per chunk (its cost falls as it grows)
     watchdog: float = 600.0         # seconds a collective may take before the job aborts; 0 = off
     bucket_mb: float = 4.0          # allreduce bucket size

@@ -1,409 +1,19 @@
-"""Data for distnn: sources, train/validation split, per-epoch order, sharding, standardization.
-
-Sources (`load`):
-  "path.npz"            arrays "X" and "y" (or `target`); uncompressed members are memory-mapped
-  "path.npy"            X only, memory-mapped; y from the file named by `target` ("path_y.npy")
-  "path.csv"            header row, numeric features, `target` names the target column
-  "sklearn:NAME"        digits, breast_cancer, diabetes, iris, wine (pip install distnn[examples])
-  "synthetic:KIND?n=..&d=..&seed=.."   classification, binary, regression, poisson (deterministic)
+"""Data for training: checks and checksums, class labels, the train/validation split, per-epoch
+order, sharding and standardization. Loading is sources.py's (`load`, `Dataset`, `DataError` are
+re-exported here).
 
 Everything here is a plain function of (n, seed, epoch, size, rank): every rank computes the same
 permutation and the same batch boundaries, then reads only its own rows. No MPI in this module.
 """
 from __future__ import annotations
 
-import csv
-import difflib
-import math
-import os
-import struct
-import urllib.parse
-import zipfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.lib.format as npformat
 
-
-class DataError(ValueError):
-    """Bad data input; the message names the file, row or column and what was expected."""
-
-
-@dataclass
-class Dataset:
-    """Features, targets and names of one data source (X may be a read-only np.memmap)."""
-
-    X: np.ndarray              # (N, d)
-    y: np.ndarray              # (N,) or (N, K), labels as stored (ints, floats or strings)
-    feature_names: list[str]
-    target_name: str
-    source: str
-
-
-# ---------------------------------------------------------------------------------------- loading
-
-def load(source: str, *, target: str | None = None, features: list[str] | None = None,
-         require_target: bool = True) -> Dataset:
-    """Load a data source (see the module docstring); `features` selects columns by name.
-
-    With require_target=False (data to predict on) a file without the target gives y = None."""
-    kind, _, rest = source.partition(":")
-    if kind == "sklearn":
-        ds = _load_sklearn(rest)
-    elif kind == "synthetic":
-        ds = _load_synthetic(source, rest)
-    else:
-        ds = _load_file(source, target, features, require_target)
-    if features and ds.feature_names != list(features):  # CSV selects while parsing
-        ds = _select_features(ds, features)
-    _check_shapes(ds)
-    return ds
-
-
-def _load_file(path: str, target: str | None, features: list[str] | None,
-               require_target: bool = True) -> Dataset:
-    """Dispatch on the file extension after checking the file exists."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".npz", ".npy", ".csv"):
-        raise DataError(f"{path}: unknown data source; expected a .npz, .npy or .csv file, "
-                        f"'sklearn:NAME' or 'synthetic:KIND'")
-    if not os.path.isfile(path):
-        raise DataError(f"no such data file: {path}")
-    if ext == ".csv":
-        return _load_csv(path, target, features, require_target)
-    if ext == ".npz":
-        return _load_npz(path, target, require_target)
-    return _load_npy(path, target, require_target)
-
-
-def _load_npz(path: str, target: str | None, require_target: bool = True) -> Dataset:
-    """Arrays "X" and `target` (default "y") from an .npz, memory-mapping uncompressed members."""
-    ykey = target or "y"
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-            for key in ("X", ykey) if require_target else ("X",):
-                if key not in names:
-                    have = ", ".join(names) or "none"
-                    raise DataError(f"{path} has no array '{key}' (arrays: {have})")
-            X = _npz_member(path, zf, "X")
-            y = _npz_member(path, zf, ykey) if ykey in names else None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise DataError(f"{path}: truncated or corrupt .npz ({e})") from None
-    return Dataset(X, y, _default_names(X), ykey, path)
-
-
-def _npz_member(path: str, zf: zipfile.ZipFile, key: str) -> np.ndarray:
-    """One .npz member: an np.memmap when stored uncompressed, else read whole into memory.
-
-    np.load(mmap_mode=...) ignores mmap_mode for .npz, so we find where the member's .npy data
-    starts inside the zip (local header + name + extra field + .npy header) and map it there.
-    A compressed member (np.savez_compressed) cannot be mapped: it costs its full size in memory.
-    """
-    info = zf.getinfo(key + ".npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        with zf.open(info) as f:
-            return _read_npy(f, f"{path}[{key}]")
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)  # fixed part of the zip local file header
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            raise DataError(f"{path}: corrupt .npz (bad zip header for '{key}')")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        f.seek(start)
-        header = _npy_header(f, f"{path}[{key}]")
-        if header is None:  # a header version without a public reader: read the member whole
-            with zf.open(info) as g:
-                return _read_npy(g, f"{path}[{key}]")
-        shape, fortran, dtype = header
-        offset = f.tell()
-    nbytes = math.prod(shape) * dtype.itemsize
-    if offset - start + nbytes > info.file_size:
-        raise DataError(f"{path}: truncated or corrupt .npz (array '{key}' is cut short)")
-    if nbytes == 0:
-        return np.empty(shape, dtype)
-    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
-
-
-def _npy_header(f, name: str):
-    """(shape, fortran_order, dtype) of the .npy at f's position, or None for format 3.0."""
-    try:
-        version = npformat.read_magic(f)
-        reader = {(1, 0): npformat.read_array_header_1_0,
-                  (2, 0): npformat.read_array_header_2_0}.get(version)
-        if reader is None:
-            return None
-        shape, fortran, dtype = reader(f)
-    except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...
-        raise DataError(f"{name}: corrupt .npy header ({e})") from None
-    if dtype.hasobject:
-        raise DataError(f"{name}: holds Python objects; only numeric or string arrays are loaded")
-    return shape, fortran, dtype
-
-
-def _read_npy(f, name: str) -> np.ndarray:
-    """Read a whole .npy stream without pickle."""
-    try:
-        return npformat.read_array(f, allow_pickle=False)
-    except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...
-        raise DataError(f"{name}: truncated or corrupt .npy ({e})") from None
-
-
-def _load_npy(path: str, target: str | None, require_target: bool = True) -> Dataset:
-    """X from `path` (memory-mapped); y from the .npy named by `target`.
-
-    `target` is taken as given when that file exists, else relative to X's directory, so
-    source="data/X.npy", target="X_y.npy" finds data/X_y.npy.
-    """
-    if not require_target and not (target and _sibling(path, target)):
-        X = _mmap_npy(path)
-        return Dataset(X, None, _default_names(X), "", path)
-    if not target:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        raise DataError(f"{path}: a .npy source holds X only; name the targets file as the target "
-                        f"(e.g. '{stem}_y.npy')")
-    ypath = _sibling(path, target)
-    if ypath is None:
-        raise DataError(f"no such data file: {target} (targets for {path})")
-    X, y = _mmap_npy(path), _mmap_npy(ypath)
-    return Dataset(X, y, _default_names(X), os.path.splitext(os.path.basename(ypath))[0], path)
-
-
-def _sibling(path: str, target: str) -> str | None:
-    """The targets file: `target` as given when it exists, else beside X's file; None if neither."""
-    for candidate in (target, os.path.join(os.path.dirname(path), target)):
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-def _mmap_npy(path: str) -> np.ndarray:
-    """np.load with mmap_mode="r" and no pickle; errors name the file."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...
-        raise DataError(f"{path}: truncated or corrupt .npy ({e})") from None
-
-
-def _load_csv(path: str, target: str | None, features: list[str] | None,
-              require_target: bool = True) -> Dataset:
-    """Header row, numeric feature columns, a target column of numbers or class names."""
-    if not target and require_target:
-        raise DataError(f"{path}: a CSV source needs the name of its target column (data.target)")
-    header, body, lines = _read_csv(path)
-    col = {name: j for j, name in enumerate(header)}
-    if require_target:
-        _require_columns(path, [target], col)
-    names = list(features) if features else [h for h in header if h != target]
-    _require_columns(path, names, col)
-    if target in names:
-        raise DataError(f"{path}: column '{target}' is the target and cannot also be a feature")
-    X = _numeric_columns(path, body, lines, [col[n] for n in names], names)
-    # data to predict on: a target column, if there, is not read (it may well be empty)
-    y = _target_column(path, body, lines, col[target], target) if require_target else None
-    return Dataset(X, y, names, target or "", path)
-
-
-def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
-    """(header, data rows, file line of each row); ragged, empty or header-only files raise."""
-    body, lines = [], []
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path} is empty (expected a header row)")
-            header = [h.strip() for h in header]
-            for fields in reader:
-                if not fields:  # blank line
-                    continue
-                if len(fields) != len(header):
-                    raise DataError(f"{path} line {reader.line_num}: {len(fields)} fields, "
-                                    f"expected {len(header)} as in the header")
-                body.append(fields)
-                lines.append(reader.line_num)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: not a readable CSV file ({e})") from None
-    if not body:
-        raise DataError(f"{path} has a header but no data rows")
-    dup = {h for h in header if header.count(h) > 1}
-    if dup:
-        raise DataError(f"{path}: duplicate column names in the header: {', '.join(sorted(dup))}")
-    return header, body, lines
-
-
-def _require_columns(path: str, wanted: list[str], col: dict[str, int]) -> None:
-    """Every name in `wanted` is a column, else a DataError suggesting the closest one."""
-    for name in wanted:
-        if name not in col:
-            close = difflib.get_close_matches(name, list(col), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f" (columns: {', '.join(col)})"
-            raise DataError(f"{path}: no column '{name}'{hint}")
-
-
-def _numeric_columns(path, body, lines, idx, names) -> np.ndarray:
-    """(N, len(idx)) float64 from the selected columns; the first non-number is named."""
-    cells = np.array([[row[j] for j in idx] for row in body], dtype=str)
-    cells = cells.reshape(len(body), len(idx))  # (N, 0) when no feature columns
-    try:
-        return np.char.strip(cells).astype(np.float64)
-    except ValueError:
-        pass
-    for i, row in enumerate(cells):
-        for j, cell in enumerate(row):
-            try:
-                float(cell)
-            except ValueError:
-                raise DataError(f"{path} line {lines[i]}, column '{names[j]}': expected a number, "
-                                f"got {str(cell)!r}") from None
-    raise DataError(f"{path}: feature columns are not all numbers")
-
-
-def _target_column(path, body, lines, j, name) -> np.ndarray:
-    """Targets as int64 (integral numbers), float64 (other numbers) or str (class names)."""
-    values = [row[j].strip() for row in body]
-    for i, v in enumerate(values):
-        if v == "":
-            raise DataError(f"{path} line {lines[i]}, column '{name}': empty target")
-    try:
-        y = np.array([float(v) for v in values])
-    except ValueError:
-        return np.array(values)
-    integral = np.isfinite(y).all() and (y == np.round(y)).all() and np.abs(y).max() < 2**53
-    return y.astype(np.int64) if integral else y
-
-
-def _select_features(ds: Dataset, features: list[str]) -> Dataset:
-    """Keep the named feature columns (in-memory sources only; a memmap would be copied whole)."""
-    if isinstance(ds.X, np.memmap):
-        raise DataError(f"{ds.source}: selecting features is supported for CSV, sklearn and "
-                        f"synthetic sources; a memory-mapped X would be copied whole")
-    _require_columns(ds.source, features, {n: j for j, n in enumerate(ds.feature_names)})
-    idx = [ds.feature_names.index(n) for n in features]
-    return Dataset(ds.X[:, idx], ds.y, list(features), ds.target_name, ds.source)
-
-
-def _check_shapes(ds: Dataset) -> None:
-    """X is a non-empty 2-D numeric array and y has one entry per row."""
-    src = ds.source
-    if ds.X.ndim != 2:
-        raise DataError(f"{src}: X must be 2-D (samples, features), got shape {ds.X.shape}")
-    if ds.X.dtype.kind not in "biuf":
-        raise DataError(f"{src}: X has dtype {ds.X.dtype}, expected numbers")
-    if 0 in ds.X.shape:
-        raise DataError(f"{src}: X has shape {ds.X.shape}; expected at least one row and "
-                        f"one feature")
-    if ds.y is not None and (ds.y.ndim not in (1, 2) or ds.y.shape[0] != ds.X.shape[0]):
-        raise DataError(f"{src}: X has {ds.X.shape[0]} rows but y has shape {ds.y.shape}; "
-                        f"expected ({ds.X.shape[0]},) or ({ds.X.shape[0]}, K)")
-
-
-def _default_names(X: np.ndarray) -> list[str]:
-    """x0, x1, ... for sources without column names."""
-    return [f"x{j}" for j in range(X.shape[1] if X.ndim == 2 else 0)]
-
-
-# ---------------------------------------------------------------------- bundled and synthetic
-
-SKLEARN_SETS = ("digits", "breast_cancer", "diabetes", "iris", "wine")
-
-
-def _load_sklearn(name: str) -> Dataset:
-    """One of scikit-learn's bundled data sets, by name."""
-    if name not in SKLEARN_SETS:
-        raise DataError(f"unknown data set 'sklearn:{name}'; expected one of {list(SKLEARN_SETS)}")
-    try:
-        from sklearn import datasets
-    except ImportError:
-        raise DataError(f"'sklearn:{name}' needs scikit-learn: "
-                        f"pip install 'distnn[examples]'") from None
-    bunch = getattr(datasets, f"load_{name}")()
-    X = np.asarray(bunch.data, dtype=np.float64)
-    names = [str(n) for n in getattr(bunch, "feature_names", _default_names(X))]
-    return Dataset(X, np.asarray(bunch.target), names, "target", f"sklearn:{name}")
-
-
-def _teacher(rng: np.random.Generator, X: np.ndarray, k: int, hidden: int = 32) -> np.ndarray:
-    """(N, k) outputs of a random one-hidden-layer tanh MLP, scaled to unit std per output."""
-    d = X.shape[1]
-    W1 = rng.standard_normal((d, hidden)) / math.sqrt(d)
-    b1 = 0.5 * rng.standard_normal(hidden)
-    W2 = rng.standard_normal((hidden, k)) / math.sqrt(hidden)
-    f = np.tanh(X @ W1 + b1) @ W2
-    return (f - f.mean(axis=0)) / f.std(axis=0)
-
-
-def _classification(rng, X, k):
-    """Labels drawn from softmax(3 * teacher): Gumbel-max sampling gives ~Bayes-optimal noise."""
-    logits = 3.0 * _teacher(rng, X, k)
-    return np.argmax(logits + rng.gumbel(size=logits.shape), axis=1).astype(np.int64)
-
-
-def _binary(rng, X):
-    """0/1 labels drawn from sigmoid(3 * teacher) via logistic noise."""
-    logit = 3.0 * _teacher(rng, X, 1)[:, 0]
-    return (logit + rng.logistic(size=logit.shape) > 0).astype(np.int64)
-
-
-def _regression(rng, X, k, noise):
-    """teacher(X) + noise * N(0, 1); (N,) for k = 1, else (N, k). R^2 ceiling 1 / (1 + noise^2)."""
-    y = _teacher(rng, X, k) + noise * rng.standard_normal((X.shape[0], k))
-    return y[:, 0] if k == 1 else y
-
-
-def _poisson(rng, X):
-    """Counts ~ Poisson(exp(eta)), eta = 0.5 + clip(X w, -2.5, 2.5): rates in [0.14, 20]."""
-    w = rng.standard_normal(X.shape[1]) / math.sqrt(X.shape[1])
-    eta = 0.5 + np.clip(X @ w, -2.5, 2.5)
-    return rng.poisson(np.exp(eta)).astype(np.int64)
-
-
-# kind -> (generator, default parameters); X ~ N(0, 1) is drawn first, then the teacher and noise.
-SYNTHETIC = {
-    "classification": (_classification, {"n": 1000, "d": 10, "k": 3, "seed": 0}),
-    "binary": (_binary, {"n": 1000, "d": 10, "seed": 0}),
-    "regression": (_regression, {"n": 1000, "d": 10, "k": 1, "seed": 0, "noise": 0.1}),
-    "poisson": (_poisson, {"n": 1000, "d": 10, "seed": 0}),
-}
-
-
-def _load_synthetic(source: str, spec: str) -> Dataset:
-    """Deterministic generated data: "KIND?n=1000&d=10&seed=0" (parameters per SYNTHETIC)."""
-    kind, _, query = spec.partition("?")
-    if kind not in SYNTHETIC:
-        raise DataError(f"{source}: unknown kind '{kind}'; expected one of {list(SYNTHETIC)}")
-    make, defaults = SYNTHETIC[kind]
-    p = _synthetic_params(source, query, defaults, k_min=2 if kind == "classification" else 1)
-    rng = np.random.default_rng(p.pop("seed"))
-    n, d = p.pop("n"), p.pop("d")
-    try:
-        X = rng.standard_normal((n, d))
-        return Dataset(X, make(rng, X, **p), _default_names(X), "y", source)
-    except MemoryError:
-        raise DataError(f"{source}: n={n} rows of d={d} features need {n * d * 8 / 2**30:,.1f} GiB "
-                        f"of memory (and the labels more); there is not that much") from None
-
-
-def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> dict:
-    """Parse and range-check the query parameters of a synthetic source."""
-    p = dict(defaults)
-    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if key not in defaults:
-            raise DataError(f"{source}: unknown parameter '{key}'; "
-                            f"expected one of {list(defaults)}")
-        kind = type(defaults[key])
-        try:
-            p[key] = kind(value)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise DataError(f"{source}: parameter '{key}' expected {what}, got {value!r}") from None
-    lowest = {"n": 1, "d": 1, "k": k_min, "seed": 0, "noise": 0.0}
-    for key, value in p.items():
-        if not value >= lowest[key]:
-            raise DataError(f"{source}: parameter '{key}' expected >= {lowest[key]}, got {value}")
-    return p
+from . import exactsum
+from .sources import DataError, Dataset, load  # noqa: F401  (loading's public names, here too)
 
 
 # ------------------------------------------------------------------------------ checks, labels
@@ -545,6 +155,13 @@ def chunk_range(n_chunks: int, size: int, rank: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- standardization
 
+SCALER_CHUNK = 4096  # rows per standardization chunk: moments are summed exactly over chunks
+
+
+def _serial_exact_sum(rows, n_chunks):
+    return exactsum.exact_sum_serial(rows)  # one rank holds all n_chunks rows
+
+
 @dataclass
 class Standardizer:
     """Per-feature (x - mean) / scale; scale is the std with 0 replaced by 1 (constant features)."""
@@ -585,13 +202,31 @@ class Standardizer:
         return cls(mean=mu + shift, scale=np.where(std == 0, 1.0, std))
 
     @classmethod
-    def fit(cls, X, rows=None, *, reduce=None, block: int | None = None) -> "Standardizer":
-        """Fit on `rows` of X; `reduce(vec)` sums the moment vector across ranks in place."""
-        shift = np.asarray(X[0], dtype=np.float64)
-        m = cls.moments(X, rows, block, shift)
-        if reduce is not None:
-            reduce(m)
+    def fit(cls, X, rows=None, *, rank=0, size=1, exact_sum=None) -> "Standardizer":
+        """Fit on `rows` of X (all by default), the same bits for every rank count.
+
+        The rows are cut into chunks of SCALER_CHUNK; rank `rank` of `size` reads its chunks
+        (chunk_range) and their moments are summed exactly by `exact_sum(moments, n_chunks)`, the
+        cross-rank sum (Comm.exact_sum; by default, on one rank, exactsum.exact_sum_serial)."""
+        if exact_sum is None:
+            if size != 1:
+                raise ValueError(f"a fit on {size} ranks needs their exact_sum")
+            exact_sum = _serial_exact_sum
         d = X.shape[1]
+        shift = np.asarray(X[0], np.float64)
+        n = X.shape[0] if rows is None else len(rows)
+        n_chunks = max(1, -(-n // SCALER_CHUNK))
+        first, last = chunk_range(n_chunks, size, rank)
+        moments = np.zeros((last - first, 2 * d + 1))  # one chunk's [count, sum, sumsq] per row
+        for i, j in enumerate(range(first, last)):
+            lo, hi = j * SCALER_CHUNK, min((j + 1) * SCALER_CHUNK, n)
+            chunk = np.arange(lo, hi) if rows is None else rows[lo:hi]
+            moments[i] = cls.moments(X, chunk, shift=shift)
+        try:
+            m = exact_sum(moments, n_chunks)
+        except exactsum.NonFiniteError:  # the same verdict on every rank: the check follows the MAX
+            raise DataError("X has values too large to standardize (their squares overflow, |x| > "
+                            "1e154); rescale the data or set data.standardize = false") from None
         return cls.from_moments(m[0], m[1:d + 1], m[d + 1:], shift)
 
     def transform(self, X, out=None) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Output families: GLM canonical links as name -> (inverse link, loss from logits, target check).
+"""Output families: GLM canonical links in one table, FAMILIES: name -> Family (inverse link, loss
+from logits, target check, Jacobian, and what a classifier decides). A new family is one entry.
 
 Why one backward recursion serves every family: for an exponential-family likelihood with its
 canonical link, the per-sample negative log-likelihood as a function of the logits z is
@@ -19,6 +20,8 @@ float64 whatever the network dtype; the arrays themselves keep the network's dty
 """
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,9 +45,6 @@ def _identity(z, out):
     return out
 
 
-MEAN = {"gaussian": _identity, "bernoulli": sigmoid, "multinomial": _softmax, "poisson": _exp}
-
-
 def _loss_gaussian(z, y):
     r = z - y
     return 0.5 * float(np.einsum("ij,ij->", r, r, dtype=np.float64))
@@ -55,8 +55,8 @@ def _loss_bernoulli(z, y):
 
 
 def _loss_multinomial(z, labels):
-    # the same log-sum-exp as training's fused pass (mean_and_loss_sum), into a scratch mean
-    return mean_and_loss_sum("multinomial", z, labels, np.empty_like(z))
+    # the same log-sum-exp as training's fused pass, into a scratch mean
+    return _softmax_and_loss(z, labels, np.empty_like(z))
 
 
 def _loss_poisson(z, y):
@@ -68,66 +68,49 @@ def _loss_poisson(z, y):
     return total
 
 
-LOSS_SUM = {"gaussian": _loss_gaussian, "bernoulli": _loss_bernoulli,
-            "multinomial": _loss_multinomial, "poisson": _loss_poisson}
-
-
-def mean_and_loss_sum(family, z, y, out):
-    """out = mean(z); returns the loss sum. Softmax and its loss share one pass: with the row max
+def _softmax_and_loss(z, labels, out):
+    """out = softmax(z); returns the loss sum. Softmax and its loss share one pass: with the row max
     m and s = Σ exp(z - m), p = exp(z - m) / s and the loss is Σ log s - (z_y - m)."""
-    if family != "multinomial":
-        MEAN[family](z, out)
-        return LOSS_SUM[family](z, y)
     np.subtract(z, z.max(axis=1, keepdims=True), out=out)  # (N, K), each row's max is 0
-    picked = out[np.arange(len(y)), y]  # z_y - m, (N,)
+    picked = out[np.arange(len(labels)), labels]  # z_y - m, (N,)
     np.exp(out, out=out)
     s = out.sum(axis=1, keepdims=True)  # in [1, K]: its log is finite
     np.divide(out, s, out=out)
     return float(np.log(s).sum(dtype=np.float64) - picked.sum(dtype=np.float64))
 
 
-def loss_and_residual(family, z, y, mean, out):
-    """Training's output pass: out = P_L = mean(z) - y; returns the loss sum. Multinomial writes
-    its softmax straight into out and subtracts the one-hot there (`mean` is left as it was)."""
-    if family != "multinomial":
-        loss = mean_and_loss_sum(family, z, y, mean)
-        np.subtract(mean, y, out=out)
-        return loss
-    loss = mean_and_loss_sum(family, z, y, out)
-    out[np.arange(len(y)), y] -= 1
-    return loss
+def _subtract(out, y):
+    return np.subtract(out, y, out=out)
 
 
-def residual(family, mean, y, out):
-    """out = mean - y, the output proxy error P_L; multinomial labels act as one-hot rows."""
-    np.copyto(out, mean)
-    if family == "multinomial":
-        out[np.arange(len(y)), y] -= 1
-    else:
-        np.subtract(out, y, out=out)
+def _subtract_one_hot(out, labels):
+    out[np.arange(len(labels)), labels] -= 1  # labels act as one-hot rows
     return out
 
 
-def correct_count(family, z, y):
-    """Number of correctly classified samples from the logits; None for regression families."""
-    if family == "multinomial":
-        return int(np.count_nonzero(z.argmax(axis=1) == y))
-    if family == "bernoulli":
-        return int(np.count_nonzero((z > 0) == (y > 0.5)))
-    return None
-
-
-def mean_jacobian(family, mean):
-    """d mean / d logits per sample, (N, K, K): how the Jacobians start their recursion."""
-    n, k = mean.shape
-    if family == "multinomial":
-        jac = -mean[:, :, None] * mean[:, None, :]  # diag(p) - p pᵀ
-    else:
+def _diagonal_jacobian(slope):
+    """d mean / d logits for a family whose mean acts output by output: diag(slope(mean))."""
+    def jacobian(mean):
+        n, k = mean.shape
         jac = np.zeros((n, k, k), dtype=mean.dtype)
-    diag = {"gaussian": np.ones_like(mean), "bernoulli": mean * (1 - mean),
-            "multinomial": mean, "poisson": mean}[family]
-    jac[:, np.arange(k), np.arange(k)] += diag
+        jac[:, np.arange(k), np.arange(k)] += slope(mean)
+        return jac
+    return jacobian
+
+
+def _softmax_jacobian(p):
+    k = p.shape[1]
+    jac = -p[:, :, None] * p[:, None, :]  # diag(p) - p pᵀ
+    jac[:, np.arange(k), np.arange(k)] += p
     return jac
+
+
+def _correct_labels(z, labels):
+    return int(np.count_nonzero(z.argmax(axis=1) == labels))
+
+
+def _correct_bits(z, y):
+    return int(np.count_nonzero((z > 0) == (y > 0.5)))  # p > 1/2 exactly when the logit > 0
 
 
 def _real(y, k, dtype, name):
@@ -190,7 +173,99 @@ def _targets_multinomial(y, k, dtype):
     return labels
 
 
-TARGETS = {"gaussian": _targets_gaussian, "bernoulli": _targets_bernoulli,
-           "multinomial": _targets_multinomial, "poisson": _targets_poisson}
+def _decide_labels(z):
+    return z.argmax(axis=1)  # (N,) output index, the class code
 
-NAMES = tuple(MEAN)
+
+def _decide_bits(z):
+    bits = (z > 0).astype(np.int64)  # p > 1/2 exactly when the logit > 0
+    return bits[:, 0] if bits.shape[1] == 1 else bits
+
+
+def _r2(Y, z):
+    """1 - SS_res / SS_tot per output column, averaged over the columns (sklearn's default); the
+    identity link makes the logits the mean."""
+    Y, mean = Y.astype(np.float64), z.astype(np.float64)
+    ss_res = ((Y - mean) ** 2).sum(axis=0)
+    ss_tot = ((Y - Y.mean(axis=0)) ** 2).sum(axis=0)
+    r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 0.0)
+    return {"r2": float(r2.mean())}
+
+
+def _poisson_deviances(Y, logits):
+    """Mean Poisson deviance 2 Σ_k [y log(y/μ) - (y - μ)] per sample, of the model and of the
+    intercept-only model (μ = the mean of y); from the logits (log μ), so μ never underflows to 0."""
+    Y, z = Y.astype(np.float64), logits.astype(np.float64)
+
+    def deviance(log_mu):
+        log_y = np.log(np.where(Y > 0, Y, 1.0))  # y log y -> 0 at y = 0
+        return float(2 * (Y * (log_y - log_mu) - Y + np.exp(log_mu)).sum(axis=1).mean())
+
+    mean_y = Y.mean(axis=0)
+    null = deviance(np.log(np.where(mean_y > 0, mean_y, np.finfo(np.float64).tiny)))
+    return {"deviance": deviance(z), "null_deviance": null}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One output family: its functions and facts. Arrays are (N, K) unless said otherwise."""
+
+    mean: Callable           # (z, out) -> out = inverse link of the logits
+    loss_sum: Callable       # (z, y) -> float sum of per-sample losses, from the logits
+    targets: Callable        # (y, k, dtype) -> y checked and encoded, or ValueError
+    jacobian: Callable       # mean -> d mean / d logits per sample, (N, K, K)
+    subtract: Callable = _subtract  # (out, y): out -= y in place, the output proxy error
+    fused: Callable | None = None   # (z, y, out) -> loss, out = mean in one pass; None: two
+    correct: Callable | None = None  # (z, y) -> count decided right; None: regression
+    decide: Callable | None = None   # z -> decisions, (N,) or (N, K) ints; None: regression
+    per_output: bool = False         # a classifier deciding each output (else one per sample)
+    labels: bool = False     # targets are class labels 0..K-1: one output per class, K >= 2
+    scores: Callable | None = None   # regression: (Y, z) -> {metric: value}, the fit's quality
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.correct is not None
+
+    def decisions(self, k) -> int | None:
+        """Classification decisions per sample of a K-output network; None for regression."""
+        if not self.is_classifier:
+            return None
+        return k if self.per_output else 1
+
+    def correct_count(self, z, y):
+        """How many decisions from the logits z are right; None for regression."""
+        return None if self.correct is None else self.correct(z, y)
+
+    def mean_and_loss(self, z, y, out):
+        """out = mean(z); returns the loss sum."""
+        if self.fused is not None:
+            return self.fused(z, y, out)
+        self.mean(z, out)
+        return self.loss_sum(z, y)
+
+    def loss_and_residual(self, z, y, out):
+        """Training's output pass: out = P_L = mean(z) - y; returns the loss sum."""
+        loss = self.mean_and_loss(z, y, out)
+        self.subtract(out, y)
+        return loss
+
+    def residual(self, mean, y, out):
+        """out = mean - y, the output proxy error P_L."""
+        np.copyto(out, mean)
+        return self.subtract(out, y)
+
+
+FAMILIES = {
+    "gaussian": Family(_identity, _loss_gaussian, _targets_gaussian,
+                       _diagonal_jacobian(np.ones_like), scores=_r2),
+    "bernoulli": Family(sigmoid, _loss_bernoulli, _targets_bernoulli,
+                        _diagonal_jacobian(lambda p: p * (1 - p)), correct=_correct_bits,
+                        decide=_decide_bits, per_output=True),
+    "multinomial": Family(_softmax, _loss_multinomial, _targets_multinomial, _softmax_jacobian,
+                          subtract=_subtract_one_hot, fused=_softmax_and_loss,
+                          correct=_correct_labels, decide=_decide_labels, labels=True),
+    "poisson": Family(_exp, _loss_poisson, _targets_poisson, _diagonal_jacobian(lambda m: m),
+                      scores=_poisson_deviances),
+}
+
+NAMES = tuple(FAMILIES)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, families, network
 from .checkpoint import CheckpointError
 from .data import DataError, Standardizer
 from .network import Network
@@ -37,7 +37,11 @@ class Model:
 
     @property
     def is_classifier(self) -> bool:
-        return self.net.family in ("multinomial", "bernoulli")
+        return self.net.is_classifier
+
+    @property
+    def family(self) -> families.Family:
+        return families.FAMILIES[self.net.family]
 
     def inputs(self, X) -> np.ndarray:
         """Rows as the network sees them in training: network dtype, then standardized."""
@@ -58,17 +62,15 @@ class Model:
 
     def predict_labels(self, X) -> np.ndarray:
         """Classifiers: original class labels (N,) for multinomial, 0/1 (N,) or (N, K) for bernoulli."""
-        if self.net.family == "multinomial":
-            return self.classes[self.logits(X).argmax(axis=1)]
-        if self.net.family == "bernoulli":
-            labels = (self.logits(X) > 0).astype(np.int64)  # p > 1/2 exactly when the logit > 0
-            return labels[:, 0] if labels.shape[1] == 1 else labels
-        raise ValueError(f"predict_labels: a {self.net.family} model predicts values, not labels; "
-                         f"use predict")
+        if not self.is_classifier:
+            raise ValueError(f"predict_labels: a {self.net.family} model predicts values, not "
+                             f"labels; use predict")
+        codes = self.family.decide(self.logits(X))
+        return self.classes[codes] if self.family.labels else codes
 
     def targets(self, y) -> np.ndarray:
         """y encoded as the network expects: multinomial labels -> codes of `classes`."""
-        if self.net.family != "multinomial":
+        if not self.family.labels:
             return self.net.check_targets(y)
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
@@ -107,10 +109,8 @@ class Model:
         out = {"loss": loss / n}
         if self.is_classifier:
             out["accuracy"] = correct / Y.size  # bernoulli (N, K): every output counts
-        elif self.net.family == "gaussian":
-            out["r2"] = _r2(Y, self.predict(X))
         else:
-            out.update(_poisson_deviances(Y, self.logits(X)))
+            out.update(self.family.scores(Y, self.logits(X)))
         return out
 
     def _blocks(self, X, forward) -> np.ndarray:
@@ -126,29 +126,6 @@ def _names(names, shown=6) -> str:
         return "unnamed"
     more = f", ... ({len(names)} in all)" if len(names) > shown else ""
     return ", ".join(map(str, names[:shown])) + more
-
-
-def _r2(Y, mean) -> float:
-    """1 - SS_res / SS_tot per output column, averaged over the columns (sklearn's default)."""
-    Y, mean = Y.astype(np.float64), mean.astype(np.float64)
-    ss_res = ((Y - mean) ** 2).sum(axis=0)
-    ss_tot = ((Y - Y.mean(axis=0)) ** 2).sum(axis=0)
-    r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 0.0)
-    return float(r2.mean())
-
-
-def _poisson_deviances(Y, logits) -> dict:
-    """Mean Poisson deviance 2 Σ_k [y log(y/μ) - (y - μ)] per sample, of the model and of the
-    intercept-only model (μ = the mean of y); from the logits (log μ), so μ never underflows to 0."""
-    Y, z = Y.astype(np.float64), logits.astype(np.float64)
-
-    def deviance(log_mu):
-        log_y = np.log(np.where(Y > 0, Y, 1.0))  # y log y -> 0 at y = 0
-        return float(2 * (Y * (log_y - log_mu) - Y + np.exp(log_mu)).sum(axis=1).mean())
-
-    mean_y = Y.mean(axis=0)
-    null = deviance(np.log(np.where(mean_y > 0, mean_y, np.finfo(np.float64).tiny)))
-    return {"deviance": deviance(z), "null_deviance": null}
 
 
 def save_model(path, net, *, scaler=None, classes=None, meta=None) -> None:
@@ -170,10 +147,11 @@ def load_model(path) -> Model:
                               f"(RUN_DIR/model.npz)")
     _check_meta(path, meta)
     params = arrays.get("params")
-    n_params = _n_params(meta["network"].get("sizes"))
-    if n_params < 0:
+    sizes = meta["network"].get("sizes")
+    if not _valid_sizes(sizes):
         raise CheckpointError(f"{path}: bad network description in the model: sizes must be a "
                               f"list of at least 2 positive integers")
+    n_params = network.n_params(sizes)
     if params is None or params.shape != (n_params,):  # checked before the network is allocated
         got = "none" if params is None else f"shape {params.shape}"
         raise CheckpointError(f"{path}: params are {got}, the network described needs "
@@ -213,11 +191,10 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _n_params(sizes) -> int:
-    """Parameter count of a network of `sizes`, or -1 for a malformed list."""
-    ok = isinstance(sizes, list) and len(sizes) >= 2 and all(
+def _valid_sizes(sizes) -> bool:
+    """Whether a model file's sizes are a list of at least 2 positive integers."""
+    return isinstance(sizes, list) and len(sizes) >= 2 and all(
         isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes)
-    return sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:])) if ok else -1
 
 
 def _scaler(path, arrays, d) -> Standardizer | None:
@@ -233,9 +210,9 @@ def _scaler(path, arrays, d) -> Standardizer | None:
 
 def _classes(path, meta, net) -> np.ndarray | None:
     classes = meta.get("classes")
-    if net.family != "multinomial":
+    if not families.FAMILIES[net.family].labels:
         return None if classes is None else np.asarray(classes)
     if not isinstance(classes, list) or len(classes) != net.sizes[-1]:
-        raise CheckpointError(f"{path}: a multinomial model needs {net.sizes[-1]} class labels, "
+        raise CheckpointError(f"{path}: a {net.family} model needs {net.sizes[-1]} class labels, "
                               f"got {classes!r}")
     return np.asarray(classes)

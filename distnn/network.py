@@ -55,8 +55,9 @@ class Network:
             raise ValueError(f"unknown activation {activation!r}; expected one of {list(activations.NAMES)}")
         if family not in families.NAMES:
             raise ValueError(f"unknown family {family!r}; expected one of {list(families.NAMES)}")
-        if family == "multinomial" and self.sizes[-1] < 2:
-            raise ValueError("a multinomial network needs at least 2 outputs (one per class)")
+        self._out = families.FAMILIES[family]
+        if self._out.labels and self.sizes[-1] < 2:
+            raise ValueError(f"a {family} network needs at least 2 outputs (one per class)")
         for name, lam in (("l1", l1), ("l2", l2)):
             if not (np.isfinite(lam) and lam >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {lam!r}")
@@ -65,13 +66,10 @@ class Network:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
 
-        shapes = list(zip(self.sizes[1:], self.sizes[:-1]))  # (|O_l|, |I_l|)
-        self.n_params = sum(o * i + o for o, i in shapes)
+        self.n_params = n_params(self.sizes)
         self.params = np.empty(self.n_params, self.dtype)
-        self.weights, self.biases = _layer_views(self.params, shapes)
-        self._act = activations.FORWARD[activation]
-        self._dact = activations.DERIVATIVE[activation]
-        self._mean = families.MEAN[family]
+        self.weights, self.biases = _layer_views(self.params, layer_shapes(self.sizes))
+        self._act, self._dact, self._init = activations.ACTIVATIONS[activation]
         self._buffers = {}
         self._views_of, self._views = None, None  # see _grad_views
         self.init_params(seed)
@@ -79,16 +77,7 @@ class Network:
     # ---- construction ------------------------------------------------------------------------
     def init_params(self, seed):
         """He (rectifiers) or Glorot (others) initialization from `seed`, the same on every process."""
-        rng = np.random.default_rng(seed)
-        for l, (w, b) in enumerate(zip(self.weights, self.biases)):
-            fan_out, fan_in = w.shape
-            hidden = l < len(self.weights) - 1
-            if hidden and activations.INIT[self.activation] == "he":
-                w[...] = rng.normal(0.0, np.sqrt(2.0 / fan_in), w.shape)
-            else:
-                limit = np.sqrt(6.0 / (fan_in + fan_out))
-                w[...] = rng.uniform(-limit, limit, w.shape)
-            b[...] = 0
+        _initialize(self.weights, self.biases, self._init, seed)
 
     @property
     def is_classifier(self):
@@ -103,6 +92,17 @@ class Network:
         return {"sizes": self.sizes, "activation": self.activation, "family": self.family,
                 "l1": self.l1, "l2": self.l2, "dtype": self.dtype.name}
 
+    @property
+    def is_classifier(self):
+        """Whether the family decides classes (and eval_sums counts correct decisions)."""
+        return self._out.is_classifier
+
+    @property
+    def decisions(self):
+        """Classification decisions per sample: 1 for multinomial, n_out for bernoulli; None for
+        regression. Accuracy is the correct count over N * decisions."""
+        return self._out.decisions(self.sizes[-1])
+
     def grad_buffer(self):
         """A zeroed vector laid out like `params`, for gradients."""
         return np.zeros(self.n_params, self.dtype)
@@ -110,22 +110,11 @@ class Network:
     # ---- validation (once per call of the public methods; never inside grad_sum) --------------
     def check_inputs(self, X):
         """X as a (N, n_in) array of the network dtype; clear ValueError for bad shape or values."""
-        X = np.asarray(X)
-        if X.dtype.kind not in "biuf":
-            raise ValueError(f"X must be numeric, got dtype {X.dtype}")
-        if X.ndim != 2 or X.shape[1] != self.sizes[0]:
-            raise ValueError(f"X has shape {X.shape}; expected (N, {self.sizes[0]}) "
-                             f"for a network with {self.sizes[0]} inputs")
-        X = X.astype(self.dtype, copy=False)
-        bad = ~np.isfinite(X)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise ValueError(f"X contains NaN or Inf (first at row {i}, column {j})")
-        return X
+        return _inputs(X, self.sizes[0], self.dtype)
 
     def check_targets(self, y, n=None):
         """Targets encoded for the family (labels as intp, others as (N, K) network dtype)."""
-        Y = families.TARGETS[self.family](y, self.sizes[-1], self.dtype)
+        Y = self._out.targets(y, self.sizes[-1], self.dtype)
         if n is not None and len(Y) != n:
             raise ValueError(f"X has {n} rows but y has {len(Y)}")
         return Y
@@ -156,7 +145,7 @@ class Network:
             if l < last:
                 inp = self._act(z, z)  # O_l overwrites Z_l: backward needs only O_l
         if mean:
-            self._mean(buf.z[-1], buf.mean)
+            self._out.mean(buf.z[-1], buf.mean)
         return buf
 
     def _backward(self, X, buf, out):
@@ -177,7 +166,7 @@ class Network:
     def _grad_views(self, out):
         """Per-layer views of a gradient vector; the last one's are kept, as a step reuses it."""
         if self._views_of is not out:
-            self._views_of, self._views = out, _layer_views(out, [w.shape for w in self.weights])
+            self._views_of, self._views = out, _layer_views(out, layer_shapes(self.sizes))
         return self._views
 
     def grad_sum(self, X, Y, out, divisor=1):
@@ -191,7 +180,7 @@ class Network:
         An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
         buf = self._forward(X, mean=False)
         p = buf.delta[-1]
-        loss = families.loss_and_residual(self.family, buf.z[-1], Y, buf.mean, p)  # P_L = O_L - Y
+        loss = self._out.loss_and_residual(buf.z[-1], Y, p)  # P_L = O_L - Y
         if divisor != 1:
             np.divide(p, divisor, out=p)
         self._backward(X, buf, out)
@@ -210,16 +199,16 @@ class Network:
 
     def loss_sum(self, X, Y):
         """Sum of per-sample losses (no penalty) for checked X and encoded Y."""
-        return families.LOSS_SUM[self.family](self._forward(X).z[-1], Y)
+        return self._out.loss_sum(self._forward(X).z[-1], Y)
 
     def last_correct(self, Y):
         """Correctly classified count in the last forward pass over len(Y) rows; None for regression."""
-        return families.correct_count(self.family, self._buffers[len(Y)].z[-1], Y)
+        return self._out.correct_count(self._buffers[len(Y)].z[-1], Y)
 
     def eval_sums(self, X, Y):
         """(loss sum, count classified correctly or None for regression), one forward pass."""
         z = self._forward(X).z[-1]
-        return families.LOSS_SUM[self.family](z, Y), families.correct_count(self.family, z, Y)
+        return self._out.loss_sum(z, Y), self._out.correct_count(z, Y)
 
     # ---- penalties ---------------------------------------------------------------------------
     def penalty(self):
@@ -238,14 +227,10 @@ class Network:
         if not (self.l1 or self.l2):
             return grad
         stop = start + len(grad)
-        for weights, _ in _layer_slices([w.shape for w in self.weights]):
+        for weights, _ in layout(layer_shapes(self.sizes)):
             a, b = max(weights.start, start), min(weights.stop, stop)
             if a < b:  # element-wise: the same bits however the vector is cut
-                g, w = grad[a - start:b - start], self.params[a:b]
-                if self.l2:
-                    g += (2 * self.l2) * w
-                if self.l1:
-                    g += self.l1 * np.sign(w)
+                _add_penalty_grad(grad[a - start:b - start], self.params[a:b], self.l1, self.l2)
         return grad
 
     # ---- the public, validating surface ------------------------------------------------------
@@ -276,7 +261,7 @@ class Network:
         ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer contributes ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
         X, Y = self._checked(X, y)
         buf = self._forward(X)
-        families.residual(self.family, buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
+        self._out.residual(buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
         self._backward(X, buf, self.grad_buffer())
         sq = np.zeros(len(X), np.float64)
         for l, p in enumerate(buf.delta):
@@ -289,7 +274,7 @@ class Network:
         """Yield (l, G_l, I_l) from the output down, G_l = d O_L / d Z_l of shape (N, n_out, |O_l|)."""
         X = self.check_inputs(X)
         buf = self._forward(X)
-        g = families.mean_jacobian(self.family, buf.mean)  # d O_L / d Z_L
+        g = self._out.jacobian(buf.mean)  # d O_L / d Z_L
         for l in range(len(self.weights) - 1, -1, -1):
             inp = X if l == 0 else buf.z[l - 1]
             yield l, g, inp
@@ -307,7 +292,7 @@ class Network:
         """d outputs / d params, (N, n_out, n_params), columns in the `params` layout."""
         n, k = len(X), self.sizes[-1]
         jac = np.empty((n, k, self.n_params), self.dtype)
-        slices = _layer_slices([w.shape for w in self.weights])
+        slices = layout(layer_shapes(self.sizes))
         for l, g, inp in self._jacobian_walk(X):
             w_at, b_at = slices[l]
             jac[:, :, w_at] = (g[:, :, :, None] * inp[:, None, None, :]).reshape(n, k, -1)
@@ -315,8 +300,14 @@ class Network:
         return jac
 
 
-def _layer_slices(shapes):
-    """(weight slice, bias slice) of each layer in the flat layout [W_0, b_0, W_1, b_1, ...]."""
+def layer_shapes(sizes):
+    """(|O_l|, |I_l|) of each layer's weights in a network of `sizes` [n_in, ..., n_out]."""
+    return list(zip(sizes[1:], sizes[:-1]))
+
+
+def layout(shapes):
+    """(weight slice, bias slice) of each layer of weight `shapes` in the flat parameter vector
+    [W_0, b_0, W_1, b_1, ...]: the one place that lays parameters out."""
     slices, at = [], 0
     for o, i in shapes:
         slices.append((slice(at, at + o * i), slice(at + o * i, at + o * i + o)))
@@ -324,10 +315,52 @@ def _layer_slices(shapes):
     return slices
 
 
+def n_params(sizes):
+    """Length of the flat parameter vector of a network of `sizes` (at least 2 of them)."""
+    return layout(layer_shapes(sizes))[-1][1].stop
+
+
 def _layer_views(flat, shapes):
     """Per-layer (weights, biases) views of a flat vector laid out [W_0, b_0, W_1, b_1, ...]."""
-    pairs = [(flat[w].reshape(shape), flat[b]) for (w, b), shape in zip(_layer_slices(shapes), shapes)]
+    pairs = [(flat[w].reshape(shape), flat[b]) for (w, b), shape in zip(layout(shapes), shapes)]
     return [w for w, _ in pairs], [b for _, b in pairs]
+
+
+def _initialize(weights, biases, scheme, seed):
+    """Hidden weights by `scheme` ("he" or "glorot"), the output layer's Glorot, biases 0."""
+    rng = np.random.default_rng(seed)
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        fan_out, fan_in = w.shape
+        hidden = l < len(weights) - 1
+        if hidden and scheme == "he":
+            w[...] = rng.normal(0.0, np.sqrt(2.0 / fan_in), w.shape)
+        else:
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            w[...] = rng.uniform(-limit, limit, w.shape)
+        b[...] = 0
+
+
+def _inputs(X, n_in, dtype):
+    X = np.asarray(X)
+    if X.dtype.kind not in "biuf":
+        raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+    if X.ndim != 2 or X.shape[1] != n_in:
+        raise ValueError(f"X has shape {X.shape}; expected (N, {n_in}) "
+                         f"for a network with {n_in} inputs")
+    X = X.astype(dtype, copy=False)
+    bad = ~np.isfinite(X)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"X contains NaN or Inf (first at row {i}, column {j})")
+    return X
+
+
+def _add_penalty_grad(g, w, l1, l2):
+    """g += 2 l2 w + l1 sign(w), in place."""
+    if l2:
+        g += (2 * l2) * w
+    if l1:
+        g += l1 * np.sign(w)
 
 
 def _layer_size(s, i):

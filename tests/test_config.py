@@ -4,8 +4,9 @@ import tomllib
 
 import pytest
 
-from distnn.config import (ACTIVATIONS, Config, ConfigError, apply_override, from_dict, load_config,
-                           parse_config, to_dict, to_toml)
+from distnn import activations, families, network, optim
+from distnn.config import (ACTIVATIONS, CHECKS, Config, ConfigError, apply_override, from_dict,
+                           load_config, parse_config, to_dict, to_toml)
 
 FULL = """
 out_dir = "runs/full"
@@ -143,6 +144,15 @@ def test_missing_source_is_named(d):
 def test_every_activation_name_is_accepted():
     for name in ACTIVATIONS:
         assert parse_config({**MINIMAL, "model": {"activation": name}}).model.activation == name
+
+
+@pytest.mark.parametrize("key,table", [
+    ("model.activation", activations.ACTIVATIONS), ("model.family", families.FAMILIES),
+    ("model.dtype", network.DTYPES), ("optim.name", optim.OPTIMIZERS), ("optim.schedule", optim.SCHEDULES)])
+def test_the_accepted_names_are_the_tables_keys(key, table):
+    for value in table:  # a new table entry is accepted with no second list to extend
+        assert CHECKS[key](value) is None
+    assert CHECKS[key]("nope") == f"expected one of {list(table)}, got 'nope'"
 
 
 def test_missing_file_and_toml_syntax_error_name_the_file(tmp_path):

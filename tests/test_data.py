@@ -1,11 +1,15 @@
-"""Specification of distnn.data: sources, errors naming the place, splits, shards, scaling."""
+"""Specification of distnn.data and distnn.sources: sources, errors naming the place, splits, shards,
+scaling."""
 import sys
 
 import numpy as np
 import pytest
 
-from distnn.data import (DataError, Standardizer, batches, check_finite, chunk_range, encode_labels,
-                         epoch_permutation, fingerprint, load, scan, shard, train_val_split)
+from distnn import data
+from distnn.data import (SCALER_CHUNK, Standardizer, batches, check_finite, chunk_range, encode_labels,
+                         epoch_permutation, fingerprint, scan, shard, train_val_split)
+from distnn.exactsum import exact_sum_serial
+from distnn.sources import DataError, load
 
 
 @pytest.fixture
@@ -310,7 +314,7 @@ def test_standardizer_matches_numpy_on_the_rows():
     X = rng.normal(5.0, 3.0, (200, 3))
     X[:, 1] = 2.5  # a constant feature is scaled by 1, not divided by zero
     rows = np.arange(0, 200, 3)
-    st = Standardizer.fit(X, rows, block=16)
+    st = Standardizer.fit(X, rows)
     np.testing.assert_allclose(st.mean, X[rows].mean(axis=0), rtol=1e-13)
     np.testing.assert_allclose(st.scale[[0, 2]], X[rows][:, [0, 2]].std(axis=0), rtol=1e-12)
     assert st.scale[1] == 1.0
@@ -327,9 +331,49 @@ def test_moments_of_row_blocks_add_up_to_the_whole():
     whole = Standardizer.moments(X, block=10)
     np.testing.assert_allclose(sum(parts), whole, rtol=1e-12)
     a = Standardizer.from_moments(whole[0], whole[1:6], whole[6:], shift)
-    b = Standardizer.fit(X, reduce=lambda m: None)
+    b = Standardizer.fit(X)
     np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(a.scale, b.scale, rtol=1e-12)
+
+
+def fit_on_ranks(X, rows, size):
+    """Standardizer.fit on `size` simulated ranks: each hands its chunk moments to the exact sum,
+    which adds every rank's, as Comm.exact_sum does (it equals the serial sum in bits for any split:
+    test_comm_mpi)."""
+    handed = []
+    for rank in range(size):
+        Standardizer.fit(X, rows, rank=rank, size=size,
+                         exact_sum=lambda m, n: handed.append((m.copy(), n)) or np.ones(m.shape[1]))
+    assert len({n for _, n in handed}) == 1  # every rank names the same chunk count
+    total = exact_sum_serial(np.concatenate([m for m, _ in handed]))
+    d = X.shape[1]
+    return Standardizer.from_moments(total[0], total[1:d + 1], total[d + 1:], np.asarray(X[0], float))
+
+
+def test_one_fit_is_the_float64_mean_and_std_with_the_same_bits_on_any_rank_count():
+    rng = np.random.default_rng(5)
+    X = rng.normal(50.0, 4.0, (3 * SCALER_CHUNK + 123, 3)) * [1, 1e-6, 1e6]
+    rows = np.flatnonzero(rng.random(len(X)) < 0.9)  # 4 chunks: 3 ranks own 2, 1 and 1
+    one = Standardizer.fit(X, rows)
+    np.testing.assert_allclose(one.mean, X[rows].mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(one.scale, X[rows].std(axis=0), rtol=1e-12)
+    for size in (1, 2, 3):
+        split = fit_on_ranks(X, rows, size)
+        assert split.mean.tobytes() == one.mean.tobytes()
+        assert split.scale.tobytes() == one.scale.tobytes()
+
+
+def test_a_fit_on_several_ranks_needs_their_sum_and_overflow_is_a_data_error():
+    X = np.ones((10, 2))
+    with pytest.raises(ValueError, match="a fit on 2 ranks needs their exact_sum"):
+        Standardizer.fit(X, rank=0, size=2)
+    X[3, 1] = 1e200  # its square overflows
+    with pytest.raises(DataError, match=r"too large to standardize .* data.standardize = false"):
+        Standardizer.fit(X)
+
+
+def test_loading_names_are_reexported_by_data():
+    assert data.load is load and data.DataError is DataError
 
 
 def test_shifted_moments_survive_a_large_offset():

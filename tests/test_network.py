@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distnn import activations, families
-from distnn.network import Network
+from distnn.network import Network, layer_shapes, layout, n_params
 from problems import random_targets
 
 FAMILIES = families.NAMES
@@ -236,6 +236,27 @@ def test_parameters_are_views_of_one_contiguous_vector():
     np.testing.assert_array_equal(net.weights[0], np.arange(12).reshape(4, 3))
     np.testing.assert_array_equal(net.biases[0], np.arange(12, 16))
     np.testing.assert_array_equal(net.weights[1], np.arange(16, 24).reshape(2, 4))
+
+
+def test_the_layout_helpers_describe_the_networks_vector():
+    sizes = [3, 4, 2]
+    assert layer_shapes(sizes) == [(4, 3), (2, 4)]
+    assert layout(layer_shapes(sizes)) == [(slice(0, 12), slice(12, 16)), (slice(16, 24), slice(24, 26))]
+    net = Network(sizes)
+    assert n_params(sizes) == net.n_params == len(net.params) == 26
+    for (w_at, b_at), w, b in zip(layout(layer_shapes(sizes)), net.weights, net.biases):
+        assert np.shares_memory(net.params[w_at], w) and np.shares_memory(net.params[b_at], b)
+
+
+@pytest.mark.parametrize("family,classifier,decisions", [
+    ("gaussian", False, None), ("bernoulli", True, 3), ("multinomial", True, 1), ("poisson", False, None)])
+def test_the_family_says_what_the_network_decides(family, classifier, decisions):
+    net = Network([4, 5, 3], family=family)
+    assert net.is_classifier is classifier and net.decisions == decisions
+    X, y = np.random.default_rng(0).normal(size=(6, 4)), random_targets(family, 6, 3, np.random.default_rng(1))
+    correct = net.eval_sums(net.check_inputs(X), net.check_targets(y))[1]
+    assert (correct is not None) is classifier
+    assert correct is None or 0 <= correct <= 6 * decisions
 
 
 def test_initialization_is_reproducible_from_the_seed_and_scaled_by_activation():
