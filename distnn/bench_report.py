@@ -172,7 +172,7 @@ def scaling_targets(res):
 
 
 def targets(res):
-    """Each issue-6/7 target with the measured value (the worst case measured) and PASS/MISS."""
+    """Each speed and deterministic-mode target with the measured value (the worst case measured) and PASS/MISS."""
     return [t for t in single_targets(res) + scaling_targets(res) if t is not None]
 
 
@@ -235,7 +235,7 @@ def print_single(res):
     big = max((r for r in roof if r["net"] == "large" and r["threads"] == 1 and r["dtype"] == "float32"),
               key=lambda r: r["batch"], default=None)
     if big:
-        print(f"  issue 2: one batched gradient, {'-'.join(map(str, big['sizes']))} batch {big['batch']} "
+        print(f"  one batched gradient, {'-'.join(map(str, big['sizes']))} batch {big['batch']} "
               f"float32 1 thread: {FORMATS['ms'](big['grad_s'])} ms; the same matrix products alone: "
               f"{FORMATS['ms'](big['gemm_s'])} ms (+{FORMATS['%'](big['grad_s'] / big['gemm_s'] - 1)})")
 

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from . import data, optim
+from . import network
 from .network import Network
 
 # the nets measured: MNIST-shaped (its step is GEMM-bound) and small (the overhead outside BLAS shows)
@@ -27,7 +28,7 @@ OPTIMIZERS = {"sgd-momentum": lambda: optim.SGD(lr=0.01, momentum=0.9),
 
 def step_flops(sizes, batch):
     """FLOPs of one step: forward 2·weights, backward 4·weights less the input layer's dX, per sample."""
-    weights = sum(o * i for i, o in zip(sizes[:-1], sizes[1:]))
+    weights = sum(o * i for o, i in network.layer_shapes(sizes))
     return batch * (6 * weights - 2 * sizes[0] * sizes[1])
 
 

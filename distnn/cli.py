@@ -165,13 +165,14 @@ def _check_output(out, model, source) -> None:
 
 
 def prediction_columns(model) -> list[str]:
-    """p_<class> per class (+ label); p / p_j (+ label / label_j) for bernoulli; mean / mean_j."""
-    k, family = model.net.sizes[-1], model.net.family
-    if family == "multinomial":
+    """p_<class> per class (+ label); p / p_j (+ label / label_j) per Bernoulli output; mean /
+    mean_j."""
+    k, family = model.net.sizes[-1], model.family
+    if family.labels:
         return [f"p_{c}" for c in model.classes] + ["label"]
-    name = "p" if family == "bernoulli" else "mean"
+    name = "p" if family.per_output else "mean"
     names = [name] if k == 1 else [f"{name}_{j}" for j in range(k)]
-    if family == "bernoulli":
+    if family.per_output:
         names += ["label"] if k == 1 else [f"label_{j}" for j in range(k)]
     return names
 

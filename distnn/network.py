@@ -79,14 +79,6 @@ class Network:
         """He (rectifiers) or Glorot (others) initialization from `seed`, the same on every process."""
         _initialize(self.weights, self.biases, self._init, seed)
 
-    @property
-    def is_classifier(self):
-        return self.family in ("multinomial", "bernoulli")
-
-    @property
-    def decisions(self):
-        return self.sizes[-1] if self.family == "bernoulli" else 1
-
     def spec(self):
         """The architecture as a JSON-able dict: `Network(**net.spec())` rebuilds it."""
         return {"sizes": self.sizes, "activation": self.activation, "family": self.family,

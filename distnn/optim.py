@@ -6,8 +6,8 @@ in-place ufuncs with `out=`: it allocates nothing and, given the same bits, yiel
 every rank. It also spends the gradient buffer as scratch: after `step`, `grad` holds garbage.
 A large vector is updated block by block, so that an update's passes stay in cache, and with
 `threads` > 1 in that many slices at once (numpy releases the GIL in its loops): every operation is
-element-wise, so the bits do not depend on the split, and a rank with several cores no longer
-updates on one of them while its GEMMs use all.
+element-wise, so the bits do not depend on the split, and a rank with several cores updates on
+all of them, as its GEMMs run.
 Hyper-parameters come out of `config()` and back in through `make_optimizer(**config)`; state goes
 out through `state_dict()` as plain arrays, so checkpointing it is trivial.
 

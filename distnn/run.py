@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import config, data, exactsum, optim, progress, rundir
+from . import config, data, families, network, optim, progress, rundir
 from .data import DataError, Standardizer
 from .errors import USER_ERRORS, UsageError
 from .model import Model
 from .network import Network
-
-SCALER_CHUNK = 4096  # rows per standardization chunk: moments are summed exactly over chunks
 
 
 def load_train_config(args) -> config.Config:
@@ -46,7 +44,8 @@ def train(args, comm) -> int:
     job = comm.together(prepare, cfg, comm.rank, comm.size, catch=USER_ERRORS)
     comm.allreduce(job.crcs, what="data checksum")  # every block's crc32, on every rank
     fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
-    scaler = fit_scaler(job.X, job.train, comm) if cfg.data.standardize else None
+    scaler = (Standardizer.fit(job.X, job.train, rank=comm.rank, size=comm.size,
+                               exact_sum=comm.exact_sum) if cfg.data.standardize else None)
     run = rundir.RunDir(cfg.out_dir, comm)
     with run.locked():  # before anything in the run directory is read or touched
         tcomm = Comm(timeout=cfg.train.watchdog or None,
@@ -137,7 +136,7 @@ def prepare(cfg, rank, size) -> Job:
     # each rank checks its blocks (all fail together) and checksums them in the same read
     crcs = data.scan(ds.X, rank, size, name=f"{ds.source}: X")
     classes = None
-    if mc.family == "multinomial":
+    if families.FAMILIES[mc.family].labels:
         y, classes = data.encode_labels(ds.y, name=f"{ds.source}: target '{ds.target_name}'")
         if classes.dtype.kind not in "biufU":  # the model file keeps class labels as JSON
             raise DataError(f"{ds.source}: target '{ds.target_name}' holds {classes.dtype} values; "
@@ -175,7 +174,7 @@ def _network(sizes, mc, seed) -> Network:
         return Network(sizes, activation=mc.activation, family=mc.family, l1=mc.l1, l2=mc.l2,
                        dtype=mc.dtype, seed=seed)
     except MemoryError:
-        n = sum(o * i + o for i, o in zip(sizes[:-1], sizes[1:]))
+        n = network.n_params(sizes)
         gib = n * np.dtype(mc.dtype).itemsize / 2**30
         raise config.ConfigError(f"model.hidden: a {'-'.join(map(str, sizes))} network needs "
                                  f"{gib:,.1f} GiB for its {n:,} parameters alone; there is not "
@@ -192,25 +191,6 @@ def _test_set(source, target, train) -> data.Dataset:
                         f"{train.source} has {train.X.shape[1]}")
     data.check_finite(t.X, name=f"{t.source}: X")
     return t
-
-
-def fit_scaler(X, rows, comm) -> Standardizer:
-    """Standardization of X[rows]; each rank reads its chunks of rows and the moments are summed
-    exactly, so every rank count yields the same bits (what deterministic mode promises)."""
-    d = X.shape[1]
-    shift = np.asarray(X[0], np.float64)
-    n_chunks = max(1, -(-len(rows) // SCALER_CHUNK))
-    first, last = data.chunk_range(n_chunks, comm.size, comm.rank)
-    moments = np.zeros((last - first, 2 * d + 1))  # one chunk's [count, sum, sumsq] per row
-    for i, j in enumerate(range(first, last)):
-        chunk = rows[j * SCALER_CHUNK:(j + 1) * SCALER_CHUNK]
-        moments[i] = Standardizer.moments(X, chunk, shift=shift)
-    try:
-        m = comm.exact_sum(moments, n_chunks, what="standardization")
-    except exactsum.NonFiniteError:  # the same verdict on every rank: the check follows the MAX
-        raise DataError("X has values too large to standardize (their squares overflow, |x| > "
-                        "1e154); rescale the data or set data.standardize = false") from None
-    return Standardizer.from_moments(m[0], m[1:d + 1], m[d + 1:], shift)
 
 
 class _Rows:

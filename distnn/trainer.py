@@ -97,7 +97,7 @@ class Trainer:
         batches = data.batches(len(X), self.batch_size)
         # total_steps follows this fit's epochs (a resumed run may be given more), unless set
         self._lr_args = {"total_steps": max(1, self.epochs * len(batches))} | self.schedule
-        blas = self._blas_threads()
+        blas = _blas_threads(self.deterministic, self.threads, self.comm)
         self.optimizer.threads = blas or threads_in_force()  # the update uses the GEMMs' cores
         with self.stop, threadpool_limits(blas, user_api="blas"), self._whole_state():
             while self.epoch < self.epochs and not self.early.stopped:
@@ -141,7 +141,7 @@ class Trainer:
     def evaluate(self, X, y, transform=None):
         """(mean loss without penalty, accuracy or None) over all ranks' shards of X, y."""
         X, Y = self._checked_data(X, y, "evaluation")
-        with threadpool_limits(self._blas_threads(), user_api="blas"):  # as fit: deterministic pins
+        with threadpool_limits(_blas_threads(self.deterministic, self.threads, self.comm), user_api="blas"):  # as fit: deterministic pins
             return self._evaluate(X, Y, transform)
 
     def close(self):
@@ -240,7 +240,7 @@ class Trainer:
             stop = self.early.update(val_loss, self.net.params)
         # the rate this epoch's last step used (not the next step's, which may never be taken)
         record["lr"] = optim.lr_at(max(self.step - 1, 0), self.optimizer.lr, **self._lr_args)
-        record["seconds"] = self._root_value(seconds)  # wall time differs per rank: rank 0's
+        record["seconds"] = _root_value(self.comm, seconds)  # wall time differs per rank: rank 0's
         self.history.append(record)
         self.comm.check_agree(self.net.params, what=f"parameters after epoch {self.epoch}")
         self.stepper.gather_state()  # whole at every epoch's end, for the callback and checkpoints
@@ -270,17 +270,6 @@ class Trainer:
             raise
         self.stepper.gather_state()
 
-    def _blas_threads(self):
-        """Threads per rank for this fit (None: leave BLAS as it is). Ranks sharing a node split its
-        cores, or their GEMMs fight over them and P ranks run slower than one. Deterministic mode
-        pins `threads`, else 1, whatever P is: OpenBLAS's GEMM rounding depends on the thread count
-        (7 of 14 shapes tried differ between 1 and 2 threads), so runs compared must share it."""
-        if self.deterministic:
-            return self.threads or 1
-        if not self.threads and self.comm.size > 1:
-            return self.comm.blas_share()  # collective: every rank gets here alike
-        return self.threads or None
-
     # ---- start and checks --------------------------------------------------------------------
     def _checked_data(self, X, y, what, scan=True):
         """Validate shapes and values; each rank checks a block of X, all fail together."""
@@ -299,10 +288,25 @@ class Trainer:
             self.comm.bcast(self.early.params)
         self.comm.check_agree(self.net.params, what="parameters at start")
 
-    def _root_value(self, x):
-        value = np.array([x], np.float64)
-        self.comm.bcast(value)
-        return float(value[0])
+
+
+def _blas_threads(deterministic, threads, comm):
+    """Threads per rank for this fit (None: leave BLAS as it is). Ranks sharing a node split its
+    cores, or their GEMMs fight over them and P ranks run slower than one. Deterministic mode
+    pins `threads`, else 1, whatever P is: OpenBLAS's GEMM rounding depends on the thread count
+    (7 of 14 shapes tried differ between 1 and 2 threads), so runs compared must share it."""
+    if deterministic:
+        return threads or 1
+    if not threads and comm.size > 1:
+        return comm.blas_share()  # collective: every rank gets here alike
+    return threads or None
+
+
+def _root_value(comm, x):
+    """Rank 0's number x on every rank."""
+    value = np.array([x], np.float64)
+    comm.bcast(value)
+    return float(value[0])
 
 
 def _meta(trainer):

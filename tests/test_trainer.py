@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -209,3 +211,12 @@ def test_deterministic_steps_reduce_bounds_then_the_gradient_on_their_grid(monke
     assert calls.count("grid_sum") == trainer.step
     assert sizes.count(("allreduce", 3)) == trainer.step
     assert not any(s >= net.n_params for n, s in sizes if n == "allreduce")
+
+
+def test_importing_the_trainer_and_the_run_does_not_start_mpi():
+    """MPI starts when a Comm is made, not at import: `from distnn import Network` and the tools
+    that never train work where MPI cannot start (a login node)."""
+    code = ("import sys, distnn.trainer, distnn.step, distnn.run, distnn.cli, distnn.comm; "
+            "print('mpi4py.MPI' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

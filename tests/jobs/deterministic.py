@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
 
 from distnn import Network, optim
