@@ -43,16 +43,21 @@ def write_atomically(path, write, binary=False, through=False) -> None:
         if isinstance(e, OSError):
             raise _naming(path, e) from e
         raise
-    try:
-        _fsync_directory(path.parent)
-    except OSError as e:
-        raise _naming(path, e) from e
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    """Make the rename durable where the directory allows it: the new file is in place either
+    way, and a directory that cannot be read or fsynced (mode 0o300, some filesystems) costs only
+    the rename's durability, not the write."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

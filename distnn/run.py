@@ -8,6 +8,7 @@ divergence and signals are the trainer's (DivergenceError, Interrupted).
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -44,8 +45,9 @@ def train(args, comm) -> int:
     job = comm.together(prepare, cfg, comm.rank, comm.size, catch=USER_ERRORS)
     comm.allreduce(job.crcs, what="data checksum")  # every block's crc32, on every rank
     fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
+    exact_sum = functools.partial(comm.exact_sum, what="standardization")  # names a stall
     scaler = (Standardizer.fit(job.X, job.train, rank=comm.rank, size=comm.size,
-                               exact_sum=comm.exact_sum) if cfg.data.standardize else None)
+                               exact_sum=exact_sum) if cfg.data.standardize else None)
     run = rundir.RunDir(cfg.out_dir, comm)
     with run.locked():  # before anything in the run directory is read or touched
         tcomm = Comm(timeout=cfg.train.watchdog or None,

@@ -35,7 +35,7 @@ class Verdict(NamedTuple):
     """A step's outcome, the same on every rank; nothing was updated unless `finite`."""
 
     finite: bool
-    loss: float  # the batch's summed loss, over the global batch size
+    loss: float  # the batch's loss, summed over its samples
     correct: float  # correct decisions in the batch
     stop: bool  # some rank asked to stop: every rank stops after this step
 
@@ -74,12 +74,11 @@ def make(net, optimizer, comm, *, clip_norm=0.0, update="auto", deterministic=Fa
         raise ValueError(f"update must be one of {list(KINDS)}, got {update!r}")
     if deterministic:
         return Exact(net, optimizer, comm, clip_norm, update, chunk_size, batch_size)
-    if update != "whole":
-        buf = comm.buffer(net.n_params + STATS, net.dtype, sharded=True)
-        if comm.shares(buf):
-            return Sharded(net, optimizer, comm, clip_norm, buf)
-        comm.release(buf)
-    return Allreduce(net, optimizer, comm, clip_norm)
+    if update == "whole":
+        return Allreduce(net, optimizer, comm, clip_norm)
+    buf = comm.buffer(net.n_params + STATS, net.dtype, sharded=True)
+    kind = Sharded if comm.shares(buf) else Allreduce  # no node shared memory: MPI's allreduce
+    return kind(net, optimizer, comm, clip_norm, buf)
 
 
 class Allreduce:
@@ -181,7 +180,7 @@ class Sharded(_ShardedUpdate, Allreduce):
     of the parameters and copies the others'. The optimizer state of the other shares goes stale
     on a rank until `gather_state`."""
 
-    def __init__(self, net, optimizer, comm, clip_norm, buf):
+    def __init__(self, net, optimizer, comm, clip_norm, buf=None):
         super().__init__(net, optimizer, comm, clip_norm, buf)
         self.window = comm.window(buf)
 

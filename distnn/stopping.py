@@ -45,6 +45,7 @@ class StopRequest:
 
     def __enter__(self):
         self.signum, self.agreed = 0, False  # a signal of an earlier fit is spent
+        self.comm.hurry(None)  # and so is its hurry
         main = threading.current_thread() is threading.main_thread()  # handlers live there only
         self.saved = {s: signal.signal(s, self.ask) for s in (signal.SIGTERM, signal.SIGINT)
                       if main}

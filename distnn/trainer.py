@@ -36,7 +36,8 @@ class Trainer:
     """Trains `net` data-parallel; `comm` None -> MPI.COMM_WORLD (a plain run is size 1).
 
     `update`: "auto" (each rank updates its share where the ranks share a node), "sharded" or
-    "whole" (every rank updates everything); the same bits either way."""
+    "whole" (every rank updates everything); the same bits wherever the sum runs in node shared
+    memory (every rank adds in rank order there)."""
 
     def __init__(self, net, optimizer=None, batch_size=256, epochs=20, seed=0, comm=None, *,
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
@@ -45,6 +46,8 @@ class Trainer:
                  update="auto"):
         if not isinstance(net, Network):
             raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
+        if update not in step.KINDS:
+            raise ValueError(f"update must be one of {list(step.KINDS)}, got {update!r}")
         self.net = net
         self.optimizer = optimizer if optimizer is not None else optim.SGD(lr=0.01)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -52,6 +55,7 @@ class Trainer:
         self.seed = int(seed)
         self.schedule = dict(schedule or {})  # keyword arguments of optim.lr_at
         self.clip_norm = float(clip_norm)
+        self.early = EarlyStopping(_positive_int("patience", patience, low=0))
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, low=0)
         self.keep_checkpoints = _positive_int("keep_checkpoints", keep_checkpoints)
@@ -71,12 +75,12 @@ class Trainer:
         self.step = 0  # completed optimizer steps
         self.history = []  # one record per completed epoch, identical on every rank
         self.partial = [0.0, 0.0]  # loss and correct sums of the current epoch so far
-        self.early = EarlyStopping(_positive_int("patience", patience, low=0))
         self.optimizer.init(net.params)
         self.stepper = step.make(net, self.optimizer, self.comm, clip_norm=self.clip_norm,
                                  update=update, deterministic=self.deterministic,
                                  chunk_size=self.chunk_size, batch_size=self.batch_size)
         self.stop = StopRequest(self.comm)
+        self.closed = False
         self._lr_args = {"total_steps": 1} | self.schedule  # fit sets its own total_steps
         self._transform = None  # fit's and evaluate's rows -> rows
 
@@ -88,7 +92,7 @@ class Trainer:
         scan=False skips the NaN/Inf scan of X for a caller that made it already (one pass over
         a large memory map); shapes and targets are checked either way.
         Returns `history`, a list of per-epoch dicts of reduced metrics, the same on every rank."""
-        if self.stepper is None:
+        if self.closed:
             raise RuntimeError("this Trainer was closed; make a new one (or Trainer.resume) to train")
         X, Y = self._checked_data(X, y, "training", scan)
         val = None if X_val is None else self._checked_data(X_val, y_val, "validation", scan)
@@ -147,9 +151,9 @@ class Trainer:
     def close(self):
         """Give back the shared memory of the step buffers, and the Comm if this trainer made it
         (collective). The trainer cannot train afterwards; its network and history stay."""
-        if self.stepper is not None:
+        if not self.closed:
             self.stepper.close()
-            self.stepper = None
+            self.closed = True
         if self._own_comm:
             self.comm.close()
 
@@ -166,7 +170,8 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, path):
         """Write the full training state to `path` (rank 0 writes; every rank must call)."""
-        self.stepper.gather_state()
+        if not self.closed:  # else fit left the state whole
+            self.stepper.gather_state()
         arrays = {"params": self.net.params}
         arrays |= {f"opt/{k}": v for k, v in self.optimizer.state_dict().items()}
         if self.early.params is not None:
@@ -287,7 +292,6 @@ class Trainer:
         if self.early.params is not None:
             self.comm.bcast(self.early.params)
         self.comm.check_agree(self.net.params, what="parameters at start")
-
 
 
 def _blas_threads(deterministic, threads, comm):

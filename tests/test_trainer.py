@@ -137,13 +137,17 @@ def test_deterministic_mode_keeps_its_threads_through_a_checkpoint_and_in_evalua
     assert seen and set(seen) == {2}
 
 
-def test_close_gives_back_the_step_buffers_and_the_comm_it_made():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_close_gives_back_the_step_buffers_and_the_comm_it_made(tmp_path, deterministic):
     X, y = blobs()
-    with make(epochs=1) as trainer:
+    with make(epochs=1, deterministic=deterministic, chunk_size=5) as trainer:
         trainer.fit(X, y)
-        comm = trainer.comm
-    assert trainer.stepper is None and comm.watchdog is None and comm.shared_nbytes == 0
+        comm, scores = trainer.comm, trainer.evaluate(X, y)
+    assert trainer.closed and comm.watchdog is None and comm.shared_nbytes == 0
     assert trainer.history and trainer.net.predict(X[:3]).shape == (3, 3)  # results stay
+    assert trainer.evaluate(X, y) == scores  # evaluating and saving need no step buffer
+    trainer.save(tmp_path / "closed.npz")
+    assert Trainer.resume(tmp_path / "closed.npz", comm=MPI.COMM_SELF).step == trainer.step
     with pytest.raises(RuntimeError, match="this Trainer was closed"):
         trainer.fit(X, y)
 
