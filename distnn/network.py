@@ -66,9 +66,11 @@ class Network:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
 
-        self.n_params = n_params(self.sizes)
+        self.shapes = layer_shapes(self.sizes)  # (|O_l|, |I_l|) of each layer's weights
+        self._slices = layout(self.shapes)  # each step's penalty and views walk it
+        self.n_params = self._slices[-1][1].stop
         self.params = np.empty(self.n_params, self.dtype)
-        self.weights, self.biases = _layer_views(self.params, layer_shapes(self.sizes))
+        self.weights, self.biases = _layer_views(self.params, self.shapes)
         self._act, self._dact, self._init = activations.ACTIVATIONS[activation]
         self._buffers = {}
         self._views_of, self._views = None, None  # see _grad_views
@@ -158,7 +160,7 @@ class Network:
     def _grad_views(self, out):
         """Per-layer views of a gradient vector; the last one's are kept, as a step reuses it."""
         if self._views_of is not out:
-            self._views_of, self._views = out, _layer_views(out, layer_shapes(self.sizes))
+            self._views_of, self._views = out, _layer_views(out, self.shapes)
         return self._views
 
     def grad_sum(self, X, Y, out, divisor=1):
@@ -219,7 +221,7 @@ class Network:
         if not (self.l1 or self.l2):
             return grad
         stop = start + len(grad)
-        for weights, _ in layout(layer_shapes(self.sizes)):
+        for weights, _ in self._slices:
             a, b = max(weights.start, start), min(weights.stop, stop)
             if a < b:  # element-wise: the same bits however the vector is cut
                 _add_penalty_grad(grad[a - start:b - start], self.params[a:b], self.l1, self.l2)
@@ -284,7 +286,7 @@ class Network:
         """d outputs / d params, (N, n_out, n_params), columns in the `params` layout."""
         n, k = len(X), self.sizes[-1]
         jac = np.empty((n, k, self.n_params), self.dtype)
-        slices = layout(layer_shapes(self.sizes))
+        slices = self._slices
         for l, g, inp in self._jacobian_walk(X):
             w_at, b_at = slices[l]
             jac[:, :, w_at] = (g[:, :, :, None] * inp[:, None, None, :]).reshape(n, k, -1)

@@ -31,6 +31,13 @@ STATS = 3  # loss sum, correct count, stop flag: ride behind the gradient in the
 KINDS = ("auto", "whole", "sharded")  # how the update is shared out (`make`'s `update`)
 
 
+def checked_update(update):
+    """`update` if it names a kind of update (before a Comm is made for it)."""
+    if update not in KINDS:
+        raise ValueError(f"update must be one of {list(KINDS)}, got {update!r}")
+    return update
+
+
 class Verdict(NamedTuple):
     """A step's outcome, the same on every rank; nothing was updated unless `finite`."""
 
@@ -70,8 +77,6 @@ def make(net, optimizer, comm, *, clip_norm=0.0, update="auto", deterministic=Fa
     """The step for these settings. `update`: "sharded" where node shared memory allows (and,
     deterministic, without clipping: a norm added up from P shares rounds differently for each
     P), "whole" always, "auto" sharded where it can be."""
-    if update not in KINDS:
-        raise ValueError(f"update must be one of {list(KINDS)}, got {update!r}")
     if deterministic:
         return Exact(net, optimizer, comm, clip_norm, update, chunk_size, batch_size)
     if update == "whole":
@@ -220,7 +225,7 @@ class Exact(_ShardedUpdate, Allreduce):
                                             else np.zeros(n + STATS, np.float64))
         self.sharded = self.window is not None and clip_norm == 0 and update != "whole"
         self.cuts = None  # the grid's parameter range of each rank, once known
-        self.shapes = [w.shape for w in net.weights]
+        self.shapes = net.shapes
         self.stats = np.empty((len(self.rows), 2))
         self.flags = np.empty(STATS)  # float64: loss and correct sums on their grid, stop flag
         self.bounds = np.empty(sum(o + i for o, i in self.shapes) + 2)  # + |loss|, |correct|

@@ -46,8 +46,7 @@ class Trainer:
                  update="auto"):
         if not isinstance(net, Network):
             raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
-        if update not in step.KINDS:
-            raise ValueError(f"update must be one of {list(step.KINDS)}, got {update!r}")
+        update = step.checked_update(update)
         self.net = net
         self.optimizer = optimizer if optimizer is not None else optim.SGD(lr=0.01)
         self.batch_size = _positive_int("batch_size", batch_size)
