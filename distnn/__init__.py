@@ -1,16 +1,20 @@
 """distnn: data-parallel training of dense feed-forward networks over MPI."""
 
-from .network import Network
-from .optim import SGD, Adam, AdamW
-
 __all__ = ["Network", "Trainer", "SGD", "Adam", "AdamW"]
+_WHERE = {"Network": "network", "Trainer": "trainer", "SGD": "optim", "Adam": "optim",
+          "AdamW": "optim"}
 
 
 def __getattr__(name):
-    # Trainer imports mpi4py, whose import initializes MPI: only code that trains should pay that
-    # (and on some login nodes MPI cannot start at all), not `from distnn import Network`.
-    if name == "Trainer":
-        from .trainer import Trainer
+    # Loaded on first use: `import distnn` costs nothing, so `python -m distnn train` holds its
+    # signals from its first line (see __main__.py); and Trainer imports mpi4py, whose import
+    # starts MPI, which only code that trains should pay (on some login nodes MPI cannot start).
+    if name in _WHERE:
+        import importlib
 
-        return Trainer
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     raise AttributeError(f"module 'distnn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -14,8 +14,9 @@ written by this launch.
 
 Exit codes: 0 success; 1 training diverged, or the run ended without its completion record;
 2 bad input (config, data, checkpoint, flags): one line "distnn: error: ..." on stderr from rank 0;
-128+N stopped by signal N (SIGTERM 143, SIGINT 130), after a checkpoint. Anything unexpected
-prints its traceback and aborts the whole MPI job.
+128+N stopped by signal N (SIGTERM 143, SIGINT 130): in the set-up with nothing written, in
+training after a checkpoint (a signal after the last step lets the run finish: 0). Anything
+unexpected prints its traceback and aborts the whole MPI job.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from . import config, data, launcher, progress, run, rundir
 from .atomic import write_atomically
 from .errors import USER_ERRORS, UsageError
 from .model import load_model
+from .stopping import StopRequest
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")  # set inside an MPI job
 MAX_RANKS = 65536    # -n beyond this is a typo (and past 2**32 wraps around in mpiexec)
@@ -44,19 +46,29 @@ def train(args) -> int:
     """`distnn train`: under mpiexec -n NP when -n > 1, else in this process on MPI.COMM_WORLD."""
     if args.np > 1:
         return launch(args)
-    from .comm import Comm, install_excepthook  # imports mpi4py: only processes that train
+    # From here to exit SIGTERM/SIGINT only ask for a stop, which the ranks agree on: an
+    # exception raised in a collective would leave the peers waiting there for ever
+    stop = StopRequest()
+    process = stop.held()  # `distnn train`'s first line held them: the process is this run's
+    stop.install()
+    from .comm import Comm, install_excepthook  # imports mpi4py: MPI starts after the handlers
     from .trainer import DivergenceError, Interrupted
 
-    comm = Comm()  # no watchdog: the set-up collectives; training gets its own Comm
+    # one Comm: every collective runs under the watchdog, from the config's agreement to the
+    # completion record (run.train sets the config's deadline once it is known)
+    stop.comm = comm = Comm(timeout=config.TrainConfig.watchdog)
     install_excepthook(comm)
     try:
-        return run.train(args, comm)
+        return run.train(args, comm, stop)
     except Interrupted as e:
         return _say(comm, f"distnn: {e}", 128 + e.signum)
     except DivergenceError as e:
         return _say(comm, f"distnn: {e}", 1)
     except USER_ERRORS as e:
         return _say(comm, error_line(e), 2)
+    finally:
+        if not process:  # called in-process (a test, a script): its handlers go back
+            stop.uninstall()
 
 
 def launch(args) -> int:

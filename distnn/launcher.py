@@ -32,19 +32,34 @@ def find_mpiexec() -> list[str] | None:
 
 def run_forwarding_signals(cmd, env) -> int:
     """Run `cmd` (an mpiexec command line) to its end, passing FORWARDED signals on; its exit code,
-    128 + N when signal N killed it, as a shell reports it."""
-    # Own session: a terminal's Ctrl-C reaches only us, and we pass it on once (a second
-    # SIGINT makes mpiexec abort at once, without the checkpoint).
-    # A closed stdout (`>&-`) is None here; mpiexec fails on a closed descriptor, so give it null.
-    stdout = subprocess.DEVNULL if sys.stdout is None else None
-    child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-                             start_new_session=True, preexec_fn=_term_when_orphaned(os.getpid()))
+    128 + N when signal N killed it, as a shell reports it. A signal that came before (`distnn
+    train` holds them from its first line) stops it before it starts: 128 + N."""
+    child, asked = None, []
 
     def forward(signum, frame):
-        child.send_signal(FORWARDED[signum])  # to every rank: checkpoint, then exit 128+N
+        asked.append(signum)
+        if child is not None:
+            child.send_signal(FORWARDED[signum])  # to every rank: checkpoint, then exit 128+N
 
     saved = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # one held until now arrives
+        if asked:
+            print(f"distnn: stopped by {signal.Signals(asked[0]).name} before the ranks started; "
+                  f"nothing was trained or written", file=sys.stderr)
+            return 128 + asked[0]
+        # Own session: a terminal's Ctrl-C reaches only us, and we pass it on once (a second
+        # SIGINT makes mpiexec abort at once, without the checkpoint). A closed stdout (`>&-`) is
+        # None here; mpiexec fails on a closed descriptor, so give it null. Signals wait while
+        # the child starts (it unblocks them in its own copy): each reaches it once, after.
+        stdout = subprocess.DEVNULL if sys.stdout is None else None
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                                     start_new_session=True,
+                                     preexec_fn=_child_setup(os.getpid()))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         code = child.wait()
     finally:
         for s, handler in saved.items():
@@ -52,19 +67,21 @@ def run_forwarding_signals(cmd, env) -> int:
     return code if code >= 0 else 128 - code
 
 
-def _term_when_orphaned(parent):
-    """A preexec_fn: the child gets SIGTERM when this launcher dies, even by SIGKILL (Linux
-    PR_SET_PDEATHSIG), so the ranks, in their own session, checkpoint and stop instead of running
-    on unwatched. Where prctl is unavailable it does nothing."""
+def _child_setup(parent):
+    """The child's preexec_fn: signals unblocked again, and SIGTERM when this launcher dies,
+    even by SIGKILL (Linux PR_SET_PDEATHSIG), so the ranks, in their own session, checkpoint and
+    stop instead of running on unwatched (where prctl is unavailable, only the first)."""
     try:
         import ctypes
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
+        prctl = None
 
-    def arm():
-        prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-    return arm
+    def setup():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        if prctl is not None:
+            prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the launcher died before prctl took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+    return setup

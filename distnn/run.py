@@ -9,6 +9,7 @@ divergence and signals are the trainer's (DivergenceError, Interrupted).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -34,15 +35,18 @@ def load_train_config(args) -> config.Config:
 
 # ------------------------------------------------------------------------------------- train
 
-def train(args, comm) -> int:
-    """Every rank: config, data, standardization, network, then fit; rank 0 writes the run dir."""
-    from .comm import Comm
+def train(args, comm, stop) -> int:
+    """Every rank: config, data, standardization, network, then fit; rank 0 writes the run dir.
+    A signal (recorded by `stop`) ends the set-up at the next stage with Interrupted on every
+    rank, the training at the next step with a checkpoint; after the last step the run finishes."""
     from .trainer import Trainer
 
     started = time.perf_counter()
-    cfg = comm.together(load_train_config, args, catch=USER_ERRORS)
+    cfg = _stage(comm, stop, "while loading the config", load_train_config, args)
+    comm.configure(timeout=cfg.train.watchdog or math.inf,  # 0: no deadline but a stop's grace
+                   bucket_bytes=cfg.train.bucket_mb * 2**20)
     n_threads, pinned = _blas_threads(args.threads, cfg.train, comm)
-    job = comm.together(prepare, cfg, comm.rank, comm.size, catch=USER_ERRORS)
+    job = _stage(comm, stop, "while loading the data", prepare, cfg, comm.rank, comm.size)
     comm.allreduce(job.crcs, what="data checksum")  # every block's crc32, on every rank
     fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
     exact_sum = functools.partial(comm.exact_sum, what="standardization")  # names a stall
@@ -50,8 +54,6 @@ def train(args, comm) -> int:
                                exact_sum=exact_sum) if cfg.data.standardize else None)
     run = rundir.RunDir(cfg.out_dir, comm)
     with run.locked():  # before anything in the run directory is read or touched
-        tcomm = Comm(timeout=cfg.train.watchdog or None,
-                     bucket_bytes=int(cfg.train.bucket_mb * 2**20))
         # only rank 0 reports, but the trainer calls its callback on every rank
         log = (progress.EpochLog(run.path / rundir.METRICS, cfg.train.epochs) if comm.is_root
                else progress.Silent())
@@ -59,24 +61,37 @@ def train(args, comm) -> int:
         resume_from = run.checkpoint_to_resume() if args.resume else None
         if resume_from is None:
             run.may_start_afresh(args)
-            trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=tcomm, **settings)
+            trainer = Trainer(job.net, make_optimizer(cfg.optim), comm=comm, stop=stop, **settings)
+            if args.resume:
+                run.say_resuming(None, trainer)
         else:
-            trainer = Trainer.resume(resume_from, comm=tcomm, optimizer=make_optimizer(cfg.optim),
-                                     **settings)
+            trainer = Trainer.resume(resume_from, comm=comm, optimizer=make_optimizer(cfg.optim),
+                                     stop=stop, **settings)
             rundir.same_network(resume_from, trainer.net, job.net)
             run.may_resume(resume_from, cfg, fingerprint)
+            run.say_resuming(resume_from, trainer)
+        stop.check("before training started; the run directory is as it was")
         run.start(cfg, fingerprint, trainer.history, fresh=resume_from is None)
         # NaN/Inf is the trainer's to report (one message naming the step), not numpy's warnings
         with log.showing(trainer.epoch), np.errstate(all="ignore"):
             trainer.fit(_Rows(job.X, job.train), job.y[job.train], *job.val_split(),
                         transform=None if scaler is None else scaler.transform,
                         scan=False)  # prepare() scanned every row of X already
+        # a signal after the last step came too late to stop training: the run finishes
         done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
                 "threads": trainer.threads or 1 if cfg.train.deterministic else n_threads,
                 "last": trainer.history[-1] if trainer.history else None}
         run.finish(Model(trainer.net, scaler, job.classes, job.meta(cfg)), done, started,
                    job.scores)
         return 0
+
+
+def _stage(comm, stop, where, fn, *args):
+    """fn(*args) on every rank, work of this rank alone that a signal cuts short; its result.
+    A user error on any rank is raised on every rank, and so is a stop (Interrupted)."""
+    result = comm.together(stop.interruptible(fn), *args, catch=USER_ERRORS)
+    stop.check(f"{where}; nothing was trained or written")
+    return result
 
 
 def _blas_threads(given, tc, comm):

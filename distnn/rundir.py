@@ -45,6 +45,7 @@ class RunDir:
 
     def __init__(self, path, comm):
         self.path, self.comm = Path(path), comm
+        self.started = False  # `start` wrote the run's first files
 
     def on_root(self, fn, *args):
         """fn(*args) on rank 0 alone, its result there (None elsewhere); a user error there is
@@ -54,13 +55,18 @@ class RunDir:
     @contextlib.contextmanager
     def locked(self):
         """Context: rank 0 holds the lock (every rank fails if another process holds it), then
-        clears the temp files a killed run left; the lock goes when the context or the process ends."""
-        fd = self.on_root(_lock, self.path)
+        clears the temp files a killed run left; the lock goes when the context or the process
+        ends. A directory made for this run goes too, if the run left before `start` wrote to it."""
+        fd, made = self.on_root(_lock, self.path) or (None, False)
         try:
             self.on_root(_remove_stale_temp_files, self.path)
             yield
         finally:
             if fd is not None:
+                if made and not self.started:  # a bad input or a stop before training
+                    (self.path / LOCK).unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()
                 os.close(fd)  # an in-process caller may train into the directory again
 
     def checkpoint_to_resume(self) -> str | None:
@@ -80,10 +86,29 @@ class RunDir:
         without the files that tell (data.json, config.toml) it cannot resume."""
         self.on_root(_same_run, checkpoint_path, self.path, cfg, fingerprint)
 
+    def say_resuming(self, checkpoint_path, trainer) -> None:
+        """Rank 0 says where a resumed run continues (checkpoint_path None: it starts afresh,
+        having none), or that it has nothing left to train."""
+        if not self.comm.is_root:
+            return
+        if checkpoint_path is None:
+            print(f"distnn: no checkpoint to resume from in {self.path / CHECKPOINTS}; training "
+                  f"from the start", flush=True)
+            return
+        if trainer.epoch < trainer.epochs and not trainer.early.stopped:
+            where = f"continuing at epoch {trainer.epoch + 1}, step {trainer.step + 1}"
+        elif (self.path / DONE).exists():
+            where = "the run had finished (done.json); nothing is left to train"
+        else:
+            where = (f"the run had trained its {trainer.epoch} epochs but not finished; writing "
+                     f"its model and completion record")
+        print(f"distnn: resuming from {checkpoint_path}: {where}", flush=True)
+
     def start(self, cfg, fingerprint, history, fresh) -> None:
         """Remove a stale completion record, write the config and the data's fingerprint, restart
         metrics.jsonl from the history the run continues (none when fresh, which removes what an
         earlier run left: may_start_afresh allowed it)."""
+        self.started = True
         self.on_root(_start, self.path, cfg, fingerprint, history, fresh)
 
     def finish(self, model, record, started, scores) -> None:
@@ -137,8 +162,10 @@ def same_network(path, resumed, configured) -> None:
 # ------------------------------------------------------------------ rank 0: lock and temp files
 
 def _lock(run):
-    """An exclusive, non-blocking flock on run/.lock; its descriptor. The lock file stays:
-    unlinking it would let a waiting run lock a file nobody else sees."""
+    """An exclusive, non-blocking flock on run/.lock: (its descriptor, whether run was made
+    here). The lock file stays: unlinking it would let a waiting run lock a file nobody else
+    sees (only a directory this run made and left unused goes, lock and all)."""
+    made = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK
     try:
@@ -153,7 +180,7 @@ def _lock(run):
             raise UsageError(f"another run is training into {run} (it holds {path} locked); "
                              f"wait for it to end, or train into another --out directory") from None
         raise OSError(f"{path}: cannot lock the run directory ({e.strerror or e})") from None
-    return fd
+    return fd, made
 
 
 def _remove_stale_temp_files(run) -> None:

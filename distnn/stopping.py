@@ -1,7 +1,11 @@
 """How training stops early: a signal agreed on by every rank, divergence, early stopping."""
+import contextlib
+import functools
 import math
 import signal
 import threading
+
+import numpy as np
 
 # After SIGTERM/SIGINT, how long the peers may take to reach the step that agrees on stopping:
 # this, or four of the last step's durations if that is longer (a slow step is no stall)
@@ -21,21 +25,31 @@ class Interrupted(RuntimeError):
 
 
 class StopRequest:
-    """A stop asked for on this rank (SIGTERM/SIGINT, or `ask`): the next step's sum carries it
-    to every rank, and every rank stops after that same step. Until then the comm hurries: a
-    stalled peer must not hold a job asked to stop."""
+    """A stop asked for on this rank (SIGTERM/SIGINT, or `ask`), carried to every rank at the next
+    agreement: a training step's sum, or `check` between the stages of a run's set-up. Until then
+    the comm hurries: a stalled peer must not hold a job asked to stop.
 
-    def __init__(self, comm):
-        self.comm = comm
+    A signal only records the request: an exception raised inside a collective would leave the
+    peers waiting in it. Work on this rank alone may be cut short at once (`interruptible`)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, comm=None):
+        self.comm = comm  # set before the first agreement; may be None until then
         self.signum = 0  # the signal asked for on this rank, 0 if none
         self.agreed = False  # every rank knows: stop after this step
         self.step_s = 0.0  # the last step's seconds: the grace is at least a few of them
+        self._saved = None  # the handlers ours replaced, while installed
+        self._cut = False  # inside `interruptible`: a signal ends the work at once
 
     def ask(self, signum=signal.SIGTERM, frame=None):
-        """Ask every rank to stop after the next step (the signal handler)."""
+        """Ask every rank to stop at the next agreement (the signal handler)."""
         self.signum = signum
-        if not self.agreed:  # a late copy of the signal: the stop is under way
+        if self.comm is not None and not self.agreed:  # a late copy of the signal: under way
             self.comm.hurry(max(STOP_GRACE_S, 4 * self.step_s))
+        if self._cut:
+            self._cut = False
+            raise _Cut
 
     def agree(self, stop):
         """The step's verdict: whether some rank asked."""
@@ -43,24 +57,85 @@ class StopRequest:
         if stop:
             self.comm.hurry(None)  # every rank is here: the checkpoint may take its time
 
-    def __enter__(self):
-        self.signum, self.agreed = 0, False  # a signal of an earlier fit is spent
-        self.comm.hurry(None)  # and so is its hurry
-        main = threading.current_thread() is threading.main_thread()  # handlers live there only
-        self.saved = {s: signal.signal(s, self.ask) for s in (signal.SIGTERM, signal.SIGINT)
-                      if main}
+    def check(self, where):
+        """Collective: raise Interrupted on every rank if a signal came to any of them."""
+        asked = np.array([self.signum], np.int64)
+        self.comm.allreduce_max(asked, f"stop check {where}")
+        if asked[0]:
+            self.agree(True)
+            signum = self.signum or int(asked[0])  # a peer's signal stops this rank too
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} {where}", signum)
+
+    def interruptible(self, fn):
+        """fn, cut short by a signal while it runs (work on this rank alone: no collectives);
+        its result, or None when cut: the `check` that must follow stops every rank."""
+        @functools.wraps(fn)
+        def run(*args):
+            try:
+                self._cut = True
+                try:
+                    return None if self.signum else fn(*args)
+                finally:
+                    self._cut = False
+            except _Cut:  # also from inside the finally: the outer try holds it
+                return None
+        return run
+
+    @property
+    def installed(self) -> bool:
+        return self._saved is not None
+
+    @classmethod
+    def held(cls) -> bool:
+        """Whether SIGTERM and SIGINT are blocked: `distnn train` holds them from its first line
+        (__main__.py) until `install`, for this process's run."""
+        return set(cls.SIGNALS) <= signal.pthread_sigmask(signal.SIG_BLOCK, ())
+
+    def install(self):
+        """SIGTERM and SIGINT ask for a stop from now on, and are unblocked: one that came while
+        they were held arrives now. In the main thread only: Python runs handlers there alone."""
+        if self.installed or threading.current_thread() is not threading.main_thread():
+            return self
+        self._saved = {s: signal.signal(s, self.ask) for s in self.SIGNALS}
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         return self
 
-    def __exit__(self, *exc):
-        for s, h in self.saved.items():
+    def uninstall(self):
+        """The handlers `install` replaced, back."""
+        for s, h in (self._saved or {}).items():
             signal.signal(s, h)
-        self.comm.hurry(None)  # a stop asked for too late to be agreed: training ended
+        self._saved = None
+
+    @contextlib.contextmanager
+    def watching(self):
+        """Context of a fit: signals ask for a stop inside it, a fresh request each time (a
+        signal of an earlier fit is spent). Where the handlers are installed already (the
+        command line installs them at launch, for the whole run) it changes nothing: a signal
+        that came before is this fit's to honour."""
+        if self.installed:
+            yield self
+            return
+        self.signum, self.agreed = 0, False
+        if self.comm is not None:
+            self.comm.hurry(None)  # and so is its hurry
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
+            if self.comm is not None:
+                self.comm.hurry(None)  # a stop asked for too late to be agreed: training ended
 
     def interrupted(self, where, checkpoint):
         """The Interrupted error to raise once the stop is agreed and the checkpoint written."""
         signum = self.signum or signal.SIGTERM  # a peer's signal stops this rank too
         saved = f"checkpoint written to {checkpoint}" if checkpoint else "no checkpoint_dir, nothing saved"
         return Interrupted(f"stopped by {signal.Signals(signum).name} at {where}; {saved}", signum)
+
+
+class _Cut(BaseException):
+    """Raised by the signal handler inside `StopRequest.interruptible` only; never escapes it.
+    A BaseException, as KeyboardInterrupt: an `except Exception` in the work does not swallow it."""
 
 
 def diverged(where, checkpoints):

@@ -43,7 +43,7 @@ class Trainer:
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
                  keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=600.0,
                  bucket_bytes=4 << 20, check_every=100, threads=None, callback=None,
-                 update="auto"):
+                 update="auto", stop=None):
         if not isinstance(net, Network):
             raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
         update = step.checked_update(update)
@@ -78,7 +78,10 @@ class Trainer:
         self.stepper = step.make(net, self.optimizer, self.comm, clip_norm=self.clip_norm,
                                  update=update, deterministic=self.deterministic,
                                  chunk_size=self.chunk_size, batch_size=self.batch_size)
-        self.stop = StopRequest(self.comm)
+        # stop: a StopRequest whose signal handlers the caller installed for longer than a fit
+        # (the command line's, from launch to exit); None: fit handles SIGTERM/SIGINT itself
+        self.stop = stop if stop is not None else StopRequest()
+        self.stop.comm = self.comm
         self.closed = False
         self._lr_args = {"total_steps": 1} | self.schedule  # fit sets its own total_steps
         self._transform = None  # fit's and evaluate's rows -> rows
@@ -102,7 +105,7 @@ class Trainer:
         self._lr_args = {"total_steps": max(1, self.epochs * len(batches))} | self.schedule
         blas = _blas_threads(self.deterministic, self.threads, self.comm)
         self.optimizer.threads = blas or threads_in_force()  # the update uses the GEMMs' cores
-        with self.stop, threadpool_limits(blas, user_api="blas"), self._whole_state():
+        with self.stop.watching(), threadpool_limits(blas, user_api="blas"), self._whole_state():
             while self.epoch < self.epochs and not self.early.stopped:
                 started = time.perf_counter()
                 perm = data.epoch_permutation(self.seed, self.epoch, len(X))

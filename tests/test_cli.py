@@ -159,7 +159,9 @@ def test_resume_continues_exactly_where_the_run_stopped(work):
     (work / "part" / "done.json").write_text("{}")  # stale: the resumed run must replace it
     resumed = distnn(work, "train", "cfg.toml", "--out", "part", "--set", "train.epochs=4", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.startswith("epoch 3/4")  # no epoch trained twice
+    said, first_epoch = resumed.stdout.splitlines()[:2]
+    assert said.endswith("ckpt-000000004.npz: continuing at epoch 3, step 5")
+    assert first_epoch.startswith("epoch 3/4")  # no epoch trained twice
     full, part = (load_model(work / d / "model.npz").net.params for d in ("full", "part"))
     assert np.array_equal(full, part)
     assert without_seconds(records(work / "part")) == without_seconds(records(work / "full"))
@@ -789,3 +791,11 @@ def test_a_run_removes_the_temp_files_a_killed_run_left_and_nothing_else(work):
         p.write_text("x")
     assert distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2").returncode == 0
     assert [p.exists() for p in stale + kept] == [False] * len(stale) + [True] * len(kept)
+
+
+def test_training_in_process_gives_the_signal_handlers_back(work, monkeypatch):
+    # `distnn train` keeps its handlers to the process's end; a caller of cli.main keeps its own
+    monkeypatch.chdir(work)
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    assert cli.main(["train", "cfg.toml", "--set", "train.epochs=1"]) == 0
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before

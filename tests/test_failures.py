@@ -98,6 +98,16 @@ def test_a_stalled_rank_is_ended_by_the_watchdog_which_names_it(tmp_path):
     assert "watchdog" in err and "ranks not arrived: [1]" in err
 
 
+@pytest.mark.parametrize("rank, where", [(1, "prepare"), (0, "save_model")])
+def test_a_rank_stalled_in_the_set_up_or_the_finish_is_ended_by_the_watchdog(tmp_path, rank, where):
+    # every collective from the config's agreement to the completion record has the deadline
+    code, err, seconds = train(config(tmp_path, epochs=1), fault=f"stallin:{rank}:{where}")
+    assert code == 3, err
+    assert f"ranks not arrived: [{rank}]" in err
+    assert seconds < 30
+    assert not (tmp_path / "run" / "done.json").exists()
+
+
 def test_a_stop_request_while_a_rank_stalls_ends_the_job_within_the_grace_not_the_watchdog(tmp_path):
     code, err, seconds = train(config(tmp_path), "--set", "train.watchdog=600", fault="stallterm:1:5")
     assert code == 3 and seconds < 30

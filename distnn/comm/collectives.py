@@ -8,6 +8,7 @@ calling MPI.
 import atexit
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -35,11 +36,8 @@ class Comm:
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"watchdog timeout must be positive seconds or None, got {timeout!r}")
-        if bucket_bytes < 8:
-            raise ValueError(f"bucket_bytes must be at least 8, got {bucket_bytes!r}")
-        self.timeout, self.bucket_bytes = timeout, int(bucket_bytes)
+        self.timeout = self.bucket_bytes = None
+        self.configure(timeout=timeout, bucket_bytes=bucket_bytes)
         self.shared_memory = bool(shared_memory)  # let `buffer` use node shared memory
         self._windows = {}  # id(buffer) -> SharedWindow, for the buffers `buffer` handed out
         self.watchdog = None
@@ -47,6 +45,21 @@ class Comm:
             ranks, cpus = self._node()
             self.watchdog = Watchdog(self.comm, timeout, ranks > cpus, self.abort)
             atexit.register(self.close)  # an unfreed window makes UCX complain at MPI_Finalize
+
+    def configure(self, *, timeout=None, bucket_bytes=None) -> None:
+        """Set the deadline of later collectives (seconds; math.inf: none, though a stop
+        request's grace still holds) and the allreduce's bucket size; None leaves one as it is.
+        A Comm made without a watchdog gets none here (making one is collective)."""
+        if timeout is not None:
+            if not timeout > 0:
+                raise ValueError(f"watchdog timeout must be positive seconds or None, got {timeout!r}")
+            self.timeout = timeout
+            if getattr(self, "watchdog", None) is not None:
+                self.watchdog.timeout = timeout
+        if bucket_bytes is not None:
+            if not 8 <= bucket_bytes < math.inf:
+                raise ValueError(f"bucket_bytes must be a finite number >= 8, got {bucket_bytes!r}")
+            self.bucket_bytes = int(bucket_bytes)
 
     def close(self) -> None:
         """Free the watchdog's and the shared buffers' windows (collective; idempotent; also at
