@@ -64,6 +64,11 @@ def run_forwarding_signals(cmd, env) -> int:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+    if asked and code == FORWARDED[asked[0]]:  # mpiexec's code for a rank that died of it: one
+        # in its first milliseconds, before `distnn train`'s first line held the signal
+        print(f"distnn: stopped by {signal.Signals(asked[0]).name} while the ranks were "
+              f"starting; nothing was trained or written", file=sys.stderr)
+        return 128 + FORWARDED[asked[0]]
     return code if code >= 0 else 128 - code
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -77,12 +79,14 @@ def train(args, comm, stop) -> int:
             trainer.fit(_Rows(job.X, job.train), job.y[job.train], *job.val_split(),
                         transform=None if scaler is None else scaler.transform,
                         scan=False)  # prepare() scanned every row of X already
-        # a signal after the last step came too late to stop training: the run finishes
         done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
                 "threads": trainer.threads or 1 if cfg.train.deterministic else n_threads,
                 "last": trainer.history[-1] if trainer.history else None}
         run.finish(Model(trainer.net, scaler, job.classes, job.meta(cfg)), done, started,
                    job.scores)
+        if stop.signum and comm.is_root:
+            print(f"distnn: {signal.Signals(stop.signum).name} came after the last step; the run "
+                  f"finished", file=sys.stderr, flush=True)
         return 0
 
 

@@ -45,9 +45,9 @@ POINTS = [("start", "stopped", "no checkpoint to resume from"),
           ("done", "done", "the run had finished (done.json)")]
 
 
-def launch(tmp_path, name, *args, point=None, signame=None):
-    """`distnn train CFG -n 2` (with the signal at `point`): (exit code, stdout, stderr,
-    seconds)."""
+def launch(tmp_path, name, *args, point=None, signame=None, after=None):
+    """`distnn train CFG -n 2` (with the signal at `point`, or `after` seconds): (exit code,
+    stdout, stderr, seconds)."""
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(CONFIG.format(out=tmp_path / name))
     pid_file = tmp_path / f"{name}.pid"
@@ -58,6 +58,9 @@ def launch(tmp_path, name, *args, point=None, signame=None):
                            env=env() | extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     pid_file.write_text(str(job.pid))
+    if after is not None:
+        time.sleep(after)
+        job.send_signal(getattr(signal, signame))
     try:
         out, err = job.communicate(timeout=GRACE_S + 60)
     except subprocess.TimeoutExpired:
@@ -87,6 +90,7 @@ def test_a_signal_at_any_point_ends_the_job_and_resume_trains_the_same_model(
     else:
         assert code == 0, err
         assert json.loads((run / "done.json").read_text())["epochs"] == 2
+        assert f"{signame} came after the last step; the run finished" in err
     assert "BAD TERMINATION" not in err and "watchdog" not in err, err
     assert seconds < GRACE_S + 30
     code, out, err, _ = launch(tmp_path, "run", "--resume")
@@ -110,3 +114,19 @@ def test_a_signal_during_a_checkpoint_stops_at_the_next_step_with_its_own_checkp
     assert "stopped by SIGTERM at epoch 1, step 11" in err
     latest = checkpoint.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert checkpoint.load(latest)[1]["progress"]["step"] == 11
+
+
+@pytest.mark.parametrize("after, signame", [(0.5, "SIGINT"), (1.5, "SIGTERM"), (2.0, "SIGINT"),
+                                            (2.5, "SIGTERM"), (3.0, "SIGINT"), (4.0, "SIGTERM")])
+def test_a_signal_at_a_moment_nobody_chose_ends_the_job_and_resume_trains_the_same_model(
+        tmp_path, uninterrupted, after, signame):
+    # from the launcher's start (its first line holds the signal) through set-up, training and
+    # the finish, on this machine's timing; 0.5 s leaves the interpreter time to reach that line
+    code, _, err, _ = launch(tmp_path, "run", signame=signame, after=after)
+    run = tmp_path / "run"
+    assert code in (0, 128 + getattr(signal, signame)), err
+    assert (code == 0) == (run / "done.json").exists(), err
+    assert "Traceback" not in err and "BAD TERMINATION" not in err, err
+    code, _, err, _ = launch(tmp_path, "run", "--resume")
+    assert code == 0, err
+    np.testing.assert_array_equal(model_params(run), uninterrupted)

@@ -15,11 +15,15 @@ the job (mpiexec passes the environment on) then misbehaves on rank RANK before 
 """
 
 import os
+import signal
 
 _SPEC = os.environ.get("DISTNN_TEST_FAULT")
+if _SPEC or os.environ.get("DISTNN_TEST_SIGNAL"):
+    # `distnn train` holds SIGTERM/SIGINT from its first line until its handlers are in; the
+    # imports below run before that line, so hold them here first, as it would
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT))
 
 if _SPEC:
-    import signal
     import time
 
     import numpy as np
@@ -96,7 +100,6 @@ _SIGNAL = os.environ.get("DISTNN_TEST_SIGNAL")
 
 if _SIGNAL:
     import functools
-    import signal
     import time
 
     import distnn.checkpoint
