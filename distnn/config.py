@@ -25,6 +25,10 @@ DTYPES = tuple(network.DTYPES)
 OPTIMIZERS = tuple(optim.OPTIMIZERS)
 SCHEDULES = tuple(optim.SCHEDULES)
 MAX_THREADS = 4096  # BLAS threads per rank (the BLAS libraries take a C int)
+# Tables and lists one inside another, below the file's top level: a config needs two (a
+# [section] holding a list). tomllib recurses once per level and runs out of stack some hundreds
+# down; a bound far below that keeps the error ours, and the values messages quote short.
+MAX_DEPTH = 4
 
 
 class ConfigError(ValueError):
@@ -220,6 +224,33 @@ def _check_keys(d: dict) -> None:
             _require_known(name)
 
 
+_TOO_DEEP = f"invalid TOML: nested too deeply (a config nests at most {MAX_DEPTH} levels)"
+
+
+def _check_depth(d: dict) -> None:
+    """ConfigError naming the key of a value nested more than MAX_DEPTH tables or lists deep."""
+    path = _too_deep(d, [])
+    if path:
+        key = ".".join(path[:2]) if path[0] in SECTIONS else path[0]
+        raise ConfigError(f"{key}: nested more than {MAX_DEPTH} levels deep (a value is a "
+                          f"number, string, boolean or a list of them)")
+
+
+def _too_deep(value, path: list) -> list | None:
+    """The key path to the first table or list below MAX_DEPTH levels, else None; the walk stops
+    there, so it recurses MAX_DEPTH + 1 calls at most (tomllib parses dotted keys any depth)."""
+    if not isinstance(value, (dict, list)):
+        return None
+    if len(path) > MAX_DEPTH:
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for name, item in items:
+        found = _too_deep(item, [*path, str(name)])
+        if found:
+            return found
+    return None
+
+
 def _valid_keys() -> list[str]:
     """Every settable key, dotted."""
     fields = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
@@ -252,6 +283,8 @@ def load_config(path, overrides=()) -> Config:
         raise ConfigError(f"{path}: cannot read config file ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:  # only tomllib recurses in here, once per level of nesting
+        raise ConfigError(f"{path}: {_TOO_DEEP}") from None
     d.setdefault("out_dir", f"runs/{os.path.splitext(os.path.basename(path))[0]}")
     return parse_config(d, overrides)
 
@@ -261,6 +294,7 @@ def parse_config(d: dict, overrides=()) -> Config:
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}  # overrides must not leak
     for item in overrides:
         apply_override(d, item)
+    _check_depth(d)
     _check_keys(d)
     if not d.get("data", {}).get("source"):
         raise ConfigError("data.source: required key is missing "
@@ -285,6 +319,8 @@ def apply_override(d: dict, item: str) -> None:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()  # bare words such as sklearn:digits or relu
+    except RecursionError:  # only tomllib recurses in here, once per level of nesting
+        raise ConfigError(f"{key}: the --set value is {_TOO_DEEP}") from None
     section, _, name = key.rpartition(".")
     table = d.setdefault(section, {}) if section else d
     if not isinstance(table, dict):

@@ -292,6 +292,10 @@ BAD_CONFIGS = {  # case: (how the good config is spoiled, what the one line says
                                   "flowers.csv: target 'species': bernoulli targets must be numbers"),
     "label unknown to the model": (("[optim]", 'test_source = "tulips.csv"\n[optim]'),
                                    "label 'tulip' at row 0 is not one of the model's classes"),
+    "nested too deeply": (("hidden = [8]", "hidden = " + "[" * 3000 + "]" * 3000),
+                          "cfg.toml: invalid TOML: nested too deeply"),
+    "inline tables nested too deeply": (("hidden = [8]", "hidden = " + "{a = " * 600 + "1" + "}" * 600),
+                                        "cfg.toml: invalid TOML: nested too deeply"),
 }
 
 
@@ -630,6 +634,8 @@ def test_a_test_source_with_other_features_is_refused(work, save):
     (["--set", "train.threads=100000"], "train.threads: expected a value in [0, 4096]"),
     (["--set", "train.bucket_mb=1e-9"], "train.bucket_mb: expected a finite value >= 1e-05"),
     (["--set", "=5"], "override '=5': no key before '='"),
+    (["--set", "model.hidden=" + "[" * 3000 + "]" * 3000],
+     "model.hidden: the --set value is invalid TOML: nested too deeply"),
 ])
 def test_settings_that_cannot_work_are_one_line(work, args, message):
     assert message in one_error_line(distnn(work, "train", "cfg.toml", *args))

@@ -214,3 +214,42 @@ def test_from_dict_validates():
     d["train"]["batch_size"] = -3
     with pytest.raises(ConfigError, match=r"^train\.batch_size"):
         from_dict(d)
+
+
+# ------------------------------------------------------------------------------- nesting depth
+# A config nests two levels (a [section], then a list); tomllib recurses once per level and runs
+# out of stack a few hundred levels down, so deep nesting must end as a ConfigError, not a crash.
+
+DEEP = {"3000 arrays": "[" * 3000 + "]" * 3000,
+        "600 inline tables": "{a = " * 600 + "1" + "}" * 600,
+        "3000 unclosed arrays": "[" * 3000}
+
+
+@pytest.mark.parametrize("value", DEEP.values(), ids=DEEP)
+def test_a_value_nested_too_deeply_for_the_parser_names_the_file(tmp_path, value):
+    path = write(tmp_path, f'[data]\nsource = "sklearn:iris"\n[model]\nhidden = {value}\n')
+    with pytest.raises(ConfigError, match=r"^.*cfg\.toml: .*nested too deeply"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", DEEP.values(), ids=DEEP)
+def test_an_override_nested_too_deeply_for_the_parser_names_the_key(value):
+    with pytest.raises(ConfigError, match=r"^model\.hidden: .*--set .*nested too deeply"):
+        parse_config(MINIMAL, [f"model.hidden={value}"])
+
+
+@pytest.mark.parametrize("text", [
+    "[model]\nhidden = " + "[" * 50 + "]" * 50,          # parses, but no key takes it
+    "[model]\nhidden = [" + "{a = " * 50 + "1" + "}" * 50 + "]",
+    ".".join(["model"] + ["a"] * 3000) + " = 1",          # dotted keys: tomllib does not recurse
+    "[" + ".".join(["train"] + ["b"] * 3000) + "]\nx = 1",
+])
+def test_nesting_that_parses_but_no_config_needs_is_refused_naming_the_key(tmp_path, text):
+    path = write(tmp_path, f'{text}\n[data]\nsource = "sklearn:iris"\n')
+    with pytest.raises(ConfigError, match=r"^(model\.hidden|model\.a|train\.b): nested more than 4"):
+        load_config(path)
+
+
+def test_a_list_of_lists_is_still_a_type_error_naming_the_item():
+    with pytest.raises(ConfigError, match=r"^model\.hidden\[0\]: expected an integer, got \[2\]"):
+        parse_config({**MINIMAL, "model": {"hidden": [[2]]}})
