@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distnn import cli, data
+from distnn import checkpoint, cli, data
 from distnn.checkpoint import CheckpointError
 from distnn.config import load_config
 from distnn.model import load_model, save_model
+from distnn.network import Network
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = next((str(p) for p in (Path(sys.executable).parent / "mpiexec", shutil.which("mpiexec"))
@@ -756,6 +757,24 @@ def test_resume_refuses_a_deeply_nested_data_fingerprint_in_one_line(work):
     (work / "run" / "data.json").write_text("[" * 100000)
     line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2"))
     assert "data.json: unreadable data fingerprint" in line
+
+
+def forge_meta(path, meta_json):
+    """A model file whose checksum is right but whose meta JSON distnn would never write."""
+    save_model(path, Network([3, 4, 3], seed=1), classes=[0, 1, 2])
+    arrays, _ = checkpoint.load(path)
+    members = arrays | {name: np.frombuffer(blob, np.uint8) for name, blob in (
+        ("__format__", checkpoint.FORMAT.encode()), ("__meta__", meta_json),
+        ("__sha256__", checkpoint._digest(arrays, meta_json).encode()))}
+    with open(path, "wb") as f:
+        checkpoint._write_npz(f, members)
+
+
+@pytest.mark.parametrize("command", [["info"], ["evaluate", "flowers.csv"]])
+def test_a_model_file_with_deeply_nested_meta_is_refused_in_one_line(work, command):
+    forge_meta(work / "model.npz", b'{"kind": "model", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    line = one_error_line(distnn(work, command[0], "model.npz", *command[1:]))
+    assert "model.npz: __meta__ is JSON nested too deeply" in line
 
 
 @pytest.mark.parametrize("name", ["data.json", "config.toml"])
