@@ -630,6 +630,9 @@ def test_a_test_source_with_other_features_is_refused(work, save):
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.hidden=[100000000000]"], "model.hidden: a 4-100000000000-3 network needs"),
+    (["--set", "model.hidden=[1000000000000, 1000000000000]"],  # past what numpy can shape
+     "model.hidden: a 4-1000000000000-1000000000000-3 network needs 3,725,290,298,495,441.5 GiB "
+     "(float32) for its 1,000,000,000,009,000,000,000,003 parameters alone"),
     (["--set", "data.source=synthetic:classification?n=100000000000"],
      "synthetic:classification?n=100000000000: n=100000000000 rows of d=10 features need"),
     (["--set", "train.threads=100000"], "train.threads: expected a value in [0, 4096]"),
