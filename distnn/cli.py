@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import config, data, launcher, progress, run, rundir
 from .atomic import write_atomically
-from .errors import USER_ERRORS, UsageError
+from .errors import USER_ERRORS, ArgumentParser, UsageError
 from .model import load_model
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")  # set inside an MPI job
@@ -240,11 +240,13 @@ def _count(low, high):
     return parse
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of every command but bench (which parses its own)."""
-    p = argparse.ArgumentParser(prog="distnn", description="Data-parallel training of dense "
-                                "feed-forward networks over MPI.")
+def parser() -> ArgumentParser:
+    """The argument parser of every command but bench (which parses its own); `commands` maps a
+    command's name to its subparser."""
+    p = ArgumentParser(prog="distnn", description="Data-parallel training of dense feed-forward "
+                       "networks over MPI.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.commands = sub.choices
     t = sub.add_parser("train", help="train from a TOML config (under MPI: every rank runs this)")
     t.add_argument("config", help="the TOML config file")
     t.add_argument("-n", "--np", type=_count(1, MAX_RANKS), default=1,
@@ -286,7 +288,10 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:]) or 0
-    args = parser().parse_args(argv)  # bad flags: usage and exit code 2
+    p = parser()
+    args, unknown = p.parse_known_args(argv)  # a bad flag: one line and exit code 2
+    if unknown:  # said by the command's parser, which names the command
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:

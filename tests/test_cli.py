@@ -330,16 +330,52 @@ def test_a_data_error_under_two_ranks_is_said_once(work):
     assert line == "distnn: error: no such data file: nope.csv"
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["bogus"], ["train"], ["train", "c.toml", "-n", "0"], ["train", "c.toml", "--threads", "-1"],
-    ["train", "c.toml", "--nope"], ["predict", "m.npz", "d.csv"], ["plot"],
-])
-def test_bad_flags_exit_2_with_usage(argv, capsys):
+BAD_FLAGS = {  # argv: the one line it gets (after "distnn: error: ")
+    "": "the following arguments are required: COMMAND (see distnn --help)",
+    "bogus": "argument COMMAND: invalid choice: 'bogus' (choose from",
+    "train": "train: the following arguments are required: config (see distnn train --help)",
+    "train c.toml -n 0": "train: argument -n/--np: expected a number >= 1, got 0 "
+                         "(see distnn train --help)",
+    "train c.toml -n x": "train: argument -n/--np: expected a whole number, got 'x'",
+    "train c.toml -n": "train: argument -n/--np: expected one argument",
+    "train c.toml --threads -1": "train: argument --threads: expected a number >= 0, got -1",
+    "train c.toml --nope": "train: unrecognized arguments: --nope (see distnn train --help)",
+    "train c.toml --set": "train: argument --set: expected one argument",
+    "train c.toml --resume --overwrite": "train: argument --overwrite: not allowed with argument "
+                                        "--resume",
+    "info": "info: the following arguments are required: model (see distnn info --help)",
+    "info m.npz extra": "info: unrecognized arguments: extra",
+    "evaluate": "evaluate: the following arguments are required: model, data",
+    "evaluate m.npz": "evaluate: the following arguments are required: data",
+    "predict m.npz d.csv": "predict: the following arguments are required: -o/--output",
+    "plot": "plot: the following arguments are required: run_dir",
+    "bench --nope": "bench: unrecognized arguments: --nope (see distnn bench --help)",
+    "bench --ranks 0": "bench: argument --ranks: rank counts must be >= 1, got '0'",
+    "bench --repeat x": "bench: argument --repeat: invalid int value: 'x'",
+}
+
+
+@pytest.mark.parametrize("argv", sorted(BAD_FLAGS))
+def test_bad_flags_are_one_line_and_exit_code_2_without_the_usage_block(argv, capsys):
     with pytest.raises(SystemExit) as exit:
-        cli.main(argv)
+        cli.main(argv.split())
     assert exit.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: distnn") and "Traceback" not in err
+    assert err.count("\n") == 1 and "usage" not in err, err
+    assert err.startswith("distnn: error: " + BAD_FLAGS[argv]), err
+
+
+@pytest.mark.parametrize("argv", ["train c.toml -n 0", "bench --nope", "info"])
+def test_a_bad_flag_is_one_line_from_the_command_too(tmp_path, argv):
+    assert BAD_FLAGS[argv] in one_error_line(distnn(tmp_path, *argv.split()))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["info", "-h"]])
+def test_help_still_prints_the_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: distnn")
 
 
 def test_model_commands_refuse_a_training_checkpoint(work):
