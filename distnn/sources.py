@@ -14,6 +14,7 @@ import csv
 import difflib
 import math
 import os
+import re
 import struct
 import urllib.parse
 import zipfile
@@ -214,6 +215,8 @@ def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path} is empty (expected a header row)")
+            _refuse_control(path, header, "line 1 (the header), column {}",
+                            [str(j + 1) for j in range(len(header))])
             header = [h.strip() for h in header]
             for fields in reader:
                 if not fields:  # blank line
@@ -221,6 +224,7 @@ def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
                 if len(fields) != len(header):
                     raise DataError(f"{path} line {reader.line_num}: {len(fields)} fields, "
                                     f"expected {len(header)} as in the header")
+                _refuse_control(path, fields, f"line {reader.line_num}, column '{{}}'", header)
                 body.append(fields)
                 lines.append(reader.line_num)
     except (UnicodeDecodeError, csv.Error) as e:
@@ -231,6 +235,22 @@ def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
     if dup:
         raise DataError(f"{path}: duplicate column names in the header: {', '.join(sorted(dup))}")
     return header, body, lines
+
+
+# C0 controls but tab, and DEL: no number or label holds one, and neither may pass unseen: numpy's
+# str arrays drop trailing NULs ("2.0\x00" would read as 2.0, "cat\x00" as the class "cat") and
+# float() takes \x1c-\x1f for whitespace. Tabs pad cells as spaces do.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _refuse_control(path: str, cells: list[str], where: str, names: list[str]) -> None:
+    """DataError naming the line and column of the first cell with a control character;
+    `where` is formatted with the column's name. One regex scan per row when there is none."""
+    if not _CONTROL.search("".join(cells)):
+        return
+    j, found = next((j, m) for j, c in enumerate(cells) if (m := _CONTROL.search(c)))
+    raise DataError(f"{path} {where.format(names[j])}: control character {found[0]!r} in "
+                    f"{cells[j]!r}")
 
 
 def _require_columns(path: str, wanted: list[str], col: dict[str, int]) -> None:

@@ -289,6 +289,8 @@ BAD_CONFIGS = {  # case: (how the good config is spoiled, what the one line says
     "missing data file": (("flowers.csv", "nope.csv"), "no such data file: nope.csv"),
     "ragged CSV": (("flowers.csv", "ragged.csv"), "ragged.csv line 3: 4 fields, expected 5"),
     "NaN in X": (("flowers.csv", "nan.csv"), "nan.csv: X row 1, column 2 is NaN"),
+    "NUL after a number": (("flowers.csv", "nul.csv"),
+                           "nul.csv line 3, column 'c': control character '\\x00' in '2.0\\x00'"),
     "target for another family": (('"multinomial"', '"bernoulli"'),
                                   "flowers.csv: target 'species': bernoulli targets must be numbers"),
     "label unknown to the model": (("[optim]", 'test_source = "tulips.csv"\n[optim]'),
@@ -305,6 +307,7 @@ def test_bad_input_is_one_line_and_exit_code_2_and_nothing_written(work, case):
     (old, new), message = BAD_CONFIGS[case]
     (work / "ragged.csv").write_text("a,b,c,d,species\n1,2,3,4,x\n1,2,3,y\n")
     (work / "nan.csv").write_text("a,b,c,d,species\n1,2,3,4,x\n1,2,nan,4,y\n")
+    (work / "nul.csv").write_text("a,b,c,d,species\n1,2,3,4,x\n1,2,2.0\x00,4,y\n")
     write_csv(work / "tulips.csv", flowers(5)[0], ["tulip"] * 5)
     assert old in CONFIG
     (work / "cfg.toml").write_text(CONFIG.replace(old, new))
