@@ -16,6 +16,7 @@ import math
 import os
 import re
 import struct
+import sys
 import urllib.parse
 import zipfile
 from dataclasses import dataclass
@@ -353,12 +354,20 @@ def _load_synthetic(source: str, spec: str) -> Dataset:
     p = _synthetic_params(source, query, defaults, k_min=2 if kind == "classification" else 1)
     rng = np.random.default_rng(p.pop("seed"))
     n, d = p.pop("n"), p.pop("d")
+    too_big = DataError(f"{source}: n={n} rows of d={d} features need {n * d * 8 / 2**30:,.1f} GiB "
+                        f"of memory (and the labels more); there is not that much")
+    if n * d * 8 > sys.maxsize:  # numpy cannot shape it: a ValueError, not a MemoryError
+        raise too_big
     try:
         X = rng.standard_normal((n, d))
         return Dataset(X, make(rng, X, **p), _default_names(X), "y", source)
     except MemoryError:
-        raise DataError(f"{source}: n={n} rows of d={d} features need {n * d * 8 / 2**30:,.1f} GiB "
-                        f"of memory (and the labels more); there is not that much") from None
+        raise too_big from None
+
+
+# Classes or outputs of a synthetic teacher: its (n, k) outputs are drawn in full, and a network
+# with more output units than this is no test problem, only an allocation that fails.
+MAX_OUTPUTS = 65536
 
 
 def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> dict:
@@ -378,4 +387,6 @@ def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> di
     for key, value in p.items():
         if not value >= lowest[key]:
             raise DataError(f"{source}: parameter '{key}' expected >= {lowest[key]}, got {value}")
+    if p.get("k", 1) > MAX_OUTPUTS:
+        raise DataError(f"{source}: parameter 'k' expected <= {MAX_OUTPUTS}, got {p['k']}")
     return p

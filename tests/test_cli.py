@@ -674,6 +674,11 @@ def test_a_test_source_with_other_features_is_refused(work, save):
      "(float32) for its 1,000,000,000,009,000,000,000,003 parameters alone"),
     (["--set", "data.source=synthetic:classification?n=100000000000"],
      "synthetic:classification?n=100000000000: n=100000000000 rows of d=10 features need"),
+    (["--set", "data.source=synthetic:classification?n=100&k=1000000000000"],
+     "synthetic:classification?n=100&k=1000000000000: parameter 'k' expected <= 65536, "
+     "got 1000000000000"),
+    (["--set", "data.source=synthetic:regression?n=1000000000000&d=1000000000000"],  # numpy's limit
+     "n=1000000000000 rows of d=1000000000000 features need 7,450,580,596,923,828.0 GiB"),
     (["--set", "train.threads=100000"], "train.threads: expected a value in [0, 4096]"),
     (["--set", "train.bucket_mb=1e-9"], "train.bucket_mb: expected a value in [1e-05, 4096]"),
     (["--set", "=5"], "override '=5': no key before '='"),

@@ -215,6 +215,10 @@ def test_synthetic_targets_fit_their_family():
     ("synthetic:regression?n=ten", "parameter 'n' expected an integer, got 'ten'"),
     ("synthetic:classification?k=1", "parameter 'k' expected >= 2"),
     ("synthetic:regression?noise=-1", "parameter 'noise' expected >= 0.0"),
+    ("synthetic:classification?k=65537", "parameter 'k' expected <= 65536, got 65537"),
+    ("synthetic:regression?k=1000000000000", "parameter 'k' expected <= 65536"),
+    ("synthetic:binary?n=1000000000000&d=1000000000000",
+     "n=1000000000000 rows of d=1000000000000 features need 7,450,580,596,923,828.0 GiB"),
 ])
 def test_synthetic_errors(source, message):
     with pytest.raises(DataError, match=message):
