@@ -110,12 +110,16 @@ def plot(args) -> int:
 # --------------------------------------------------------------- evaluate, predict, info
 
 def _model_data(args, require_target=True):
-    """(model, dataset) for evaluate/predict; CSV columns are picked by the model's feature names."""
+    """(model, dataset) for evaluate/predict; CSV columns are picked by the model's feature names.
+    A data set of other width is refused first: its labels cannot be judged before that."""
     model = load_model(args.model)
     target = args.target or model.meta.get("target") or None
     features = model.meta.get("features") if args.data.lower().endswith(".csv") else None
-    return model, data.load(args.data, target=target, features=features,
-                            require_target=require_target)
+    ds = data.load(args.data, target=target, features=features, require_target=require_target)
+    if ds.X.shape[1] != model.net.sizes[0]:
+        raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {args.model} "
+                             f"takes {model.net.sizes[0]}")
+    return model, ds
 
 
 def evaluate(args) -> int:

@@ -381,6 +381,14 @@ def test_help_still_prints_the_usage(argv, capsys):
     assert capsys.readouterr().out.startswith("usage: distnn")
 
 
+@pytest.mark.parametrize("command", [["evaluate"], ["predict", "-o", "p.csv"]])
+def test_data_with_other_features_than_the_model_is_named_before_its_labels(tmp_path, command):
+    save_model(tmp_path / "m.npz", Network([10, 4, 3], seed=1), classes=["a", "b", "c"])
+    data = "synthetic:classification?n=50&d=64&k=5"  # labels 0..4: none is the model's
+    line = one_error_line(distnn(tmp_path, command[0], "m.npz", data, *command[1:]))
+    assert f"{data}: 64 features, but the model m.npz takes 10" in line
+
+
 def test_model_commands_refuse_a_training_checkpoint(work):
     assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
     ckpt = next((work / "run" / "checkpoints").glob("ckpt-*.npz"))
