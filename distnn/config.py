@@ -235,7 +235,7 @@ def _check_keys(d: dict) -> None:
         elif isinstance(value, dict):
             close = difflib.get_close_matches(name, list(SECTIONS), n=1)
             hint = f"; did you mean [{close[0]}]?" if close else f" (sections: {list(SECTIONS)})"
-            raise ConfigError(f"[{name}]: unknown section{hint}")
+            raise ConfigError(f"[{_shown(name)}]: unknown section{hint}")
         else:
             _require_known(name)
 
@@ -248,7 +248,7 @@ def _check_depth(d: dict) -> None:
     path = _too_deep(d, [])
     if path:
         key = ".".join(path[:2]) if path[0] in SECTIONS else path[0]
-        raise ConfigError(f"{key}: nested more than {MAX_DEPTH} levels deep (a value is a "
+        raise ConfigError(f"{_shown(key)}: nested more than {MAX_DEPTH} levels deep (a value is a "
                           f"number, string, boolean or a list of them)")
 
 
@@ -267,6 +267,12 @@ def _too_deep(value, path: list) -> list | None:
     return None
 
 
+def _shown(name: str) -> str:
+    """A key as typed, or its repr when it holds a control character (a NUL, a terminal escape)
+    that would otherwise reach the terminal or break the one error line."""
+    return name if name.isprintable() else repr(name)
+
+
 def _valid_keys() -> list[str]:
     """Every settable key, dotted."""
     fields = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
@@ -283,7 +289,7 @@ def _require_known(key: str) -> None:
     moved = [k for k in valid if k.rpartition(".")[2] == name]
     close = moved or difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
-    raise ConfigError(f"{key}: unknown key{hint}")
+    raise ConfigError(f"{_shown(key)}: unknown key{hint}")
 
 
 # --------------------------------------------------------------------------------- public

@@ -279,3 +279,10 @@ def test_nesting_that_parses_but_no_config_needs_is_refused_naming_the_key(tmp_p
 def test_a_list_of_lists_is_still_a_type_error_naming_the_item():
     with pytest.raises(ConfigError, match=r"^model\.hidden\[0\]: expected an integer, got \[2\]"):
         parse_config({**MINIMAL, "model": {"hidden": [[2]]}})
+
+
+@pytest.mark.parametrize("item", ["model.\x00a=1", "model.\x1b[2J=1", "\x00=1"])
+def test_a_key_with_control_characters_is_shown_escaped(item):
+    with pytest.raises(ConfigError) as e:
+        parse_config(MINIMAL, [item])
+    assert str(e.value).isprintable() and "unknown key" in str(e.value)
