@@ -117,8 +117,9 @@ def _model_data(args, require_target=True):
     features = model.meta.get("features") if args.data.lower().endswith(".csv") else None
     ds = data.load(args.data, target=target, features=features, require_target=require_target)
     if ds.X.shape[1] != model.net.sizes[0]:
+        names = f" ({_shorten(model.meta['features'])})" if model.meta.get("features") else ""
         raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {args.model} "
-                             f"takes {model.net.sizes[0]}")
+                             f"takes {model.net.sizes[0]}{names}")
     return model, ds
 
 

@@ -395,7 +395,7 @@ def test_model_commands_refuse_a_training_checkpoint(work):
     assert "a training checkpoint; expected a model" in one_error_line(distnn(work, "info", ckpt))
     np.savez(work / "three.npz", X=np.zeros((4, 3)), y=CLASSES[[0, 1, 2, 0]])
     line = one_error_line(distnn(work, "evaluate", "run/model.npz", "three.npz", "--target", "y"))
-    assert "X has shape (4, 3); the model takes (N, 4): 4 features (a, b, c, d)" in line
+    assert "three.npz: 3 features, but the model run/model.npz takes 4 (a, b, c, d)" in line
     info = distnn(work, "info", "run/model.npz").stdout
     assert "4 -> 8 -> 3" in info and "setosa, versicolor, virginica" in info
     assert distnn(work, "plot", "run", "-o", "again.png").returncode == 0
