@@ -42,6 +42,7 @@ import numpy as np
 
 from .bench_report import report, roofline_rows, scaling_results, step_rows
 from .bench_workers import LARGE, SMALL, WORKERS, mpi_worker, worker_main
+from .errors import ArgumentParser
 from .launcher import NOT_FOUND, find_mpiexec
 from .threads import blas_env, threads_in_force, usable_cpus
 
@@ -341,8 +342,8 @@ def rank_list(text):
 
 def parse_args(argv):
     """`distnn bench`'s options (--worker and --spec, hidden, start a worker process)."""
-    p = argparse.ArgumentParser(prog="distnn bench", description="distnn's benchmark suite: roofline, "
-                                "step throughput, scaling, communication and memory; table + JSON + PNG.")
+    p = ArgumentParser(prog="distnn bench", description="distnn's benchmark suite: roofline, "
+                       "step throughput, scaling, communication and memory; table + JSON + PNG.")
     p.add_argument("--quick", action="store_true",
                    help="tiny configurations and P = 1, 2 only: under a minute on 2 cores (CI's smoke test)")
     p.add_argument("--scaling", action="store_true", help="only the scaling and communication sections")

@@ -68,6 +68,9 @@ def load(path, kind=None):
         meta = json.loads(meta_json)
     except ValueError as e:
         raise CheckpointError(f"{path}: __meta__ is not UTF-8 JSON: {e}") from e
+    except RecursionError:  # json recurses once per level; distnn writes four or so
+        raise CheckpointError(f"{path}: __meta__ is JSON nested too deeply; not a file distnn "
+                              f"wrote") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: __meta__ is not a JSON object")
     if kind is not None and meta.get("kind") != kind:

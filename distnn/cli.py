@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import config, data, launcher, progress, run, rundir
 from .atomic import write_atomically
-from .errors import USER_ERRORS, UsageError
+from .errors import USER_ERRORS, ArgumentParser, UsageError
 from .model import load_model
 from .stopping import StopRequest
 
@@ -122,12 +122,17 @@ def plot(args) -> int:
 # --------------------------------------------------------------- evaluate, predict, info
 
 def _model_data(args, require_target=True):
-    """(model, dataset) for evaluate/predict; CSV columns are picked by the model's feature names."""
+    """(model, dataset) for evaluate/predict; CSV columns are picked by the model's feature names.
+    A data set of other width is refused first: its labels cannot be judged before that."""
     model = load_model(args.model)
     target = args.target or model.meta.get("target") or None
     features = model.meta.get("features") if args.data.lower().endswith(".csv") else None
-    return model, data.load(args.data, target=target, features=features,
-                            require_target=require_target)
+    ds = data.load(args.data, target=target, features=features, require_target=require_target)
+    if ds.X.shape[1] != model.net.sizes[0]:
+        names = f" ({_shorten(model.meta['features'])})" if model.meta.get("features") else ""
+        raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {args.model} "
+                             f"takes {model.net.sizes[0]}{names}")
+    return model, ds
 
 
 def evaluate(args) -> int:
@@ -252,11 +257,13 @@ def _count(low, high):
     return parse
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser of every command but bench (which parses its own)."""
-    p = argparse.ArgumentParser(prog="distnn", description="Data-parallel training of dense "
-                                "feed-forward networks over MPI.")
+def parser() -> ArgumentParser:
+    """The argument parser of every command but bench (which parses its own); `commands` maps a
+    command's name to its subparser."""
+    p = ArgumentParser(prog="distnn", description="Data-parallel training of dense feed-forward "
+                       "networks over MPI.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.commands = sub.choices
     t = sub.add_parser("train", help="train from a TOML config (under MPI: every rank runs this)")
     t.add_argument("config", help="the TOML config file")
     t.add_argument("-n", "--np", type=_count(1, MAX_RANKS), default=1,
@@ -298,7 +305,10 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:]) or 0
-    args = parser().parse_args(argv)  # bad flags: usage and exit code 2
+    p = parser()
+    args, unknown = p.parse_known_args(argv)  # a bad flag: one line and exit code 2
+    if unknown:  # said by the command's parser, which names the command
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:

@@ -25,6 +25,15 @@ DTYPES = tuple(network.DTYPES)
 OPTIMIZERS = tuple(optim.OPTIMIZERS)
 SCHEDULES = tuple(optim.SCHEDULES)
 MAX_THREADS = 4096  # BLAS threads per rank (the BLAS libraries take a C int)
+# Tables and lists one inside another, below the file's top level: a config needs two (a
+# [section] holding a list). tomllib recurses once per level and runs out of stack some hundreds
+# down; a bound far below that keeps the error ours, and the values messages quote short.
+MAX_DEPTH = 4
+INT_RANGE = (-2**63, 2**63 - 1)  # TOML's integers are 64-bit (tomllib takes any), like numpy's
+# An allreduce bucket is one MPI call, whose element count is a C int (< 2**31): 4096 MiB of float32
+# is 2**30 elements. Beyond a few MiB a bucket is no faster (comm/collectives.py).
+MAX_BUCKET_MB = 4096
+MAX_WATCHDOG_S = 7 * 86400  # a collective a week late is a hang; larger values overflow OS timers
 
 
 class ConfigError(ValueError):
@@ -62,7 +71,7 @@ class OptimConfig:
     weight_decay: float = 0.0       # adamw decoupled decay
     schedule: str = "constant"      # one of SCHEDULES
     step_size: int = 0              # "step": steps between decays (>= 1 there)
-    gamma: float = 0.1              # "step": decay factor
+    gamma: float = 0.1              # "step": decay factor, 0 < gamma <= 1
     warmup_steps: int = 0           # linear warmup from lr/warmup_steps to lr; the schedule runs after it
     min_lr: float = 0.0             # floor of cosine / linear decay
     clip_norm: float = 0.0          # clip the global gradient norm; 0 = no clipping
@@ -78,8 +87,8 @@ class TrainConfig:
     keep_checkpoints: int = 3       # newest checkpoints kept on disk
     deterministic: bool = False     # bit-identical results for any rank count
     chunk_size: int = 64            # deterministic mode: samples per chunk (its cost falls as it grows)
-    watchdog: float = 600.0         # seconds a collective may take before the job aborts; 0 = off
-    bucket_mb: float = 4.0          # allreduce bucket size
+    watchdog: float = 600.0         # seconds a collective may take (<= a week), then abort; 0 = off
+    bucket_mb: float = 4.0          # allreduce bucket size, MiB (<= MAX_BUCKET_MB)
     threads: int = 0                # BLAS threads per rank; 0 = cores / local ranks (deterministic: 1)
     check_every: int = 100          # steps between cross-rank parameter checksums; 0 = start only
 
@@ -133,8 +142,14 @@ def _sizes(v):
 
 def _bucket_mb(v):
     # the bucket must hold at least one float64: 8 bytes are 7.6e-6 MiB
-    ok = math.isfinite(v) and v >= 1e-5
-    return None if ok else f"expected a finite value >= 1e-05 (MiB; one float64 at least), got {v!r}"
+    ok = math.isfinite(v) and 1e-5 <= v <= MAX_BUCKET_MB
+    return None if ok else (f"expected a value in [1e-05, {MAX_BUCKET_MB}] (MiB: one float64 at "
+                            f"least, one MPI call's count at most), got {v!r}")
+
+
+def _decay(v):
+    # a factor above 1 grows the rate without bound (gamma ** k overflows a float)
+    return None if 0 < v <= 1 else f"expected a decay factor in (0, 1], got {v!r}"
 
 
 def _betas(v):
@@ -151,12 +166,13 @@ CHECKS = {
     "optim.name": _one_of(OPTIMIZERS), "optim.lr": _above(0), "optim.momentum": _unit,
     "optim.betas": _betas, "optim.eps": _above(0), "optim.weight_decay": _at_least(0),
     "optim.schedule": _one_of(SCHEDULES), "optim.step_size": _at_least(0),
-    "optim.gamma": _above(0), "optim.warmup_steps": _at_least(0), "optim.min_lr": _at_least(0),
+    "optim.gamma": _decay, "optim.warmup_steps": _at_least(0), "optim.min_lr": _at_least(0),
     "optim.clip_norm": _at_least(0),
     "train.batch_size": _at_least(1), "train.epochs": _at_least(0), "train.seed": _at_least(0),
     "train.patience": _at_least(0), "train.checkpoint_every": _at_least(0),
     "train.keep_checkpoints": _at_least(1), "train.chunk_size": _between(1, 2**20),
-    "train.watchdog": _at_least(0), "train.bucket_mb": _bucket_mb, "train.threads": _between(0, MAX_THREADS),
+    "train.watchdog": _between(0, MAX_WATCHDOG_S), "train.bucket_mb": _bucket_mb,
+    "train.threads": _between(0, MAX_THREADS),
     "train.check_every": _at_least(0),
 }
 
@@ -182,7 +198,11 @@ def _typed(key: str, value, typ):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(typ)
         return [_typed(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise ConfigError(f"{key}: expected a 64-bit integer (TOML's range), got one of "
+                          f"{value.bit_length()} bits")
+    if typ is float and is_int:
         return float(value)
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
@@ -215,9 +235,42 @@ def _check_keys(d: dict) -> None:
         elif isinstance(value, dict):
             close = difflib.get_close_matches(name, list(SECTIONS), n=1)
             hint = f"; did you mean [{close[0]}]?" if close else f" (sections: {list(SECTIONS)})"
-            raise ConfigError(f"[{name}]: unknown section{hint}")
+            raise ConfigError(f"[{_shown(name)}]: unknown section{hint}")
         else:
             _require_known(name)
+
+
+_TOO_DEEP = f"invalid TOML: nested too deeply (a config nests at most {MAX_DEPTH} levels)"
+
+
+def _check_depth(d: dict) -> None:
+    """ConfigError naming the key of a value nested more than MAX_DEPTH tables or lists deep."""
+    path = _too_deep(d, [])
+    if path:
+        key = ".".join(path[:2]) if path[0] in SECTIONS else path[0]
+        raise ConfigError(f"{_shown(key)}: nested more than {MAX_DEPTH} levels deep (a value is a "
+                          f"number, string, boolean or a list of them)")
+
+
+def _too_deep(value, path: list) -> list | None:
+    """The key path to the first table or list below MAX_DEPTH levels, else None; the walk stops
+    there, so it recurses MAX_DEPTH + 1 calls at most (tomllib parses dotted keys any depth)."""
+    if not isinstance(value, (dict, list)):
+        return None
+    if len(path) > MAX_DEPTH:
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for name, item in items:
+        found = _too_deep(item, [*path, str(name)])
+        if found:
+            return found
+    return None
+
+
+def _shown(name: str) -> str:
+    """A key as typed, or its repr when it holds a control character (a NUL, a terminal escape)
+    that would otherwise reach the terminal or break the one error line."""
+    return name if name.isprintable() else repr(name)
 
 
 def _valid_keys() -> list[str]:
@@ -236,7 +289,7 @@ def _require_known(key: str) -> None:
     moved = [k for k in valid if k.rpartition(".")[2] == name]
     close = moved or difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
-    raise ConfigError(f"{key}: unknown key{hint}")
+    raise ConfigError(f"{_shown(key)}: unknown key{hint}")
 
 
 # --------------------------------------------------------------------------------- public
@@ -250,8 +303,10 @@ def load_config(path, overrides=()) -> Config:
         raise ConfigError(f"no such config file: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file ({e})") from None
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOMLDecodeError, or int()'s for an integer past 4300 digits
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:  # only tomllib recurses in here, once per level of nesting
+        raise ConfigError(f"{path}: {_TOO_DEEP}") from None
     d.setdefault("out_dir", f"runs/{os.path.splitext(os.path.basename(path))[0]}")
     return parse_config(d, overrides)
 
@@ -261,6 +316,7 @@ def parse_config(d: dict, overrides=()) -> Config:
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}  # overrides must not leak
     for item in overrides:
         apply_override(d, item)
+    _check_depth(d)
     _check_keys(d)
     if not d.get("data", {}).get("source"):
         raise ConfigError("data.source: required key is missing "
@@ -285,6 +341,10 @@ def apply_override(d: dict, item: str) -> None:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()  # bare words such as sklearn:digits or relu
+    except ValueError as e:  # int()'s, for an integer past 4300 digits
+        raise ConfigError(f"{key}: the --set value is invalid TOML: {e}") from None
+    except RecursionError:  # only tomllib recurses in here, once per level of nesting
+        raise ConfigError(f"{key}: the --set value is {_TOO_DEEP}") from None
     section, _, name = key.rpartition(".")
     table = d.setdefault(section, {}) if section else d
     if not isinstance(table, dict):

@@ -191,15 +191,21 @@ def prepare(cfg, rank, size) -> Job:
 
 def _network(sizes, mc, seed) -> Network:
     """The configured network; one too large for memory is model.hidden's error, not a crash."""
+    n = network.n_params(sizes)
+    nbytes = n * np.dtype(mc.dtype).itemsize
+    if nbytes > sys.maxsize:  # numpy cannot shape it: a ValueError, not a MemoryError
+        raise _too_big(sizes, n, nbytes, mc.dtype)
     try:
         return Network(sizes, activation=mc.activation, family=mc.family, l1=mc.l1, l2=mc.l2,
                        dtype=mc.dtype, seed=seed)
     except MemoryError:
-        n = network.n_params(sizes)
-        gib = n * np.dtype(mc.dtype).itemsize / 2**30
-        raise config.ConfigError(f"model.hidden: a {'-'.join(map(str, sizes))} network needs "
-                                 f"{gib:,.1f} GiB for its {n:,} parameters alone; there is not "
-                                 f"that much memory") from None
+        raise _too_big(sizes, n, nbytes, mc.dtype) from None
+
+
+def _too_big(sizes, n, nbytes, dtype) -> config.ConfigError:
+    return config.ConfigError(f"model.hidden: a {'-'.join(map(str, sizes))} network needs "
+                              f"{nbytes / 2**30:,.1f} GiB ({dtype}) for its {n:,} parameters "
+                              f"alone; there is not that much memory")
 
 
 def _test_set(source, target, train) -> data.Dataset:

@@ -14,7 +14,9 @@ import csv
 import difflib
 import math
 import os
+import re
 import struct
+import sys
 import urllib.parse
 import zipfile
 from dataclasses import dataclass
@@ -214,6 +216,8 @@ def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path} is empty (expected a header row)")
+            _refuse_control(path, header, "line 1 (the header), column {}",
+                            [str(j + 1) for j in range(len(header))])
             header = [h.strip() for h in header]
             for fields in reader:
                 if not fields:  # blank line
@@ -221,6 +225,7 @@ def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
                 if len(fields) != len(header):
                     raise DataError(f"{path} line {reader.line_num}: {len(fields)} fields, "
                                     f"expected {len(header)} as in the header")
+                _refuse_control(path, fields, f"line {reader.line_num}, column '{{}}'", header)
                 body.append(fields)
                 lines.append(reader.line_num)
     except (UnicodeDecodeError, csv.Error) as e:
@@ -231,6 +236,22 @@ def _read_csv(path: str) -> tuple[list[str], list[list[str]], list[int]]:
     if dup:
         raise DataError(f"{path}: duplicate column names in the header: {', '.join(sorted(dup))}")
     return header, body, lines
+
+
+# C0 controls but tab, and DEL: no number or label holds one, and neither may pass unseen: numpy's
+# str arrays drop trailing NULs ("2.0\x00" would read as 2.0, "cat\x00" as the class "cat") and
+# float() takes \x1c-\x1f for whitespace. Tabs pad cells as spaces do.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _refuse_control(path: str, cells: list[str], where: str, names: list[str]) -> None:
+    """DataError naming the line and column of the first cell with a control character;
+    `where` is formatted with the column's name. One regex scan per row when there is none."""
+    if not _CONTROL.search("".join(cells)):
+        return
+    j, found = next((j, m) for j, c in enumerate(cells) if (m := _CONTROL.search(c)))
+    raise DataError(f"{path} {where.format(names[j])}: control character {found[0]!r} in "
+                    f"{cells[j]!r}")
 
 
 def _require_columns(path: str, wanted: list[str], col: dict[str, int]) -> None:
@@ -333,12 +354,20 @@ def _load_synthetic(source: str, spec: str) -> Dataset:
     p = _synthetic_params(source, query, defaults, k_min=2 if kind == "classification" else 1)
     rng = np.random.default_rng(p.pop("seed"))
     n, d = p.pop("n"), p.pop("d")
+    too_big = DataError(f"{source}: n={n} rows of d={d} features need {n * d * 8 / 2**30:,.1f} GiB "
+                        f"of memory (and the labels more); there is not that much")
+    if n * d * 8 > sys.maxsize:  # numpy cannot shape it: a ValueError, not a MemoryError
+        raise too_big
     try:
         X = rng.standard_normal((n, d))
         return Dataset(X, make(rng, X, **p), _default_names(X), "y", source)
     except MemoryError:
-        raise DataError(f"{source}: n={n} rows of d={d} features need {n * d * 8 / 2**30:,.1f} GiB "
-                        f"of memory (and the labels more); there is not that much") from None
+        raise too_big from None
+
+
+# Classes or outputs of a synthetic teacher: its (n, k) outputs are drawn in full, and a network
+# with more output units than this is no test problem, only an allocation that fails.
+MAX_OUTPUTS = 65536
 
 
 def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> dict:
@@ -358,4 +387,6 @@ def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> di
     for key, value in p.items():
         if not value >= lowest[key]:
             raise DataError(f"{source}: parameter '{key}' expected >= {lowest[key]}, got {value}")
+    if p.get("k", 1) > MAX_OUTPUTS:
+        raise DataError(f"{source}: parameter 'k' expected <= {MAX_OUTPUTS}, got {p['k']}")
     return p

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distnn import cli, data
+from distnn import checkpoint, cli, data
 from distnn.checkpoint import CheckpointError
 from distnn.config import load_config
 from distnn.model import load_model, save_model
+from distnn.network import Network
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = next((str(p) for p in (Path(sys.executable).parent / "mpiexec", shutil.which("mpiexec"))
@@ -290,10 +291,16 @@ BAD_CONFIGS = {  # case: (how the good config is spoiled, what the one line says
     "missing data file": (("flowers.csv", "nope.csv"), "no such data file: nope.csv"),
     "ragged CSV": (("flowers.csv", "ragged.csv"), "ragged.csv line 3: 4 fields, expected 5"),
     "NaN in X": (("flowers.csv", "nan.csv"), "nan.csv: X row 1, column 2 is NaN"),
+    "NUL after a number": (("flowers.csv", "nul.csv"),
+                           "nul.csv line 3, column 'c': control character '\\x00' in '2.0\\x00'"),
     "target for another family": (('"multinomial"', '"bernoulli"'),
                                   "flowers.csv: target 'species': bernoulli targets must be numbers"),
     "label unknown to the model": (("[optim]", 'test_source = "tulips.csv"\n[optim]'),
                                    "label 'tulip' at row 0 is not one of the model's classes"),
+    "nested too deeply": (("hidden = [8]", "hidden = " + "[" * 3000 + "]" * 3000),
+                          "cfg.toml: invalid TOML: nested too deeply"),
+    "inline tables nested too deeply": (("hidden = [8]", "hidden = " + "{a = " * 600 + "1" + "}" * 600),
+                                        "cfg.toml: invalid TOML: nested too deeply"),
 }
 
 
@@ -302,6 +309,7 @@ def test_bad_input_is_one_line_and_exit_code_2_and_nothing_written(work, case):
     (old, new), message = BAD_CONFIGS[case]
     (work / "ragged.csv").write_text("a,b,c,d,species\n1,2,3,4,x\n1,2,3,y\n")
     (work / "nan.csv").write_text("a,b,c,d,species\n1,2,3,4,x\n1,2,nan,4,y\n")
+    (work / "nul.csv").write_text("a,b,c,d,species\n1,2,3,4,x\n1,2,2.0\x00,4,y\n")
     write_csv(work / "tulips.csv", flowers(5)[0], ["tulip"] * 5)
     assert old in CONFIG
     (work / "cfg.toml").write_text(CONFIG.replace(old, new))
@@ -327,16 +335,60 @@ def test_a_data_error_under_two_ranks_is_said_once(work):
     assert line == "distnn: error: no such data file: nope.csv"
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["bogus"], ["train"], ["train", "c.toml", "-n", "0"], ["train", "c.toml", "--threads", "-1"],
-    ["train", "c.toml", "--nope"], ["predict", "m.npz", "d.csv"], ["plot"],
-])
-def test_bad_flags_exit_2_with_usage(argv, capsys):
+BAD_FLAGS = {  # argv: the one line it gets (after "distnn: error: ")
+    "": "the following arguments are required: COMMAND (see distnn --help)",
+    "bogus": "argument COMMAND: invalid choice: 'bogus' (choose from",
+    "train": "train: the following arguments are required: config (see distnn train --help)",
+    "train c.toml -n 0": "train: argument -n/--np: expected a number >= 1, got 0 "
+                         "(see distnn train --help)",
+    "train c.toml -n x": "train: argument -n/--np: expected a whole number, got 'x'",
+    "train c.toml -n": "train: argument -n/--np: expected one argument",
+    "train c.toml --threads -1": "train: argument --threads: expected a number >= 0, got -1",
+    "train c.toml --nope": "train: unrecognized arguments: --nope (see distnn train --help)",
+    "train c.toml --set": "train: argument --set: expected one argument",
+    "train c.toml --resume --overwrite": "train: argument --overwrite: not allowed with argument "
+                                        "--resume",
+    "info": "info: the following arguments are required: model (see distnn info --help)",
+    "info m.npz extra": "info: unrecognized arguments: extra",
+    "evaluate": "evaluate: the following arguments are required: model, data",
+    "evaluate m.npz": "evaluate: the following arguments are required: data",
+    "predict m.npz d.csv": "predict: the following arguments are required: -o/--output",
+    "plot": "plot: the following arguments are required: run_dir",
+    "bench --nope": "bench: unrecognized arguments: --nope (see distnn bench --help)",
+    "bench --ranks 0": "bench: argument --ranks: rank counts must be >= 1, got '0'",
+    "bench --repeat x": "bench: argument --repeat: invalid int value: 'x'",
+}
+
+
+@pytest.mark.parametrize("argv", sorted(BAD_FLAGS))
+def test_bad_flags_are_one_line_and_exit_code_2_without_the_usage_block(argv, capsys):
     with pytest.raises(SystemExit) as exit:
-        cli.main(argv)
+        cli.main(argv.split())
     assert exit.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: distnn") and "Traceback" not in err
+    assert err.count("\n") == 1 and "usage" not in err, err
+    assert err.startswith("distnn: error: " + BAD_FLAGS[argv]), err
+
+
+@pytest.mark.parametrize("argv", ["train c.toml -n 0", "bench --nope", "info"])
+def test_a_bad_flag_is_one_line_from_the_command_too(tmp_path, argv):
+    assert BAD_FLAGS[argv] in one_error_line(distnn(tmp_path, *argv.split()))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["info", "-h"]])
+def test_help_still_prints_the_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: distnn")
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["predict", "-o", "p.csv"]])
+def test_data_with_other_features_than_the_model_is_named_before_its_labels(tmp_path, command):
+    save_model(tmp_path / "m.npz", Network([10, 4, 3], seed=1), classes=["a", "b", "c"])
+    data = "synthetic:classification?n=50&d=64&k=5"  # labels 0..4: none is the model's
+    line = one_error_line(distnn(tmp_path, command[0], "m.npz", data, *command[1:]))
+    assert f"{data}: 64 features, but the model m.npz takes 10" in line
 
 
 def test_model_commands_refuse_a_training_checkpoint(work):
@@ -345,7 +397,7 @@ def test_model_commands_refuse_a_training_checkpoint(work):
     assert "a training checkpoint; expected a model" in one_error_line(distnn(work, "info", ckpt))
     np.savez(work / "three.npz", X=np.zeros((4, 3)), y=CLASSES[[0, 1, 2, 0]])
     line = one_error_line(distnn(work, "evaluate", "run/model.npz", "three.npz", "--target", "y"))
-    assert "X has shape (4, 3); the model takes (N, 4): 4 features (a, b, c, d)" in line
+    assert "three.npz: 3 features, but the model run/model.npz takes 4 (a, b, c, d)" in line
     info = distnn(work, "info", "run/model.npz").stdout
     assert "4 -> 8 -> 3" in info and "setosa, versicolor, virginica" in info
     assert distnn(work, "plot", "run", "-o", "again.png").returncode == 0
@@ -627,11 +679,21 @@ def test_a_test_source_with_other_features_is_refused(work, save):
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.hidden=[100000000000]"], "model.hidden: a 4-100000000000-3 network needs"),
+    (["--set", "model.hidden=[1000000000000, 1000000000000]"],  # past what numpy can shape
+     "model.hidden: a 4-1000000000000-1000000000000-3 network needs 3,725,290,298,495,441.5 GiB "
+     "(float32) for its 1,000,000,000,009,000,000,000,003 parameters alone"),
     (["--set", "data.source=synthetic:classification?n=100000000000"],
      "synthetic:classification?n=100000000000: n=100000000000 rows of d=10 features need"),
+    (["--set", "data.source=synthetic:classification?n=100&k=1000000000000"],
+     "synthetic:classification?n=100&k=1000000000000: parameter 'k' expected <= 65536, "
+     "got 1000000000000"),
+    (["--set", "data.source=synthetic:regression?n=1000000000000&d=1000000000000"],  # numpy's limit
+     "n=1000000000000 rows of d=1000000000000 features need 7,450,580,596,923,828.0 GiB"),
     (["--set", "train.threads=100000"], "train.threads: expected a value in [0, 4096]"),
-    (["--set", "train.bucket_mb=1e-9"], "train.bucket_mb: expected a finite value >= 1e-05"),
+    (["--set", "train.bucket_mb=1e-9"], "train.bucket_mb: expected a value in [1e-05, 4096]"),
     (["--set", "=5"], "override '=5': no key before '='"),
+    (["--set", "model.hidden=" + "[" * 3000 + "]" * 3000],
+     "model.hidden: the --set value is invalid TOML: nested too deeply"),
 ])
 def test_settings_that_cannot_work_are_one_line(work, args, message):
     assert message in one_error_line(distnn(work, "train", "cfg.toml", *args))
@@ -752,6 +814,24 @@ def test_resume_refuses_a_deeply_nested_data_fingerprint_in_one_line(work):
     (work / "run" / "data.json").write_text("[" * 100000)
     line = one_error_line(distnn(work, "train", "cfg.toml", "--resume", "--set", "train.epochs=2"))
     assert "data.json: unreadable data fingerprint" in line
+
+
+def forge_meta(path, meta_json):
+    """A model file whose checksum is right but whose meta JSON distnn would never write."""
+    save_model(path, Network([3, 4, 3], seed=1), classes=[0, 1, 2])
+    arrays, _ = checkpoint.load(path)
+    members = arrays | {name: np.frombuffer(blob, np.uint8) for name, blob in (
+        ("__format__", checkpoint.FORMAT.encode()), ("__meta__", meta_json),
+        ("__sha256__", checkpoint._digest(arrays, meta_json).encode()))}
+    with open(path, "wb") as f:
+        checkpoint._write_npz(f, members)
+
+
+@pytest.mark.parametrize("command", [["info"], ["evaluate", "flowers.csv"]])
+def test_a_model_file_with_deeply_nested_meta_is_refused_in_one_line(work, command):
+    forge_meta(work / "model.npz", b'{"kind": "model", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    line = one_error_line(distnn(work, command[0], "model.npz", *command[1:]))
+    assert "model.npz: __meta__ is JSON nested too deeply" in line
 
 
 @pytest.mark.parametrize("name", ["data.json", "config.toml"])

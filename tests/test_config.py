@@ -109,9 +109,9 @@ def test_defaults_fill_everything_but_the_source(tmp_path):
     ({"optim": {"momentum": 1.0}}, r"^optim\.momentum: expected 0 <= value < 1"),
     ({"optim": {"betas": [0.9]}}, r"^optim\.betas: expected two numbers in \[0, 1\)"),
     ({"optim": {"eps": 0.0}}, r"^optim\.eps: expected a finite value > 0"),
-    ({"train": {"bucket_mb": float("inf")}}, r"^train\.bucket_mb: expected a finite value >= 1e-05"),
-    ({"train": {"bucket_mb": 1e-9}}, r"^train\.bucket_mb: expected a finite value >= 1e-05"),
-    ({"train": {"threads": 10**30}}, r"^train\.threads: expected a value in \[0, 4096\]"),
+    ({"train": {"bucket_mb": float("inf")}}, r"^train\.bucket_mb: expected a value in \[1e-05, 4096\]"),
+    ({"train": {"bucket_mb": 1e-9}}, r"^train\.bucket_mb: expected a value in \[1e-05, 4096\]"),
+    ({"train": {"threads": 10**18}}, r"^train\.threads: expected a value in \[0, 4096\]"),
     ({"optim": {"schedule": "exp"}}, r"^optim\.schedule: expected one of"),
     ({"optim": {"schedule": "step"}}, r"^optim\.step_size: expected >= 1 with optim\.schedule"),
     ({"optim": {"nesterov": True, "momentum": 0}}, r"^optim\.nesterov: needs optim\.momentum > 0"),
@@ -125,9 +125,19 @@ def test_defaults_fill_everything_but_the_source(tmp_path):
     ({"train": {"chunk_size": 0}}, r"^train\.chunk_size: expected a value in \[1, 1048576\]"),
     ({"train": {"chunk_size": 2**20 + 1}}, r"^train\.chunk_size: expected a value in \[1, 1048576\]"),
     ({"train": {"keep_checkpoints": 0}}, r"^train\.keep_checkpoints: expected a finite value >= 1"),
-    ({"train": {"bucket_mb": 0}}, r"^train\.bucket_mb: expected a finite value >= 1e-05"),
-    ({"train": {"watchdog": -5}}, r"^train\.watchdog: expected a finite value >= 0"),
+    ({"train": {"bucket_mb": 0}}, r"^train\.bucket_mb: expected a value in \[1e-05, 4096\]"),
+    ({"train": {"watchdog": -5}}, r"^train\.watchdog: expected a value in \[0, 604800\]"),
     ({"out_dir": ""}, r"^out_dir: expected a non-empty string"),
+    # bounds that keep a value from overflowing where it is used
+    ({"train": {"bucket_mb": 1e308}}, r"^train\.bucket_mb: expected a value in \[1e-05, 4096\]"),
+    ({"train": {"bucket_mb": 4097}}, r"^train\.bucket_mb: expected a value in \[1e-05, 4096\]"),
+    ({"train": {"watchdog": 1e308}}, r"^train\.watchdog: expected a value in \[0, 604800\]"),
+    ({"train": {"watchdog": float("inf")}}, r"^train\.watchdog: expected a value in \[0, 604800\]"),
+    ({"optim": {"gamma": 1e308}}, r"^optim\.gamma: expected a decay factor in \(0, 1\]"),
+    ({"optim": {"gamma": 1.5}}, r"^optim\.gamma: expected a decay factor in \(0, 1\]"),
+    ({"optim": {"lr": 10**400}}, r"^optim\.lr: expected a 64-bit integer .*, got one of 1329 bits"),
+    ({"train": {"seed": 2**63}}, r"^train\.seed: expected a 64-bit integer"),
+    ({"model": {"hidden": [4, -2**63 - 1]}}, r"^model\.hidden\[1\]: expected a 64-bit integer"),
 ])
 def test_every_error_names_its_key(d, message):
     d = {**d, "data": {**MINIMAL["data"], **d.get("data", {})}}  # a source unless the case sets one
@@ -153,6 +163,22 @@ def test_the_accepted_names_are_the_tables_keys(key, table):
     for value in table:  # a new table entry is accepted with no second list to extend
         assert CHECKS[key](value) is None
     assert CHECKS[key]("nope") == f"expected one of {list(table)}, got 'nope'"
+
+
+def test_bounds_admit_their_ends():
+    ends = {"train": {"bucket_mb": 4096, "watchdog": 604800, "seed": 2**63 - 1},
+            "optim": {"gamma": 1.0}}
+    cfg = parse_config({**MINIMAL, **ends})
+    assert (cfg.train.bucket_mb, cfg.train.watchdog, cfg.optim.gamma) == (4096.0, 604800.0, 1.0)
+
+
+def test_an_integer_past_pythons_digit_limit_names_the_file_or_key(tmp_path):
+    digits = "1" + "0" * 5000
+    path = write(tmp_path, f'[data]\nsource = "sklearn:iris"\n[train]\nseed = {digits}\n')
+    with pytest.raises(ConfigError, match=r"cfg\.toml: invalid TOML: Exceeds the limit"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^train\.seed: the --set value is invalid TOML"):
+        parse_config(MINIMAL, [f"train.seed={digits}"])
 
 
 def test_missing_file_and_toml_syntax_error_name_the_file(tmp_path):
@@ -214,3 +240,49 @@ def test_from_dict_validates():
     d["train"]["batch_size"] = -3
     with pytest.raises(ConfigError, match=r"^train\.batch_size"):
         from_dict(d)
+
+
+# ------------------------------------------------------------------------------- nesting depth
+# A config nests two levels (a [section], then a list); tomllib recurses once per level and runs
+# out of stack a few hundred levels down, so deep nesting must end as a ConfigError, not a crash.
+
+DEEP = {"3000 arrays": "[" * 3000 + "]" * 3000,
+        "600 inline tables": "{a = " * 600 + "1" + "}" * 600,
+        "3000 unclosed arrays": "[" * 3000}
+
+
+@pytest.mark.parametrize("value", DEEP.values(), ids=DEEP)
+def test_a_value_nested_too_deeply_for_the_parser_names_the_file(tmp_path, value):
+    path = write(tmp_path, f'[data]\nsource = "sklearn:iris"\n[model]\nhidden = {value}\n')
+    with pytest.raises(ConfigError, match=r"^.*cfg\.toml: .*nested too deeply"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", DEEP.values(), ids=DEEP)
+def test_an_override_nested_too_deeply_for_the_parser_names_the_key(value):
+    with pytest.raises(ConfigError, match=r"^model\.hidden: .*--set .*nested too deeply"):
+        parse_config(MINIMAL, [f"model.hidden={value}"])
+
+
+@pytest.mark.parametrize("text", [
+    "[model]\nhidden = " + "[" * 50 + "]" * 50,          # parses, but no key takes it
+    "[model]\nhidden = [" + "{a = " * 50 + "1" + "}" * 50 + "]",
+    ".".join(["model"] + ["a"] * 3000) + " = 1",          # dotted keys: tomllib does not recurse
+    "[" + ".".join(["train"] + ["b"] * 3000) + "]\nx = 1",
+])
+def test_nesting_that_parses_but_no_config_needs_is_refused_naming_the_key(tmp_path, text):
+    path = write(tmp_path, f'{text}\n[data]\nsource = "sklearn:iris"\n')
+    with pytest.raises(ConfigError, match=r"^(model\.hidden|model\.a|train\.b): nested more than 4"):
+        load_config(path)
+
+
+def test_a_list_of_lists_is_still_a_type_error_naming_the_item():
+    with pytest.raises(ConfigError, match=r"^model\.hidden\[0\]: expected an integer, got \[2\]"):
+        parse_config({**MINIMAL, "model": {"hidden": [[2]]}})
+
+
+@pytest.mark.parametrize("item", ["model.\x00a=1", "model.\x1b[2J=1", "\x00=1"])
+def test_a_key_with_control_characters_is_shown_escaped(item):
+    with pytest.raises(ConfigError) as e:
+        parse_config(MINIMAL, [item])
+    assert str(e.value).isprintable() and "unknown key" in str(e.value)

@@ -133,6 +133,28 @@ def test_csv_errors_name_line_and_column(tmp_path, text, target, message):
         load(write(tmp_path, "d.csv", text), target=target)
 
 
+# numpy's str arrays drop trailing NULs, and float() takes \x1c-\x1f for whitespace: without a
+# check of its own "2.0\x00" would be read as 2.0, and "cat\x00" would be the class "cat".
+@pytest.mark.parametrize("text, where", [
+    ("a,b,y\n1,2.0\x00,0\n", r"line 2, column 'b': control character '\\x00' in '2.0\\x00'"),
+    ("a,b,y\n1,2,0\n\x00\x003,4,1\n", r"line 3, column 'a': control character '\\x00'"),
+    ("a,b,y\n1,2,0\n3,4\x1c,1\n", r"line 3, column 'b': control character '\\x1c'"),
+    ("a,b,y\n1,2,0\n3,4,1\x7f\n", r"line 3, column 'y': control character '\\x7f'"),
+    ("a,b,y\n1,2,cat\x00\n3,4,dog\n", r"line 2, column 'y': control character '\\x00'"),
+    ("a,b\x00,y\n1,2,0\n", r"line 1 \(the header\), column 2: control character '\\x00'"),
+    ("a,b\x1f,y\n1,2,0\n", r"line 1 \(the header\), column 2: control character '\\x1f'"),
+    ('a,b,y\n1,2,"x\ny"\n', r"line 3, column 'y': control character '\\n'"),
+])
+def test_csv_control_characters_are_refused_naming_line_and_column(tmp_path, text, where):
+    with pytest.raises(DataError, match=r"d\.csv " + where):
+        load(write(tmp_path, "d.csv", text), target="y")
+
+
+def test_csv_cells_may_be_padded_with_spaces_and_tabs(tmp_path):
+    ds = load(write(tmp_path, "d.csv", "a,b,y\n 1 ,\t2\t,0\n"), target="y")
+    np.testing.assert_array_equal(ds.X, [[1, 2]])
+
+
 def test_csv_unknown_feature_and_target_as_feature(tmp_path):
     path = write(tmp_path, "d.csv", "a,b,y\n1,2,0\n")
     with pytest.raises(DataError, match="no column 'z'"):
@@ -193,6 +215,10 @@ def test_synthetic_targets_fit_their_family():
     ("synthetic:regression?n=ten", "parameter 'n' expected an integer, got 'ten'"),
     ("synthetic:classification?k=1", "parameter 'k' expected >= 2"),
     ("synthetic:regression?noise=-1", "parameter 'noise' expected >= 0.0"),
+    ("synthetic:classification?k=65537", "parameter 'k' expected <= 65536, got 65537"),
+    ("synthetic:regression?k=1000000000000", "parameter 'k' expected <= 65536"),
+    ("synthetic:binary?n=1000000000000&d=1000000000000",
+     "n=1000000000000 rows of d=1000000000000 features need 7,450,580,596,923,828.0 GiB"),
 ])
 def test_synthetic_errors(source, message):
     with pytest.raises(DataError, match=message):
