@@ -87,7 +87,7 @@ class TrainConfig:
     keep_checkpoints: int = 3       # newest checkpoints kept on disk
     deterministic: bool = False     # bit-identical results for any rank count
     chunk_size: int = 64            # deterministic mode: samples per chunk (its cost falls as it grows)
-    watchdog: float = 600.0         # seconds a collective may take (<= a week), then abort; 0 = off
+    watchdog: float = 600.0         # seconds a collective may take (<= a week), then abort; 0 = no limit
     bucket_mb: float = 4.0          # allreduce bucket size, MiB (<= MAX_BUCKET_MB)
     threads: int = 0                # BLAS threads per rank; 0 = cores / local ranks (deterministic: 1)
     check_every: int = 100          # steps between cross-rank parameter checksums; 0 = start only
