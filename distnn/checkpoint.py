@@ -92,6 +92,11 @@ def list_checkpoints(directory):
     return [p for _, p in sorted(steps)]
 
 
+def step_of(path):
+    """The step a checkpoint's file name records (ckpt-{step:09d}.npz)."""
+    return int(_NAME.fullmatch(Path(path).name)[1])
+
+
 def is_checkpoint_name(name):
     """Whether `name` is a checkpoint's file name (ckpt-{step:09d}.npz)."""
     return _NAME.fullmatch(name) is not None

@@ -61,7 +61,9 @@ def train(args) -> int:
     try:
         return run.train(args, comm, stop)
     except Interrupted as e:
-        return _say(comm, f"distnn: {e}", 128 + e.signum)
+        hint = (comm.is_root and e.checkpoint
+                and run.resume_hint(args, Path(e.checkpoint).parent.parent, comm.size))
+        return _say(comm, f"distnn: {e}" + (f"\ndistnn: {hint}" if hint else ""), 128 + e.signum)
     except DivergenceError as e:
         return _say(comm, f"distnn: {e}", 1)
     except USER_ERRORS as e:
@@ -94,13 +96,17 @@ def launch(args) -> int:
         raise UsageError(f"-n needs mpiexec: {launcher.NOT_FOUND}")
     code = launcher.run_forwarding_signals(
         [*mpiexec, "-n", str(args.np), sys.executable, "-m", "distnn", *argv], env)
-    if code != 0:
-        return code
-    if not rundir.finished(cfg.out_dir, token):  # a stale done.json does not vouch for this run
+    gone = code == 0 and not rundir.finished(cfg.out_dir, token)  # a stale one does not vouch
+    if gone:
         print("distnn: error: the run ended without its completion record (a rank exited early?)",
               file=sys.stderr)
-        return 1
-    return 0
+    # a rank killed, stalled or gone: the ranks could not say how to continue, so say it here
+    # (they do after a signal; bad input or divergence would only fail again)
+    if gone or code not in (0, 1, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+        hint = run.resume_hint(args, cfg.out_dir, args.np)
+        if hint:
+            print(f"distnn: {hint}", file=sys.stderr)
+    return 1 if gone else code
 
 
 # ---------------------------------------------------------------------------- plots
@@ -182,11 +188,13 @@ def _check_output(out, model, source) -> None:
 
 
 def prediction_columns(model) -> list[str]:
-    """p_<class> per class (+ label); p / p_j (+ label / label_j) per Bernoulli output; mean /
-    mean_j."""
+    """p_<class> per class (+ label); p / p_j (+ label / label_j) per Bernoulli output, or
+    p_<label> (+ label) for one trained on two labels; mean / mean_j."""
     k, family = model.net.sizes[-1], model.family
     if family.labels:
         return [f"p_{c}" for c in model.classes] + ["label"]
+    if model.classes is not None:  # the probability of the second label
+        return [f"p_{model.classes[1]}", "label"]
     name = "p" if family.per_output else "mean"
     names = [name] if k == 1 else [f"{name}_{j}" for j in range(k)]
     if family.per_output:

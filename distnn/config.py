@@ -168,7 +168,7 @@ CHECKS = {
     "optim.schedule": _one_of(SCHEDULES), "optim.step_size": _at_least(0),
     "optim.gamma": _decay, "optim.warmup_steps": _at_least(0), "optim.min_lr": _at_least(0),
     "optim.clip_norm": _at_least(0),
-    "train.batch_size": _at_least(1), "train.epochs": _at_least(0), "train.seed": _at_least(0),
+    "train.batch_size": _at_least(1), "train.epochs": _at_least(1), "train.seed": _at_least(0),
     "train.patience": _at_least(0), "train.checkpoint_every": _at_least(0),
     "train.keep_checkpoints": _at_least(1), "train.chunk_size": _between(1, 2**20),
     "train.watchdog": _between(0, MAX_WATCHDOG_S), "train.bucket_mb": _bucket_mb,

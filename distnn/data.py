@@ -110,6 +110,13 @@ def encode_labels(y, *, name: str = "labels") -> tuple[np.ndarray, np.ndarray]:
         _refuse_non_finite(y, np.arange(len(y)), name)
     except DataError as e:
         raise DataError(f"{e}; class labels must be finite numbers or strings") from None
+    if y.dtype.kind == "f":
+        fractional = np.flatnonzero(y != np.round(y))
+        if len(fractional):
+            i = int(fractional[0])
+            raise DataError(f"{name}: row {i} holds {y[i].item()!r}, not a class label; class "
+                            f"labels are whole numbers or strings (a continuous target needs "
+                            f"model.family = \"gaussian\")")
     classes, codes = np.unique(y, return_inverse=True)
     return codes.reshape(-1).astype(np.int64), classes
 

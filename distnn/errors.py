@@ -1,5 +1,6 @@
 """The errors a user can fix, which the command line reports in one line with exit code 2."""
 import argparse
+import sys
 
 
 class UsageError(ValueError):
@@ -20,3 +21,9 @@ class ArgumentParser(argparse.ArgumentParser):
         where = f"{command}: " if command else ""
         self.exit(2, f"distnn: error: {where}{' '.join(message.split())} "
                      f"(see {self.prog} --help)\n")
+
+
+def warn(message) -> None:
+    """'distnn: warning: <message>' on stderr: misuse that still runs (the caller prints it on
+    one rank)."""
+    print(f"distnn: warning: {message}", file=sys.stderr, flush=True)

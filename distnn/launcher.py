@@ -38,8 +38,14 @@ def run_forwarding_signals(cmd, env) -> int:
 
     def forward(signum, frame):
         asked.append(signum)
-        if child is not None:
-            child.send_signal(FORWARDED[signum])  # to every rank: checkpoint, then exit 128+N
+        if child is None:
+            return
+        if signum == signal.SIGINT and asked.count(signum) == 2:
+            # mpiexec aborts the job on a second SIGINT, mid-checkpoint: only a third goes on
+            print("distnn: stopping: the ranks are writing the checkpoint; Ctrl-C again to abort "
+                  "at once, without it", file=sys.stderr, flush=True)
+            return
+        child.send_signal(FORWARDED[signum])  # to every rank: checkpoint, then exit 128+N
 
     saved = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
@@ -48,8 +54,8 @@ def run_forwarding_signals(cmd, env) -> int:
             print(f"distnn: stopped by {signal.Signals(asked[0]).name} before the ranks started; "
                   f"nothing was trained or written", file=sys.stderr)
             return 128 + asked[0]
-        # Own session: a terminal's Ctrl-C reaches only us, and we pass it on once (a second
-        # SIGINT makes mpiexec abort at once, without the checkpoint). A closed stdout (`>&-`) is
+        # Own session: a terminal's Ctrl-C reaches only us, and we pass it on (not the second:
+        # see forward). A closed stdout (`>&-`) is
         # None here; mpiexec fails on a closed descriptor, so give it null. Signals wait while
         # the child starts (it unblocks them in its own copy): each reaches it once, after.
         stdout = subprocess.DEVNULL if sys.stdout is None else None

@@ -32,7 +32,8 @@ class Model:
 
     net: Network
     scaler: Standardizer | None = None
-    classes: np.ndarray | None = None  # multinomial: label of each output, sorted
+    classes: np.ndarray | None = None  # multinomial: label of each output, sorted; bernoulli
+                                       # trained on two labels: the labels of 0 and 1
     meta: dict = field(default_factory=dict)
 
     @property
@@ -66,11 +67,12 @@ class Model:
             raise ValueError(f"predict_labels: a {self.net.family} model predicts values, not "
                              f"labels; use predict")
         codes = self.family.decide(self.logits(X))
-        return self.classes[codes] if self.family.labels else codes
+        return codes if self.classes is None else self.classes[codes]
 
     def targets(self, y) -> np.ndarray:
-        """y encoded as the network expects: multinomial labels -> codes of `classes`."""
-        if not self.family.labels:
+        """y encoded as the network expects: labels -> codes of `classes` (multinomial, or a
+        bernoulli model trained on two labels: 0/1)."""
+        if self.classes is None:
             return self.net.check_targets(y)
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
@@ -78,8 +80,8 @@ class Model:
         if y.ndim != 1:
             raise DataError(f"class labels must be one column, got shape {y.shape}")
         values, inverse = np.unique(y, return_inverse=True)
-        codes = np.array([self._code(v, y) for v in values], np.int64)
-        return codes[inverse.reshape(-1)]
+        codes = np.array([self._code(v, y) for v in values], np.int64)[inverse.reshape(-1)]
+        return codes if self.family.labels else self.net.check_targets(codes.astype(np.float64))
 
     def _code(self, label, y) -> int:
         """The output of `label`: numbers match numbers by value (1 == 1.0), text matches text."""

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import shlex
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from . import config, data, families, network, optim, progress, rundir
 from .data import DataError, Standardizer
-from .errors import USER_ERRORS, UsageError
+from .errors import USER_ERRORS, UsageError, warn
 from .model import Model
 from .network import Network
 
@@ -48,6 +51,8 @@ def train(args, comm, stop) -> int:
     comm.configure(timeout=cfg.train.watchdog or math.inf,  # 0: no deadline but a stop's grace
                    bucket_bytes=cfg.train.bucket_mb * 2**20)
     n_threads, pinned = _blas_threads(args.threads, cfg.train, comm)
+    for line in _wasteful(comm, cfg.train, n_threads):
+        warn(line)
     job = _stage(comm, stop, "while loading the data", prepare, cfg, comm.rank, comm.size)
     comm.allreduce(job.crcs, what="data checksum")  # every block's crc32, on every rank
     fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
@@ -98,6 +103,25 @@ def _stage(comm, stop, where, fn, *args):
     return result
 
 
+def resume_hint(args, out_dir, ranks) -> str | None:
+    """'continue with: <the command line that resumes the run>' when out_dir has a checkpoint
+    to resume from, else None."""
+    from .checkpoint import latest_checkpoint
+
+    if latest_checkpoint(Path(out_dir) / rundir.CHECKPOINTS) is None:
+        return None
+    words = ["distnn", "train", args.config, "--out", str(out_dir), "--resume",
+             *(f"--set={s}" for s in args.set)]
+    if args.threads is not None:
+        words.append(f"--threads={args.threads}")
+    command = shlex.join(words)
+    if os.environ.get(rundir.RUN_TOKEN) or args.np > 1:  # started by `distnn train -n`
+        command += f" -n {ranks}"
+    elif ranks > 1:
+        command = f"mpiexec -n {ranks} {command}"
+    return f"continue with: {command}"
+
+
 def _blas_threads(given, tc, comm):
     """(BLAS threads per rank now in force, the Trainer's `threads` setting): --threads, else
     train.threads, else the node's cores shared among its ranks."""
@@ -109,6 +133,24 @@ def _blas_threads(given, tc, comm):
         return threads.limit_blas_threads(given or 1), pinned
     n = threads.limit_blas_threads(given or comm.blas_share())
     return n, {"threads": n}
+
+
+def _wasteful(comm, tc, threads) -> list[str]:
+    """What in these settings runs but wastes the machine, for rank 0 to say (collective)."""
+    ranks, cpus = comm.node()
+    found = []
+    if ranks > cpus:
+        found.append(f"{ranks} ranks share the {cpus} cores of this node: every step waits for "
+                     f"cores, slower than {cpus} ranks would be; start at most {cpus} per node")
+    elif threads * ranks > cpus:
+        found.append(f"{threads} BLAS threads x {ranks} ranks on {cpus} cores: the threads "
+                     f"compete for them; use --threads {max(1, cpus // ranks)}, or 0 (the "
+                     f"default) to share the cores")
+    if tc.batch_size < comm.size:
+        found.append(f"train.batch_size {tc.batch_size} over {comm.size} ranks leaves "
+                     f"{comm.size - tc.batch_size} of them without samples in every step; use a "
+                     f"batch of at least {comm.size}, or fewer ranks")
+    return found if comm.is_root else []
 
 
 # ------------------------------------------------------------------------ data and the network
@@ -156,18 +198,9 @@ def prepare(cfg, rank, size) -> Job:
     ds = data.load(dc.source, target=dc.target or None, features=dc.features or None)
     # each rank checks its blocks (all fail together) and checksums them in the same read
     crcs = data.scan(ds.X, rank, size, name=f"{ds.source}: X")
-    classes = None
-    if families.FAMILIES[mc.family].labels:
-        y, classes = data.encode_labels(ds.y, name=f"{ds.source}: target '{ds.target_name}'")
-        if classes.dtype.kind not in "biufU":  # the model file keeps class labels as JSON
-            raise DataError(f"{ds.source}: target '{ds.target_name}' holds {classes.dtype} values; "
-                            f"class labels must be numbers or strings")
-        if len(classes) < 2:
-            raise DataError(f"{ds.source}: target '{ds.target_name}' has a single class "
-                            f"{classes.tolist()}; multinomial needs at least 2")
-        n_out = len(classes)
-    else:
-        y, n_out = ds.y, 1 if ds.y.ndim == 1 else ds.y.shape[1]
+    y, classes = _encoded_targets(ds, mc.family, rank)
+    n_out = len(classes) if families.FAMILIES[mc.family].labels else (
+        1 if y.ndim == 1 else y.shape[1])
     net = _network([ds.X.shape[1], *mc.hidden, n_out], mc, cfg.train.seed)
     try:
         y = net.check_targets(y, len(ds.X))  # targets that do not fit the family fail here
@@ -187,6 +220,48 @@ def prepare(cfg, rank, size) -> Job:
         test = (t.X, t.y)
     make_optimizer(cfg.optim)  # bad hyper-parameters fail before anything starts
     return Job(ds.X, y, ds.y, train_rows, val_rows, classes, ds, test, net, crcs)
+
+
+def _encoded_targets(ds, family, rank):
+    """(y as the family takes it, class labels or None): multinomial labels as codes 0..K-1; two
+    labels of a bernoulli target (strings, or numbers other than 0/1) as 0/1, the sorted second
+    one as 1. The model file keeps the labels."""
+    name = f"{ds.source}: target '{ds.target_name}'"
+    labels = families.FAMILIES[family].labels
+    if not labels and not (family == "bernoulli" and _two_labels(ds.y)):
+        return ds.y, None
+    y, classes = data.encode_labels(ds.y, name=name)
+    if classes.dtype.kind not in "biufU":  # the model file keeps class labels as JSON
+        raise DataError(f"{name} holds {classes.dtype} values; class labels must be numbers or "
+                        f"strings")
+    if labels and len(classes) < 2:
+        raise DataError(f"{name} has a single class {classes.tolist()}; {family} needs at "
+                        f"least 2")
+    if not labels and len(classes) != 2:
+        raise DataError(f"{name} has {len(classes)} labels {_few(classes)}; bernoulli takes two "
+                        f"(or 0/1 columns); for more classes use model.family = \"multinomial\"")
+    if labels and rank == 0 and len(classes) > max(2, len(y) / 5):
+        warn(f"{name} has {len(classes)} classes in {len(y)} rows, fewer than 5 rows a class: "
+             f"is it a continuous target? Then model.family = \"gaussian\" fits it")
+    return (y if labels else y.astype(np.float64)), classes
+
+
+def _two_labels(y) -> bool:
+    """Whether a bernoulli target is one column of labels rather than probabilities: text, or
+    numbers not all in [0, 1]."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        return False
+    if y.dtype.kind not in "biuf":
+        return True
+    finite = y[np.isfinite(y)] if y.dtype.kind == "f" else y
+    return bool(len(finite)) and not ((finite >= 0) & (finite <= 1)).all()
+
+
+def _few(items, shown=4) -> str:
+    items = list(items.tolist())
+    return str(items[:shown])[:-1] + (", ...]" if len(items) > shown else "]")
 
 
 def _network(sizes, mc, seed) -> Network:

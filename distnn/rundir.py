@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, config, data, progress
+from . import checkpoint, config, data, progress, stopping
 from .atomic import TEMP_NAME, write_atomically
 from .checkpoint import CheckpointError
 from .data import DataError
-from .errors import USER_ERRORS, UsageError
+from .errors import USER_ERRORS, UsageError, warn
 from .model import save_model
 
 DONE = "done.json"  # the completion record
@@ -88,21 +88,8 @@ class RunDir:
 
     def say_resuming(self, checkpoint_path, trainer) -> None:
         """Rank 0 says where a resumed run continues (checkpoint_path None: it starts afresh,
-        having none), or that it has nothing left to train."""
-        if not self.comm.is_root:
-            return
-        if checkpoint_path is None:
-            print(f"distnn: no checkpoint to resume from in {self.path / CHECKPOINTS}; training "
-                  f"from the start", flush=True)
-            return
-        if trainer.epoch < trainer.epochs and not trainer.early.stopped:
-            where = f"continuing at epoch {trainer.epoch + 1}, step {trainer.step + 1}"
-        elif (self.path / DONE).exists():
-            where = "the run had finished (done.json); nothing is left to train"
-        else:
-            where = (f"the run had trained its {trainer.epoch} epochs but not finished; writing "
-                     f"its model and completion record")
-        print(f"distnn: resuming from {checkpoint_path}: {where}", flush=True)
+        having none), or that it has nothing left to train, and warns of what looks wrong."""
+        self.on_root(_say_resuming, self.path, checkpoint_path, trainer)
 
     def start(self, cfg, fingerprint, history, fresh) -> None:
         """Remove a stale completion record, write the config and the data's fingerprint, restart
@@ -300,6 +287,33 @@ def _same_data(path, source, now) -> None:
 
 
 # ------------------------------------------------------------ rank 0: starting and finishing
+
+def _say_resuming(run, checkpoint_path, trainer) -> None:
+    """See RunDir.say_resuming."""
+    if checkpoint_path is None:
+        print(f"distnn: no checkpoint to resume from in {run / CHECKPOINTS}; training "
+              f"from the start", flush=True)
+        return
+    if trainer.epoch < trainer.epochs and not trainer.early.stopped:
+        where = f"continuing at epoch {trainer.epoch + 1}, step {trainer.step + 1}"
+    elif (run / DONE).exists():
+        where = "the run had finished (done.json); nothing is left to train"
+    else:
+        where = (f"the run had trained its {trainer.epoch} epochs but not finished; writing "
+                 f"its model and completion record")
+    print(f"distnn: resuming from {checkpoint_path}: {where}", flush=True)
+    grown = stopping.exploded(trainer.history)
+    if grown:
+        warn(f"{checkpoint_path}: the training loss had already {grown} when it was written; "
+             f"continuing a run gone wrong: train afresh (--overwrite), with a lower optim.lr")
+    schedule = trainer.schedule.get("schedule", "constant")
+    before = config.load_config(run / CONFIG).train.epochs  # may_resume read it
+    if schedule in ("cosine", "linear") and before != trainer.epochs:
+        warn(f"the {schedule} learning-rate schedule ran over {before} epochs and now runs "
+             f"over {trainer.epochs}: the remaining steps follow it stretched (after a "
+             f"finished run the rate rises again)")
+
+
 
 def _start(run, cfg, fingerprint, history, fresh) -> None:
     (run / DONE).unlink(missing_ok=True)

@@ -7,6 +7,8 @@ import threading
 
 import numpy as np
 
+from . import checkpoint
+
 # After SIGTERM/SIGINT, how long the peers may take to reach the step that agrees on stopping:
 # this, or four of the last step's durations if that is longer (a slow step is no stall)
 STOP_GRACE_S = 30.0
@@ -17,11 +19,13 @@ class DivergenceError(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """Training stopped on SIGTERM/SIGINT at a step boundary, after writing a checkpoint."""
+    """Training stopped on SIGTERM/SIGINT at a step boundary, after writing a checkpoint (if
+    there is a checkpoint_dir), or the set-up stopped before training."""
 
-    def __init__(self, message, signum):
+    def __init__(self, message, signum=signal.SIGTERM, checkpoint=None):
         super().__init__(message)
         self.signum = signum
+        self.checkpoint = checkpoint  # the checkpoint written, to resume from
 
 
 class StopRequest:
@@ -130,7 +134,8 @@ class StopRequest:
         """The Interrupted error to raise once the stop is agreed and the checkpoint written."""
         signum = self.signum or signal.SIGTERM  # a peer's signal stops this rank too
         saved = f"checkpoint written to {checkpoint}" if checkpoint else "no checkpoint_dir, nothing saved"
-        return Interrupted(f"stopped by {signal.Signals(signum).name} at {where}; {saved}", signum)
+        return Interrupted(f"stopped by {signal.Signals(signum).name} at {where}; {saved}", signum,
+                           checkpoint)
 
 
 class _Cut(BaseException):
@@ -138,14 +143,45 @@ class _Cut(BaseException):
     A BaseException, as KeyboardInterrupt: an `except Exception` in the work does not swallow it."""
 
 
-def diverged(where, checkpoints):
-    """The DivergenceError at `where`, naming the last good checkpoint if there is one."""
-    kept = (f"the last good checkpoint, {checkpoints[-1]}, is kept" if checkpoints
-            else "no checkpoint was written before it")
+def diverged(where, checkpoints, history):
+    """The DivergenceError at `where`, naming the newest checkpoint with its epoch and training
+    loss (from `history`, the epoch records), and calling it good only if that loss is sane."""
+    if not checkpoints:
+        kept = "no checkpoint was written before it"
+    else:
+        path = checkpoints[-1]
+        step = checkpoint.step_of(path)
+        before = [r for r in history if r["step"] <= step]
+        if not before:
+            kept = f"the newest checkpoint, {path} (step {step}, in the first epoch), is kept"
+        else:
+            facts = (f"{path} (epoch {before[-1]['epoch']}, step {step}, training loss "
+                     f"{before[-1]['loss']:.4g})")
+            grown = exploded(before)
+            kept = (f"the last good checkpoint, {facts}, is kept" if grown is None else
+                    f"the newest checkpoint, {facts}, is kept, but its loss had already {grown}: "
+                    f"train afresh (--overwrite) rather than resume it")
     return DivergenceError(
         f"training diverged at {where}: the loss or gradient is NaN/Inf ({kept}); lower the "
         f"learning rate (optim.lr), add gradient clipping (optim.clip_norm) or standardize "
         f"the inputs")
+
+
+EXPLODED = 100.0  # a training loss this many times its lowest (above it) is no longer sane
+
+
+def exploded(history) -> str | None:
+    """How the last epoch's training loss went wrong ("become inf", "grown from 0.52 to
+    1.1e+259"), or None while it stays within EXPLODED times its lowest."""
+    if not history:
+        return None
+    last = history[-1]["loss"]
+    if not math.isfinite(last):
+        return f"become {last}"
+    lowest = min(r["loss"] for r in history)
+    if last - lowest > EXPLODED * max(abs(lowest), 1e-12):
+        return f"grown from {lowest:.4g} to {last:.4g}"
+    return None
 
 
 class EarlyStopping:

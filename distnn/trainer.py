@@ -135,7 +135,8 @@ class Trainer:
         batch = step.Batch(X, Y, rows, self.net.dtype, transform)
         verdict = self.stepper(batch, lr, self.stop.signum, what=f"step {self.step + 1}")
         if not verdict.finite:
-            raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", self._checkpoints())
+            raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", self._checkpoints(),
+                           self.history)
         self.partial[0] += verdict.loss
         self.partial[1] += verdict.correct
         self.stop.agree(verdict.stop)  # a stop asked on any rank, seen by all at this same step

@@ -42,7 +42,7 @@ class Comm:
         self._windows = {}  # id(buffer) -> SharedWindow, for the buffers `buffer` handed out
         self.watchdog = None
         if timeout is not None and self.size > 1:
-            ranks, cpus = self._node()
+            ranks, cpus = self.node()
             self.watchdog = Watchdog(self.comm, timeout, ranks > cpus, self.abort)
             atexit.register(self.close)  # an unfreed window makes UCX complain at MPI_Finalize
 
@@ -249,19 +249,22 @@ class Comm:
 
     def local_ranks(self) -> int:
         """How many ranks of this communicator share this node (collective)."""
-        return self._node()[0]
+        return self.node()[0]
 
     def blas_share(self) -> int:
         """BLAS threads per rank so the node's ranks together use its CPUs once (collective)."""
-        ranks, cpus = self._node()
+        ranks, cpus = self.node()
         return max(1, cpus // ranks)
 
-    def _node(self):
+    def node(self):
         """(ranks on this node, CPUs they may run on together): the union of their affinity
         masks, since a rank bound to one core by the launcher sees only that core."""
         mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         if self.size == 1:
             return 1, usable_cpus()
+        # Split_type and allgather block in MPI, out of the watchdog's reach: every rank is
+        # seen to arrive first, under the deadline, so they find their peers there
+        self.barrier("node layout")
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         try:
             masks = node.allgather(mine)  # a few small lists, once: the pickling call is fine here
