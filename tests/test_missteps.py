@@ -24,9 +24,11 @@ def work(tmp_path):
     return tmp_path
 
 
-def on_cpus(*cpus):
-    """preexec_fn: the process (and mpiexec's ranks after it) may run on these CPUs only."""
-    return lambda: os.sched_setaffinity(0, set(cpus))
+def train_on_cpus(work, cpus, *args):
+    """`distnn train cfg.toml ARGS` whose processes (mpiexec's ranks too) may run on `cpus` only."""
+    return subprocess.run([sys.executable, "-m", "distnn", "train", "cfg.toml", *args], cwd=work,
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)))
 
 
 def warnings_of(done):
@@ -37,18 +39,14 @@ def warnings_of(done):
 
 @needs_mpiexec
 def test_more_ranks_than_cores_is_warned_of(work):
-    done = subprocess.run([sys.executable, "-m", "distnn", "train", "cfg.toml", "-n", "2"],
-                          cwd=work, capture_output=True, text=True, timeout=120,
-                          preexec_fn=on_cpus(0))
+    done = train_on_cpus(work, [0], "-n", "2")
     assert done.returncode == 0, done.stderr
     [line] = warnings_of(done)
     assert "2 ranks share the 1 cores of this node" in line and "at most 1 per node" in line
 
 
 def test_more_blas_threads_than_cores_is_warned_of(work):
-    done = subprocess.run([sys.executable, "-m", "distnn", "train", "cfg.toml", "--threads", "2"],
-                          cwd=work, capture_output=True, text=True, timeout=120,
-                          preexec_fn=on_cpus(0))
+    done = train_on_cpus(work, [0], "--threads", "2")
     assert done.returncode == 0, done.stderr
     [line] = warnings_of(done)
     assert "2 BLAS threads x 1 ranks on 1 cores" in line and "--threads 1" in line
