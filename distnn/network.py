@@ -113,8 +113,11 @@ class Network:
             raise ValueError(f"X has {n} rows but y has {len(Y)}")
         return Y
 
-    def _checked(self, X, y):
+    def _checked(self, X, y, what=None):
+        """(X, Y) checked; `what`, a mean over the samples, refuses none (0/0 is no number)."""
         X = self.check_inputs(X)
+        if what and len(X) == 0:
+            raise ValueError(f"{what}: X holds no samples; a mean over none is undefined")
         return X, self.check_targets(y, len(X))
 
     # ---- forward and backward ----------------------------------------------------------------
@@ -239,14 +242,14 @@ class Network:
 
     def loss(self, X, y):
         """Mean loss over the samples plus the penalties, as a float."""
-        X, Y = self._checked(X, y)
-        return self.loss_sum(X, Y) / max(len(X), 1) + self.penalty()
+        X, Y = self._checked(X, y, what="loss")
+        return self.loss_sum(X, Y) / len(X) + self.penalty()
 
     def gradient(self, X, y):
         """Gradient of `loss(X, y)` with respect to `params`, shaped like `params`."""
-        X, Y = self._checked(X, y)
+        X, Y = self._checked(X, y, what="gradient")
         g = self.grad_buffer()
-        self.grad_sum(X, Y, g, divisor=max(len(X), 1))
+        self.grad_sum(X, Y, g, divisor=len(X))
         return self.add_penalty_grad(g)
 
     def sample_grad_norms(self, X, y):

@@ -33,7 +33,7 @@ class _Optimizer:
     slots = ()  # names of the state vectors, each shaped like the parameters
 
     def __init__(self, lr):
-        self.lr = _at_least("lr", lr, 0.0)
+        self.lr = _above("lr", lr, 0.0)
         self.t = 0  # steps taken: Adam's bias-correction exponent
         self.state = {}
         self._scratch = None  # (n,) work vector in params.dtype
@@ -117,7 +117,7 @@ class SGD(_Optimizer):
 
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(lr)
-        self.momentum = _at_least("momentum", momentum, 0.0)
+        self.momentum = _at_least("momentum", momentum, 0.0, below=1.0)  # 1: v never decays
         self.nesterov = bool(nesterov)
         self.weight_decay = _at_least("weight_decay", weight_decay, 0.0)
         if self.nesterov and self.momentum == 0:
@@ -155,7 +155,7 @@ class Adam(_Optimizer):
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise OptimizerError(f"{self.name}: betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = _at_least("eps", eps, 0.0)
+        self.eps = _above("eps", eps, 0.0)  # 0 divides by 0 where a gradient stayed 0
         self.weight_decay = _at_least("weight_decay", weight_decay, 0.0)
 
     def config(self):
@@ -229,10 +229,18 @@ def make_optimizer(name, **hyper):
     return OPTIMIZERS[name](**hyper)
 
 
-def _at_least(key, value, low):
-    """float(value), refusing values below `low` with a message naming `key`."""
-    if not value >= low:  # the negation also refuses NaN
-        raise OptimizerError(f"{key} must be >= {low}, got {value!r}")
+def _at_least(key, value, low, below=math.inf):
+    """float(value), refusing values outside [low, below) with a message naming `key`."""
+    if not low <= value < below:  # the negation also refuses NaN
+        bound = f">= {low}" if below == math.inf else f"in [{low}, {below})"
+        raise OptimizerError(f"{key} must be {bound}, got {value!r}")
+    return float(value)
+
+
+def _above(key, value, low):
+    """float(value), refusing values at or below `low` (or not finite) naming `key`."""
+    if not low < value < math.inf:
+        raise OptimizerError(f"{key} must be a finite number > {low}, got {value!r}")
     return float(value)
 
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from distnn import data, stopping
+from distnn import SGD, Adam, AdamW, data, stopping
+from distnn.network import Network
 from distnn.config import ConfigError, load_config
 from distnn.data import DataError
 from distnn.rundir import _say_resuming
@@ -202,3 +203,22 @@ def test_resuming_a_run_gone_wrong_or_a_stretched_schedule_is_warned_of(tmp_path
     assert "continuing at epoch 3, step 41" in out
     assert "the training loss had already grown from 0.5 to 3e+10" in err
     assert "cosine learning-rate schedule ran over 2 epochs and now runs over 4" in err
+
+
+# ------------------------------------------------------------------- the Python API's arguments
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: SGD(momentum=1.5), "momentum"), (lambda: SGD(momentum=1.0), "momentum"),
+    (lambda: SGD(lr=0.0), "lr"), (lambda: SGD(lr=float("inf")), "lr"),
+    (lambda: Adam(betas=(0.9, 1.0)), "betas"), (lambda: Adam(eps=0.0), "eps"),
+    (lambda: AdamW(lr=-1e-3), "lr"), (lambda: SGD(momentum=float("nan")), "momentum")])
+def test_out_of_range_hyper_parameters_are_refused_naming_them(make, named):
+    with pytest.raises(ValueError, match=named):
+        make()
+
+
+@pytest.mark.parametrize("method", ["loss", "gradient"])
+def test_a_mean_over_no_samples_is_refused(method):
+    net = Network([3, 2], family="gaussian")
+    with pytest.raises(ValueError, match=f"{method}: X holds no samples"):
+        getattr(net, method)(np.empty((0, 3)), np.empty(0))
