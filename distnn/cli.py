@@ -33,7 +33,7 @@ from pathlib import Path
 from . import config, data, launcher, progress, run, rundir
 from .atomic import write_atomically
 from .errors import USER_ERRORS, ArgumentParser, UsageError
-from .model import load_model
+from .model import load_model, model_path
 from .stopping import StopRequest
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")  # set inside an MPI job
@@ -122,22 +122,24 @@ def plot(args) -> int:
 # --------------------------------------------------------------- evaluate, predict, info
 
 def _model_data(args, require_target=True):
-    """(model, dataset) for evaluate/predict; CSV columns are picked by the model's feature names.
-    A data set of other width is refused first: its labels cannot be judged before that."""
-    model = load_model(args.model)
+    """(model file, model, dataset) for evaluate/predict; CSV columns are picked by the model's
+    feature names. A data set of other width is refused first: its labels cannot be judged before
+    that."""
+    path = model_path(args.model)
+    model = load_model(path)
     target = args.target or model.meta.get("target") or None
     features = model.meta.get("features") if args.data.lower().endswith(".csv") else None
     ds = data.load(args.data, target=target, features=features, require_target=require_target)
     if ds.X.shape[1] != model.net.sizes[0]:
         names = f" ({_shorten(model.meta['features'])})" if model.meta.get("features") else ""
-        raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {args.model} "
+        raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {path} "
                              f"takes {model.net.sizes[0]}{names}")
-    return model, ds
+    return path, model, ds
 
 
 def evaluate(args) -> int:
     """`distnn evaluate MODEL DATA`: the model's metrics, one `name value` per line (or JSON)."""
-    model, ds = _model_data(args)
+    _, model, ds = _model_data(args)
     scores = model.scores(ds.X, ds.y)
     if args.json:
         print(json.dumps(scores))
@@ -149,8 +151,8 @@ def evaluate(args) -> int:
 
 def predict(args) -> int:
     """`distnn predict MODEL DATA -o OUT.csv`: mean response per row, and labels for classifiers."""
-    _check_output(args.output, args.model, args.data)
-    model, ds = _model_data(args, require_target=False)  # data to predict on needs no labels
+    _check_output(args.output, model_path(args.model), args.data)
+    _, model, ds = _model_data(args, require_target=False)  # data to predict on needs no labels
     mean = model.predict(ds.X)
     columns = prediction_columns(model)
     labels = model.predict_labels(ds.X) if model.is_classifier else None
@@ -195,11 +197,12 @@ def prediction_columns(model) -> list[str]:
 
 
 def info(args) -> int:
-    """`distnn info MODEL`: architecture, size, inputs, classes and how training went."""
-    model = load_model(args.model)
+    """`distnn info MODEL|RUN_DIR`: architecture, size, inputs, classes and how training went."""
+    path = model_path(args.model)
+    model = load_model(path)
     net, meta = model.net, model.meta
     features = meta.get("features") or []
-    lines = [("model", args.model),
+    lines = [("model", str(path)),
              ("network", f"{' -> '.join(map(str, net.sizes))}  ({net.activation} hidden, "
                          f"{net.family} output)"),
              ("params", f"{net.n_params:,} {net.dtype.name}  (l1 {net.l1:g}, l2 {net.l2:g})"),
@@ -281,13 +284,14 @@ def parser() -> ArgumentParser:
                    help="BLAS threads per rank (default: the config's; 0 = cores / ranks per node)")
     e = sub.add_parser("evaluate", help="metrics of a model on a data set")
     p_ = sub.add_parser("predict", help="write a model's predictions as CSV")
+    model_help = "a model file, or a run directory (for its model.npz)"
     for s in (e, p_):
-        s.add_argument("model", help="a model file (RUN_DIR/model.npz)")
+        s.add_argument("model", help=model_help)
         s.add_argument("data", help="data source: file.csv, file.npz, file.npy, sklearn:NAME, ...")
         s.add_argument("--target", help="target column/array (default: the model's)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     p_.add_argument("-o", "--output", required=True, help="the CSV file to write")
-    sub.add_parser("info", help="describe a model").add_argument("model")
+    sub.add_parser("info", help="describe a model").add_argument("model", help=model_help)
     pl = sub.add_parser("plot", help="curves.png from a run's metrics.jsonl")
     pl.add_argument("run_dir")
     pl.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/curves.png)")

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -322,7 +323,7 @@ def test_bad_input_is_one_line_and_exit_code_2_and_nothing_written(work, case):
     (["train", "cfg.toml", "--set", "model.l2"], "override 'model.l2': no '='"),
     (["train", "cfg.toml", "--set", "model.lr=1"], "model.lr: unknown key; did you mean optim.lr?"),
     (["train", "cfg.toml", "--out", ""], "--out: expected a directory"),
-    (["evaluate", "nothing.npz", "flowers.csv"], "nothing.npz: no such checkpoint file"),
+    (["evaluate", "nothing.npz", "flowers.csv"], "nothing.npz: no such model file"),
     (["info", "flowers.csv"], "not a zip/npz archive"),
 ])
 def test_command_errors_are_one_line_and_exit_code_2(work, args, message):
@@ -402,6 +403,26 @@ def test_model_commands_refuse_a_training_checkpoint(work):
     assert "4 -> 8 -> 3" in info and "setosa, versicolor, virginica" in info
     assert distnn(work, "plot", "run", "-o", "again.png").returncode == 0
     assert (work / "again.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_directory_stands_for_its_model_and_errors_say_model_file(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    info = distnn(work, "info", "run")
+    assert info.returncode == 0 and info.stdout == distnn(work, "info", "run/model.npz").stdout
+    assert distnn(work, "predict", "run", "flowers.csv", "-o", "p.csv").returncode == 0
+    assert (work / "p.csv").read_text().startswith("p_setosa,")
+    line = one_error_line(distnn(work, "info", "nothing.npz"))
+    assert line.endswith("nothing.npz: no such model file")
+    (work / "empty").mkdir()
+    line = one_error_line(distnn(work, "evaluate", "empty", "flowers.csv"))
+    assert "empty: a directory without a model file (model.npz)" in line
+    with zipfile.ZipFile(work / "junk.npz", "w") as z:  # an .npy member with a broken header
+        z.writestr("params.npy", b"\x93NUMPY\x01\x00junk")
+    for name in ("nothing.npz", "junk.npz"):
+        with pytest.raises(CheckpointError, match="model file"):
+            load_model(work / name)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):  # real checkpoints keep theirs
+        checkpoint.load(work / "nothing.npz")
 
 
 def test_example_configs_parse():
