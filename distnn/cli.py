@@ -33,6 +33,7 @@ from pathlib import Path
 from . import config, data, launcher, progress, run, rundir
 from .atomic import write_atomically
 from .errors import USER_ERRORS, ArgumentParser, UsageError
+from .checkpoint import CheckpointError
 from .model import load_model, model_path
 from .stopping import StopRequest
 
@@ -122,31 +123,106 @@ def plot(args) -> int:
 # --------------------------------------------------------------- evaluate, predict, info
 
 def _model_data(args, require_target=True):
-    """(model file, model, dataset) for evaluate/predict; CSV columns are picked by the model's
-    feature names. A data set of other width is refused first: its labels cannot be judged before
-    that."""
+    """(model file, model, dataset) for predict; see _load_data."""
     path = model_path(args.model)
     model = load_model(path)
-    target = args.target or model.meta.get("target") or None
-    features = model.meta.get("features") if args.data.lower().endswith(".csv") else None
-    ds = data.load(args.data, target=target, features=features, require_target=require_target)
+    return path, model, _load_data(model, path, args.data, args.target, require_target)
+
+
+def _load_data(model, path, source, target, require_target=True) -> data.Dataset:
+    """The data set `source` for the model (file `path`); CSV columns are picked by the model's
+    feature names. A data set of other width is refused first: its labels cannot be judged before
+    that."""
+    target = target or model.meta.get("target") or None
+    features = model.meta.get("features") if source.lower().endswith(".csv") else None
+    ds = data.load(source, target=target, features=features, require_target=require_target)
     if ds.X.shape[1] != model.net.sizes[0]:
         names = f" ({_shorten(model.meta['features'])})" if model.meta.get("features") else ""
         raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {path} "
                              f"takes {model.net.sizes[0]}{names}")
-    return path, model, ds
+    return ds
+
+
+SPLITS = ("val", "train", "all")
 
 
 def evaluate(args) -> int:
-    """`distnn evaluate MODEL DATA`: the model's metrics, one `name value` per line (or JSON)."""
-    _, model, ds = _model_data(args)
-    scores = model.scores(ds.X, ds.y)
+    """`distnn evaluate MODEL|RUN_DIR [DATA] [--split S]`: the model's metrics, one `name value`
+    per line (or JSON), and on stderr which rows were scored. Without DATA, the run's own data
+    source and, by default, its held-out (val) rows; with DATA, all its rows unless --split."""
+    path = model_path(args.model)
+    model = load_model(path)
+    cfg = run_config(args.model, path, model)
+    if args.data is None and cfg is None:
+        raise UsageError(f"{path}: the model keeps no config of the run that trained it, so it "
+                         f"names no data; give the DATA to score")
+    source = args.data if args.data is not None else cfg.data.source
+    own = cfg is not None and _same_source(source, cfg.data.source)  # the run's split applies
+    split = args.split or ("val" if args.data is None else "all")
+    if split != "all" and not own:
+        why = ("the model keeps no config of the run that trained it" if cfg is None
+               else f"{source} is not the run's data source {cfg.data.source}")
+        raise UsageError(f"--split {split}: {why}; a split is drawn from the run's own data")
+    ds = _load_data(model, path, source, args.target)
+    n, rows, trained = len(ds.X), None, None
+    if own:  # the rows run.prepare drew: the same function of (rows, val_fraction, seed)
+        rows = dict(zip(("train", "val"), data.train_val_split(n, cfg.data.val_fraction,
+                                                               cfg.train.seed)))
+        if not len(rows["val"]) and split == "val":
+            if args.split:
+                raise UsageError(f"--split val: the run held out no rows (data.val_fraction = "
+                                 f"{cfg.data.val_fraction:g}); use --split train or all")
+            split = "all"  # nothing held out: all there is
+        trained = {"train": len(rows["train"]), "val": 0, "all": len(rows["train"])}[split]
+        rows = rows.get(split)
+    X, y = (ds.X, ds.y) if rows is None else (run._Rows(ds.X, rows), ds.y[rows])
+    scores = model.scores(X, y)
+    print(_scored(split, len(X), n, source, cfg, own, trained), file=sys.stderr)
     if args.json:
-        print(json.dumps(scores))
+        print(json.dumps(scores | {"split": split, "rows": len(X), "source_rows": n,
+                                   "trained_rows": trained}))
     else:
         for name, value in scores.items():
             print(f"{name} {value:.6g}")
     return 0
+
+
+def run_config(given, path, model) -> config.Config | None:
+    """The resolved config of the run that trained the model at `path`: the one its meta keeps,
+    else RUN_DIR/config.toml when `given` is that run directory; None for a model saved otherwise."""
+    if "config" in model.meta:
+        try:
+            return config.from_dict(model.meta["config"])
+        except config.ConfigError as e:
+            raise CheckpointError(f"{path}: model field 'config' is not a valid config: "
+                                  f"{e}") from None
+    saved = Path(given) / rundir.CONFIG
+    return config.load_config(saved) if Path(given).is_dir() and saved.is_file() else None
+
+
+def _same_source(given, source) -> bool:
+    """Whether the data source `given` is `source`: the same text, or the same file."""
+    try:
+        return given == source or os.path.samefile(given, source)
+    except (OSError, ValueError):  # a named set (sklearn:...), a missing file, a NUL in the name
+        return False
+
+
+def _scored(split, k, n, source, cfg, own, trained) -> str:
+    """One line saying which rows of `source` were scored and whether the model trained on them."""
+    if not own:
+        why = ("the model keeps no config of the run that trained it" if cfg is None
+               else f"not the run's data source {cfg.data.source}")
+        return f"scored: all {n} rows of {source} ({why}, so no split applies)"
+    if split == "val":
+        return f"scored: val split, {k} of {n} rows of {source} (held out from training)"
+    if split == "train":
+        return f"scored: train split, {k} of {n} rows of {source} (the rows the model trained on)"
+    if trained == n:
+        return (f"scored: all {n} rows of {source}, all of which the model trained on (the run "
+                f"held out none)")
+    return (f"scored: all {n} rows of {source}, including the {trained} the model trained on "
+            f"(--split val scores the {n - trained} held out)")
 
 
 def predict(args) -> int:
@@ -287,9 +363,16 @@ def parser() -> ArgumentParser:
     model_help = "a model file, or a run directory (for its model.npz)"
     for s in (e, p_):
         s.add_argument("model", help=model_help)
-        s.add_argument("data", help="data source: file.csv, file.npz, file.npy, sklearn:NAME, ...")
+    e.add_argument("data", nargs="?", help="data source: file.csv, file.npz, file.npy, "
+                   "sklearn:NAME, ... (default: the run's data.source)")
+    p_.add_argument("data", help="data source: file.csv, file.npz, file.npy, sklearn:NAME, ...")
+    for s in (e, p_):
         s.add_argument("--target", help="target column/array (default: the model's)")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--split", choices=SPLITS,
+                   help="rows of the run's data to score, as the run split them (default: val "
+                        "without DATA, all with DATA); which rows were scored goes to stderr")
+    e.add_argument("--json", action="store_true", help="print one JSON object (the metrics, "
+                   "split, rows, source_rows, trained_rows)")
     p_.add_argument("-o", "--output", required=True, help="the CSV file to write")
     sub.add_parser("info", help="describe a model").add_argument("model", help=model_help)
     pl = sub.add_parser("plot", help="curves.png from a run's metrics.jsonl")

@@ -183,7 +183,7 @@ def load_model(path) -> Model:
 
 # What the commands read from a model's meta, and the type each must have (a crafted file may lie).
 META_TYPES = {"network": dict, "features": list, "target": (str, type(None)), "metrics": dict,
-              "source": str}
+              "source": str, "config": dict}
 SCORED = ("val", "test")  # the tables of scores in meta["metrics"], {name: number}
 
 

@@ -351,8 +351,8 @@ BAD_FLAGS = {  # argv: the one line it gets (after "distnn: error: ")
                                         "--resume",
     "info": "info: the following arguments are required: model (see distnn info --help)",
     "info m.npz extra": "info: unrecognized arguments: extra",
-    "evaluate": "evaluate: the following arguments are required: model, data",
-    "evaluate m.npz": "evaluate: the following arguments are required: data",
+    "evaluate": "evaluate: the following arguments are required: model (see",
+    "evaluate m.npz --split test": "evaluate: argument --split: invalid choice: 'test'",
     "predict m.npz d.csv": "predict: the following arguments are required: -o/--output",
     "plot": "plot: the following arguments are required: run_dir",
     "bench --nope": "bench: unrecognized arguments: --nope (see distnn bench --help)",
@@ -403,6 +403,57 @@ def test_model_commands_refuse_a_training_checkpoint(work):
     assert "4 -> 8 -> 3" in info and "setosa, versicolor, virginica" in info
     assert distnn(work, "plot", "run", "-o", "again.png").returncode == 0
     assert (work / "again.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_of_a_run_scores_its_held_out_rows_and_says_which_rows_it_scored(work):
+    assert distnn(work, "train", "cfg.toml").returncode == 0
+    val_scores = json.loads((work / "run" / "done.json").read_text())["val"]
+    for given in ("run", "run/model.npz"):  # the run directory or its model: the run's own data
+        done = distnn(work, "evaluate", given, "--json")
+        scores = json.loads(done.stdout)
+        assert {k: scores[k] for k in val_scores} == val_scores  # the rows the run held out
+        assert [scores[k] for k in ("split", "rows", "source_rows", "trained_rows")] == ["val", 30, 120, 0]
+        assert done.stderr == "scored: val split, 30 of 120 rows of flowers.csv (held out from training)\n"
+
+    # --split train: the rows data.train_val_split gave the run, as the model scores them
+    X, y = flowers()
+    train, _ = data.train_val_split(len(X), 0.25, seed=5)
+    done = distnn(work, "evaluate", "run", "--split", "train", "--json")
+    assert json.loads(done.stdout)["loss"] == load_model(work / "run" / "model.npz").scores(
+        X[train], y[train])["loss"]
+    assert "train split, 90 of 120 rows of flowers.csv (the rows the model trained on)" in done.stderr
+
+    # DATA that is the run's source: all its rows, as before, saying the model trained on most
+    done = distnn(work, "evaluate", "run", "./flowers.csv")
+    assert done.stdout == distnn(work, "evaluate", "run", "--split", "all").stdout
+    assert ("scored: all 120 rows of ./flowers.csv, including the 90 the model trained on "
+            "(--split val scores the 30 held out)") in done.stderr
+
+    # other data: all its rows, said so; the run's split does not apply to it
+    shutil.copy(work / "flowers.csv", work / "copy.csv")
+    done = distnn(work, "evaluate", "run", "copy.csv", "--json")
+    assert json.loads(done.stdout)["split"] == "all"
+    assert "all 120 rows of copy.csv (not the run's data source flowers.csv" in done.stderr
+    line = one_error_line(distnn(work, "evaluate", "run", "copy.csv", "--split", "val"))
+    assert "--split val: copy.csv is not the run's data source flowers.csv" in line
+
+
+def test_evaluate_without_held_out_rows_or_a_run_config_says_so(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "data.val_fraction=0").returncode == 0
+    done = distnn(work, "evaluate", "run")
+    assert done.returncode == 0, done.stderr
+    assert "all 120 rows of flowers.csv, all of which the model trained on" in done.stderr
+    line = one_error_line(distnn(work, "evaluate", "run", "--split", "val"))
+    assert "--split val: the run held out no rows (data.val_fraction = 0)" in line
+    save_model(work / "bare.npz", Network([4, 3], seed=1), classes=list(CLASSES))  # no run's config
+    assert "give the DATA to score" in one_error_line(distnn(work, "evaluate", "bare.npz"))
+    done = distnn(work, "evaluate", "bare.npz", "flowers.csv", "--target", "species")
+    assert "all 120 rows of flowers.csv (the model keeps no config" in done.stderr
+    for forged, message in (("cfg", "model field 'config' is str"),
+                            ({"model": {"hidden": "x"}}, "model field 'config' is not a valid config")):
+        save_model(work / "forged.npz", Network([4, 3], seed=1), classes=list(CLASSES),
+                   meta={"config": forged})
+        assert message in one_error_line(distnn(work, "evaluate", "forged.npz"))
 
 
 def test_a_run_directory_stands_for_its_model_and_errors_say_model_file(work):
