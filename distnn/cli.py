@@ -336,6 +336,35 @@ def _count(low, high):
     return parse
 
 
+def _set_hint(argv, unknown) -> str:
+    """'; ...' saying how to write, with --set KEY=VALUE, a config key given as a flag (--epochs 5)
+    or a --set whose value came apart from its key (--set optim.lr 0.1); else ''."""
+    def value_after(i):
+        return argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "VALUE"
+
+    for i, a in enumerate(argv):
+        key = a[len("--set="):] if a.startswith("--set=") else argv[i + 1] if (
+            a == "--set" and i + 1 < len(argv)) else None
+        if key is not None and "=" not in key and value_after(i + (a == "--set")) != "VALUE":
+            return (f"; --set takes KEY=VALUE as one word: "
+                    f"--set {key}={value_after(i + (a == '--set'))}")
+    for a in unknown:
+        if not a.startswith("--"):
+            continue
+        name, eq, value = a[2:].partition("=")
+        value = value if eq else value_after(argv.index(a))
+        if config.unsupported(name):
+            return f"; {config.unsupported(name)}"
+        keys = config.similar_keys(name)
+        same = [k for k in keys if k.rpartition(".")[2] == name.replace("-", "_")]
+        keys = same or keys
+        if len(keys) == 1:
+            return f"; to set {keys[0]}, use --set {keys[0]}={value}"
+        if keys:
+            return f"; to set a config key, use --set KEY={value} ({' or '.join(keys)})"
+    return ""
+
+
 def parser() -> ArgumentParser:
     """The argument parser of every command but bench (which parses its own); `commands` maps a
     command's name to its subparser."""
@@ -346,9 +375,11 @@ def parser() -> ArgumentParser:
     t = sub.add_parser("train", help="train from a TOML config (under MPI: every rank runs this)")
     t.add_argument("config", help="the TOML config file")
     t.add_argument("-n", "--np", type=_count(1, MAX_RANKS), default=1,
-                   help="start NP ranks under mpiexec (default 1: this process)")
+                   help="start NP ranks under mpiexec (default 1: this process); -np NP, as "
+                        "mpirun spells it, works too")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set model.l2=1e-4 (repeatable)")
+                   help="override a config key, e.g. --set model.l2=1e-4 (repeatable; every "
+                        "key is set this way: --set train.epochs=5, not --epochs 5)")
     t.add_argument("--out", help="run directory (default: the config's out_dir)")
     start = t.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
@@ -392,10 +423,13 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:]) or 0
+    if argv[:1] == ["train"]:
+        argv = ["-n" if a == "-np" else a for a in argv]  # mpirun's spelling of -n
     p = parser()
     args, unknown = p.parse_known_args(argv)  # a bad flag: one line and exit code 2
     if unknown:  # said by the command's parser, which names the command
-        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = _set_hint(argv, unknown) if args.command == "train" else ""
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:

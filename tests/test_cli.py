@@ -347,6 +347,16 @@ BAD_FLAGS = {  # argv: the one line it gets (after "distnn: error: ")
     "train c.toml --threads -1": "train: argument --threads: expected a number >= 0, got -1",
     "train c.toml --nope": "train: unrecognized arguments: --nope (see distnn train --help)",
     "train c.toml --set": "train: argument --set: expected one argument",
+    "train c.toml --epochs 5": "train: unrecognized arguments: --epochs 5; to set train.epochs, use "
+                               "--set train.epochs=5 (see distnn train --help)",
+    "train c.toml --lr=0.1": "train: unrecognized arguments: --lr=0.1; to set optim.lr, use --set "
+                             "optim.lr=0.1",
+    "train c.toml --learning-rate 0.1": "train: unrecognized arguments: --learning-rate 0.1; to set "
+                                        "optim.lr, use --set optim.lr=0.1",
+    "train c.toml --set optim.lr 0.1": "train: unrecognized arguments: 0.1; --set takes KEY=VALUE as "
+                                       "one word: --set optim.lr=0.1",
+    "train c.toml --dropout 0.5": "train: unrecognized arguments: --dropout 0.5; distnn has no dropout",
+    "train c.toml -np 0": "train: argument -n/--np: expected a number >= 1, got 0",  # mpirun's -np
     "train c.toml --resume --overwrite": "train: argument --overwrite: not allowed with argument "
                                         "--resume",
     "info": "info: the following arguments are required: model (see distnn info --help)",
@@ -369,6 +379,12 @@ def test_bad_flags_are_one_line_and_exit_code_2_without_the_usage_block(argv, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "usage" not in err, err
     assert err.startswith("distnn: error: " + BAD_FLAGS[argv]), err
+
+
+def test_mpiruns_np_spelling_is_taken_as_n(monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "train", lambda args: args.np)
+    assert cli.main(["train", "c.toml", "-np", "2"]) == 2
+    assert cli.main(["train", "c.toml", "--set", "data.source=-np", "-n", "3"]) == 3
 
 
 @pytest.mark.parametrize("argv", ["train c.toml -n 0", "bench --nope", "info"])
