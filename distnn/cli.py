@@ -365,11 +365,27 @@ def _set_hint(argv, unknown) -> str:
     return ""
 
 
+class _Version(argparse.Action):
+    """--version: prints "distnn X.Y.Z" and exits; the version is looked up only then (the
+    package metadata takes tens of milliseconds to read, which no other command should pay)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print distnn's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        print(f"distnn {__version__}")
+        parser.exit()
+
+
 def parser() -> ArgumentParser:
     """The argument parser of every command but bench (which parses its own); `commands` maps a
     command's name to its subparser."""
     p = ArgumentParser(prog="distnn", description="Data-parallel training of dense feed-forward "
                        "networks over MPI.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p.commands = sub.choices
     t = sub.add_parser("train", help="train from a TOML config (under MPI: every rank runs this)")

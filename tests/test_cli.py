@@ -381,6 +381,34 @@ def test_bad_flags_are_one_line_and_exit_code_2_without_the_usage_block(argv, ca
     assert err.startswith("distnn: error: " + BAD_FLAGS[argv]), err
 
 
+def test_version_is_the_installed_distributions(capsys, tmp_path):
+    import importlib.metadata
+
+    import distnn
+
+    installed = importlib.metadata.version("distnn")
+    assert distnn.__version__ == installed
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"distnn {installed}\n"
+    # asking for it keeps `import distnn` free of numpy (and of mpi4py, which starts MPI)
+    check = "import sys, distnn; distnn.__version__; print(sorted({'numpy', 'mpi4py'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(REPO)}).stdout == "[]\n"
+
+
+def test_version_of_a_checkout_that_was_never_installed(monkeypatch):
+    import importlib.metadata
+
+    import distnn
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert distnn.__version__ == "0+unknown"
+
+
 def test_mpiruns_np_spelling_is_taken_as_n(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "train", lambda args: args.np)
     assert cli.main(["train", "c.toml", "-np", "2"]) == 2
