@@ -113,11 +113,22 @@ def plot(args) -> int:
     try:
         # -o names the user's file (written through a link); RUN_DIR/curves.png is replaced
         progress.plot_curves(progress.read_metrics(run_dir / rundir.METRICS), out,
-                             through=args.output is not None)
+                             through=args.output is not None, penalty=_penalty(run_dir))
     except ImportError:
         raise UsageError("distnn plot needs matplotlib: pip install 'distnn[examples]'") from None
     print(out)
     return 0
+
+
+def _penalty(run_dir) -> str | None:
+    """The penalty in the run's training loss (progress.penalty), from its config.toml; None when
+    that cannot be read."""
+    saved = run_dir / rundir.CONFIG
+    try:  # a FIFO would block the read: only a plain file
+        cfg = config.load_config(saved) if saved.is_file() else None
+    except config.ConfigError:
+        cfg = None
+    return None if cfg is None else progress.penalty(cfg.model.l1, cfg.model.l2)
 
 
 # --------------------------------------------------------------- evaluate, predict, info

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distnn import checkpoint, cli, data
+from distnn import checkpoint, cli, data, progress
 from distnn.checkpoint import CheckpointError
 from distnn.config import load_config
 from distnn.model import load_model, save_model
@@ -518,6 +518,30 @@ def test_a_run_directory_stands_for_its_model_and_errors_say_model_file(work):
             load_model(work / name)
     with pytest.raises(CheckpointError, match="no such checkpoint file"):  # real checkpoints keep theirs
         checkpoint.load(work / "nothing.npz")
+
+
+def test_the_curves_say_the_training_loss_includes_the_penalty_and_the_val_loss_does_not(
+        work, monkeypatch):
+    pytest.importorskip("matplotlib")
+    drawn = []  # the legend labels of each figure drawn, in order
+    figure = progress.curves_figure
+
+    def recorded(*args, **kwargs):
+        fig = figure(*args, **kwargs)
+        drawn.append([t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()])
+        return fig
+
+    monkeypatch.setattr(progress, "curves_figure", recorded)
+    monkeypatch.chdir(work)
+    for l2, out in ((1e-3, "pen"), (0.0, "plain")):
+        assert cli.main(["train", "cfg.toml", "--set", "train.epochs=1", "--set", f"model.l2={l2}",
+                         "--out", out]) == 0  # curves.png at the end of the run
+        assert cli.main(["plot", out]) == 0  # and again from the run's config.toml
+    accuracies = ["train accuracy", "val accuracy"]
+    penalized = ["train loss (incl. L2 penalty)", "val loss (no penalty)", *accuracies]
+    plain = ["train loss", "val loss", *accuracies]
+    assert drawn == [penalized, penalized, plain, plain]
+    assert progress.penalty(1e-4, 0.0) == "L1" and progress.penalty(1e-4, 1e-4) == "L1 + L2"
 
 
 def test_example_configs_parse():
