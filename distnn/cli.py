@@ -2,9 +2,10 @@
 
     distnn train examples/digits.toml -n 2           # starts `mpiexec -n 2` itself
     mpiexec -n 2 distnn train examples/digits.toml   # the same run (or `python -m distnn`)
-    distnn evaluate runs/digits/model.npz sklearn:digits
-    distnn predict runs/digits/model.npz data.csv -o predictions.csv
-    distnn info runs/digits/model.npz
+    distnn evaluate runs/digits                      # the run's held-out rows (--split train|all)
+    distnn evaluate runs/digits/model.npz sklearn:digits     # all rows of any data
+    distnn predict runs/digits data.csv -o predictions.csv   # a run directory: its model.npz
+    distnn info runs/digits
     distnn plot runs/digits
 
 `train` runs run.train on every rank (run.py: the run; rundir.py: what it writes in its run
@@ -200,7 +201,8 @@ def evaluate(args) -> int:
 
 def run_config(given, path, model) -> config.Config | None:
     """The resolved config of the run that trained the model at `path`: the one its meta keeps,
-    else RUN_DIR/config.toml when `given` is that run directory; None for a model saved otherwise."""
+    else RUN_DIR/config.toml when `given` is that run directory; None for a model saved
+    otherwise."""
     if "config" in model.meta:
         try:
             return config.from_dict(model.meta["config"])
@@ -416,7 +418,8 @@ def parser() -> ArgumentParser:
                             "checkpoints, replacing them")
     t.add_argument("--threads", type=_count(0, config.MAX_THREADS),
                    help="BLAS threads per rank (default: the config's; 0 = cores / ranks per node)")
-    e = sub.add_parser("evaluate", help="metrics of a model on a data set")
+    e = sub.add_parser("evaluate", help="metrics of a model on a data set (default: the run's "
+                       "held-out rows)")
     p_ = sub.add_parser("predict", help="write a model's predictions as CSV")
     model_help = "a model file, or a run directory (for its model.npz)"
     for s in (e, p_):
@@ -428,7 +431,7 @@ def parser() -> ArgumentParser:
         s.add_argument("--target", help="target column/array (default: the model's)")
     e.add_argument("--split", choices=SPLITS,
                    help="rows of the run's data to score, as the run split them (default: val "
-                        "without DATA, all with DATA); which rows were scored goes to stderr")
+                        "when no data is given, else all); which rows were scored goes to stderr")
     e.add_argument("--json", action="store_true", help="print one JSON object (the metrics, "
                    "split, rows, source_rows, trained_rows)")
     p_.add_argument("-o", "--output", required=True, help="the CSV file to write")

@@ -141,7 +141,8 @@ def save_model(path, net, *, scaler=None, classes=None, meta=None) -> None:
 
 
 def model_path(path) -> Path:
-    """`path`, or RUN_DIR/model.npz when `path` is a directory: a run directory stands for its model."""
+    """`path`, or RUN_DIR/model.npz when `path` is a directory: a run directory stands for its
+    model."""
     path = Path(path)
     if not path.is_dir():
         return path
