@@ -352,15 +352,19 @@ def _count(low, high):
 def _set_hint(argv, unknown) -> str:
     """'; ...' saying how to write, with --set KEY=VALUE, a config key given as a flag (--epochs 5)
     or a --set whose value came apart from its key (--set optim.lr 0.1); else ''."""
-    def value_after(i):
-        return argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "VALUE"
+    def value_after(i):  # the word after argv[i], if it is a value (a number may start with -)
+        v = argv[i + 1] if i + 1 < len(argv) else "-"
+        return v if not v.startswith("-") or v[1:2].isdigit() or v[1:2] == "." else "VALUE"
 
     for i, a in enumerate(argv):
-        key = a[len("--set="):] if a.startswith("--set=") else argv[i + 1] if (
-            a == "--set" and i + 1 < len(argv)) else None
-        if key is not None and "=" not in key and value_after(i + (a == "--set")) != "VALUE":
-            return (f"; --set takes KEY=VALUE as one word: "
-                    f"--set {key}={value_after(i + (a == '--set'))}")
+        if a == "--set" and i + 1 < len(argv):
+            key, at = argv[i + 1], i + 1
+        elif a.startswith("--set="):
+            key, at = a[len("--set="):], i
+        else:
+            continue
+        if "=" not in key and value_after(at) != "VALUE":
+            return f"; --set takes KEY=VALUE as one word: --set {key}={value_after(at)}"
     for a in unknown:
         if not a.startswith("--"):
             continue

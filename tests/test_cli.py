@@ -355,6 +355,8 @@ BAD_FLAGS = {  # argv: the one line it gets (after "distnn: error: ")
                                         "optim.lr, use --set optim.lr=0.1",
     "train c.toml --set optim.lr 0.1": "train: unrecognized arguments: 0.1; --set takes KEY=VALUE as "
                                        "one word: --set optim.lr=0.1",
+    "train c.toml --set optim.lr -0.1": "train: unrecognized arguments: -0.1; --set takes KEY=VALUE "
+                                        "as one word: --set optim.lr=-0.1",
     "train c.toml --dropout 0.5": "train: unrecognized arguments: --dropout 0.5; distnn has no dropout",
     "train c.toml -np 0": "train: argument -n/--np: expected a number >= 1, got 0",  # mpirun's -np
     "train c.toml --resume --overwrite": "train: argument --overwrite: not allowed with argument "
