@@ -13,8 +13,21 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    if name == "__version__":
+        return _version()
     raise AttributeError(f"module 'distnn' has no attribute {name!r}")
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's); "0+unknown" when distnn runs from
+    a checkout that was never installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("distnn")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def __dir__():
-    return sorted([*globals(), *__all__])
+    return sorted([*globals(), *__all__, "__version__"])

@@ -324,15 +324,23 @@ def plot(res, path):
     return True
 
 
+# The set-ups on the x axis are categories, not a scale: markers and bars, no lines between them
+LAYOUT_AXIS = "set-up: ranks (r) x BLAS threads per rank (t)"
+
+
 def plot_speedup(ax, strong, layouts, names, cores):
-    """Strong-scaling speed-up of each net and dtype per ranks x threads layout, with the ideal."""
+    """Strong-scaling speed-up of each net and dtype per ranks x threads layout, side by side as
+    markers, with the ideal as a bar across each layout."""
     x = np.arange(len(layouts))
-    for net, dt in sorted({(r["net"], r["dtype"]) for r in strong}):
+    series = sorted({(r["net"], r["dtype"]) for r in strong})
+    step = 0.6 / max(len(series), 1)  # the markers of one layout spread over 0.6 of its slot
+    for i, (net, dt) in enumerate(series):
         rows = [find(strong, net=net, dtype=dt, ranks=r, threads=t) for r, t in layouts]
         y = [np.nan if r is None or r["speedup"] is None else r["speedup"] for r in rows]
-        ax.plot(x, y, "o-", label=f"{net} {dt}")
-    ax.plot(x, [min(r * t, cores) for r, t in layouts], "k--", label="ideal (cores used)")
-    ax.set(xticks=x, xticklabels=names, ylabel="speed-up vs 1 rank x 1 thread",
+        ax.plot(x + (i - (len(series) - 1) / 2) * step, y, "o", label=f"{net} {dt}")
+    ax.plot(x, [min(r * t, cores) for r, t in layouts], "k_", markersize=28, markeredgewidth=1.5,
+            label="ideal (cores used)")
+    ax.set(xticks=x, xticklabels=names, xlabel=LAYOUT_AXIS, ylabel="speed-up vs 1 rank x 1 thread",
            title="strong scaling (* oversubscribed)")
     ax.legend(fontsize=8)
 
@@ -346,7 +354,7 @@ def plot_step_split(ax, strong, layouts, names):
         v = np.array([1e3 * r[key] if r else 0.0 for r in rows])
         ax.bar(x, v, bottom=bottom, label=key[:-2])
         bottom += v
-    ax.set(xticks=x, xticklabels=names, ylabel="ms per step (mean over ranks)",
+    ax.set(xticks=x, xticklabels=names, xlabel=LAYOUT_AXIS, ylabel="ms per step (mean over ranks)",
            title=f"step split: {first['net']} {first['dtype']} G={first['batch']}")
     ax.legend(fontsize=8)
 

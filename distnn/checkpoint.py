@@ -27,8 +27,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or is refused on reading; the message names the file."""
 
 
-def save(path, arrays, meta):
-    """Atomically write `arrays` (name -> array) and JSON-able `meta` (a dict) to `path`."""
+def save(path, arrays, meta, what="checkpoint"):
+    """Atomically write `arrays` (name -> array) and JSON-able `meta` (a dict) to `path`; `what`
+    names the file in messages ("model" for a model file)."""
     path = Path(path)
     arrays = _checked_arrays(path, arrays)
     if not isinstance(meta, dict):
@@ -44,19 +45,20 @@ def save(path, arrays, meta):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda f: _write_npz(f, members), binary=True)
     except OSError as e:  # mkdir's, or write_atomically's, whose __cause__ is the system's reason
-        raise CheckpointError(f"{path}: could not write checkpoint: {e.__cause__ or e}") from e
+        raise CheckpointError(f"{path}: could not write {what} file: {e.__cause__ or e}") from e
 
 
-def load(path, kind=None):
+def load(path, kind=None, what="checkpoint"):
     """(arrays, meta) from a file `save` wrote, fully in memory; refuses anything else, and with
-    `kind` a file whose meta["kind"] differs (a model file where a training checkpoint belongs)."""
+    `kind` a file whose meta["kind"] differs (a model file where a training checkpoint belongs).
+    `what` names the file in messages ("model" for a model file)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    members = _read_members(path)
+        raise CheckpointError(f"{path}: no such {what} file")
+    members = _read_members(path, what)
     tag = members.pop("__format__", None)
     if tag is None:
-        raise CheckpointError(f"{path}: no distnn format tag; not a checkpoint distnn wrote")
+        raise CheckpointError(f"{path}: no distnn format tag; not a {what} file distnn wrote")
     if tag.tobytes() != FORMAT.encode():
         raise CheckpointError(f"{path}: format tag {tag.tobytes()[:40]!r}, expected {FORMAT!r}")
     if "__meta__" not in members or "__sha256__" not in members:
@@ -165,7 +167,7 @@ def _write_npz(f, members):
                 np.lib.format.write_array(member, a, allow_pickle=False)
 
 
-def _read_members(path):
+def _read_members(path, what):
     """Every member of the npz at `path` as an in-memory array, without ever unpickling."""
     # Checked first: np.load takes whatever is neither zip nor .npy for a pickle, and says so.
     if not zipfile.is_zipfile(path):
@@ -174,7 +176,7 @@ def _read_members(path):
         with np.load(path, allow_pickle=False) as z:
             members = {name: z[name] for name in z.files}
     except Exception as e:  # malformed input raises a zoo: BadZipFile, EOFError, ValueError, ...
-        raise CheckpointError(f"{path}: unreadable checkpoint: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{path}: unreadable {what} file: {type(e).__name__}: {e}") from e
     for name, a in members.items():
         if not isinstance(a, np.ndarray):
             raise CheckpointError(f"{path}: member {name!r} is not an .npy array")

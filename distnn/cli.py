@@ -2,9 +2,10 @@
 
     distnn train examples/digits.toml -n 2           # starts `mpiexec -n 2` itself
     mpiexec -n 2 distnn train examples/digits.toml   # the same run (or `python -m distnn`)
-    distnn evaluate runs/digits/model.npz sklearn:digits
-    distnn predict runs/digits/model.npz data.csv -o predictions.csv
-    distnn info runs/digits/model.npz
+    distnn evaluate runs/digits                      # the run's held-out rows (--split train|all)
+    distnn evaluate runs/digits/model.npz sklearn:digits     # all rows of any data
+    distnn predict runs/digits data.csv -o predictions.csv   # a run directory: its model.npz
+    distnn info runs/digits
     distnn plot runs/digits
 
 `train` runs run.train on every rank (run.py: the run; rundir.py: what it writes in its run
@@ -33,7 +34,8 @@ from pathlib import Path
 from . import config, data, launcher, progress, run, rundir
 from .atomic import write_atomically
 from .errors import USER_ERRORS, ArgumentParser, UsageError
-from .model import load_model
+from .checkpoint import CheckpointError
+from .model import load_model, model_path
 from .stopping import StopRequest
 
 _MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")  # set inside an MPI job
@@ -118,45 +120,134 @@ def plot(args) -> int:
     try:
         # -o names the user's file (written through a link); RUN_DIR/curves.png is replaced
         progress.plot_curves(progress.read_metrics(run_dir / rundir.METRICS), out,
-                             through=args.output is not None)
+                             through=args.output is not None, penalty=_penalty(run_dir))
     except ImportError:
         raise UsageError("distnn plot needs matplotlib: pip install 'distnn[examples]'") from None
     print(out)
     return 0
 
 
+def _penalty(run_dir) -> str | None:
+    """The penalty in the run's training loss (progress.penalty), from its config.toml; None when
+    that cannot be read."""
+    saved = run_dir / rundir.CONFIG
+    try:  # a FIFO would block the read: only a plain file
+        cfg = config.load_config(saved) if saved.is_file() else None
+    except config.ConfigError:
+        cfg = None
+    return None if cfg is None else progress.penalty(cfg.model.l1, cfg.model.l2)
+
+
 # --------------------------------------------------------------- evaluate, predict, info
 
 def _model_data(args, require_target=True):
-    """(model, dataset) for evaluate/predict; CSV columns are picked by the model's feature names.
-    A data set of other width is refused first: its labels cannot be judged before that."""
-    model = load_model(args.model)
-    target = args.target or model.meta.get("target") or None
-    features = model.meta.get("features") if args.data.lower().endswith(".csv") else None
-    ds = data.load(args.data, target=target, features=features, require_target=require_target)
+    """(model file, model, dataset) for predict; see _load_data."""
+    path = model_path(args.model)
+    model = load_model(path)
+    return path, model, _load_data(model, path, args.data, args.target, require_target)
+
+
+def _load_data(model, path, source, target, require_target=True) -> data.Dataset:
+    """The data set `source` for the model (file `path`); CSV columns are picked by the model's
+    feature names. A data set of other width is refused first: its labels cannot be judged before
+    that."""
+    target = target or model.meta.get("target") or None
+    features = model.meta.get("features") if source.lower().endswith(".csv") else None
+    ds = data.load(source, target=target, features=features, require_target=require_target)
     if ds.X.shape[1] != model.net.sizes[0]:
         names = f" ({_shorten(model.meta['features'])})" if model.meta.get("features") else ""
-        raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {args.model} "
+        raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {path} "
                              f"takes {model.net.sizes[0]}{names}")
-    return model, ds
+    return ds
+
+
+SPLITS = ("val", "train", "all")
 
 
 def evaluate(args) -> int:
-    """`distnn evaluate MODEL DATA`: the model's metrics, one `name value` per line (or JSON)."""
-    model, ds = _model_data(args)
-    scores = model.scores(ds.X, ds.y)
+    """`distnn evaluate MODEL|RUN_DIR [DATA] [--split S]`: the model's metrics, one `name value`
+    per line (or JSON), and on stderr which rows were scored. Without DATA, the run's own data
+    source and, by default, its held-out (val) rows; with DATA, all its rows unless --split."""
+    path = model_path(args.model)
+    model = load_model(path)
+    cfg = run_config(args.model, path, model)
+    if args.data is None and cfg is None:
+        raise UsageError(f"{path}: the model keeps no config of the run that trained it, so it "
+                         f"names no data; give the DATA to score")
+    source = args.data if args.data is not None else cfg.data.source
+    own = cfg is not None and _same_source(source, cfg.data.source)  # the run's split applies
+    split = args.split or ("val" if args.data is None else "all")
+    if split != "all" and not own:
+        why = ("the model keeps no config of the run that trained it" if cfg is None
+               else f"{source} is not the run's data source {cfg.data.source}")
+        raise UsageError(f"--split {split}: {why}; a split is drawn from the run's own data")
+    ds = _load_data(model, path, source, args.target)
+    n, rows, trained = len(ds.X), None, None
+    if own:  # the rows run.prepare drew: the same function of (rows, val_fraction, seed)
+        rows = dict(zip(("train", "val"), data.train_val_split(n, cfg.data.val_fraction,
+                                                               cfg.train.seed)))
+        if not len(rows["val"]) and split == "val":
+            if args.split:
+                raise UsageError(f"--split val: the run held out no rows (data.val_fraction = "
+                                 f"{cfg.data.val_fraction:g}); use --split train or all")
+            split = "all"  # nothing held out: all there is
+        trained = {"train": len(rows["train"]), "val": 0, "all": len(rows["train"])}[split]
+        rows = rows.get(split)
+    X, y = (ds.X, ds.y) if rows is None else (run._Rows(ds.X, rows), ds.y[rows])
+    scores = model.scores(X, y)
+    print(_scored(split, len(X), n, source, cfg, own, trained), file=sys.stderr)
     if args.json:
-        print(json.dumps(scores))
+        print(json.dumps(scores | {"split": split, "rows": len(X), "source_rows": n,
+                                   "trained_rows": trained}))
     else:
         for name, value in scores.items():
             print(f"{name} {value:.6g}")
     return 0
 
 
+def run_config(given, path, model) -> config.Config | None:
+    """The resolved config of the run that trained the model at `path`: the one its meta keeps,
+    else RUN_DIR/config.toml when `given` is that run directory; None for a model saved
+    otherwise."""
+    if "config" in model.meta:
+        try:
+            return config.from_dict(model.meta["config"])
+        except config.ConfigError as e:
+            raise CheckpointError(f"{path}: model field 'config' is not a valid config: "
+                                  f"{e}") from None
+    saved = Path(given) / rundir.CONFIG
+    return config.load_config(saved) if Path(given).is_dir() and saved.is_file() else None
+
+
+def _same_source(given, source) -> bool:
+    """Whether the data source `given` is `source`: the same text, or the same file."""
+    try:
+        return given == source or os.path.samefile(given, source)
+    except (OSError, ValueError):  # a named set (sklearn:...), a missing file, a NUL in the name
+        return False
+
+
+def _scored(split, k, n, source, cfg, own, trained) -> str:
+    """One line saying which rows of `source` were scored and whether the model trained on them."""
+    if not own:
+        why = ("the model keeps no config of the run that trained it" if cfg is None
+               else f"not the run's data source {cfg.data.source}")
+        return f"scored: all {n} rows of {source} ({why}, so no split applies)"
+    if split == "val":
+        return f"scored: val split, {k} of {n} rows of {source} (held out from training)"
+    if split == "train":
+        return f"scored: train split, {k} of {n} rows of {source} (the rows the model trained on)"
+    if trained == n:
+        return (f"scored: all {n} rows of {source}, all of which the model trained on (the run "
+                f"held out none)")
+    return (f"scored: all {n} rows of {source}, including the {trained} the model trained on "
+            f"(--split val scores the {n - trained} held out)")
+
+
 def predict(args) -> int:
     """`distnn predict MODEL DATA -o OUT.csv`: mean response per row, and labels for classifiers."""
-    _check_output(args.output, args.model, args.data)
-    model, ds = _model_data(args, require_target=False)  # data to predict on needs no labels
+    _check_output(args.output, model_path(args.model), args.data)
+    _, model, ds = _model_data(args, require_target=False)  # data to predict on needs no labels
     mean = model.predict(ds.X)
     columns = prediction_columns(model)
     labels = model.predict_labels(ds.X) if model.is_classifier else None
@@ -203,11 +294,12 @@ def prediction_columns(model) -> list[str]:
 
 
 def info(args) -> int:
-    """`distnn info MODEL`: architecture, size, inputs, classes and how training went."""
-    model = load_model(args.model)
+    """`distnn info MODEL|RUN_DIR`: architecture, size, inputs, classes and how training went."""
+    path = model_path(args.model)
+    model = load_model(path)
     net, meta = model.net, model.meta
     features = meta.get("features") or []
-    lines = [("model", args.model),
+    lines = [("model", str(path)),
              ("network", f"{' -> '.join(map(str, net.sizes))}  ({net.activation} hidden, "
                          f"{net.family} output)"),
              ("params", f"{net.n_params:,} {net.dtype.name}  (l1 {net.l1:g}, l2 {net.l2:g})"),
@@ -265,19 +357,70 @@ def _count(low, high):
     return parse
 
 
+def _set_hint(argv, unknown) -> str:
+    """'; ...' saying how to write, with --set KEY=VALUE, a config key given as a flag (--epochs 5)
+    or a --set whose value came apart from its key (--set optim.lr 0.1); else ''."""
+    def value_after(i):  # the word after argv[i], if it is a value (a number may start with -)
+        v = argv[i + 1] if i + 1 < len(argv) else "-"
+        return v if not v.startswith("-") or v[1:2].isdigit() or v[1:2] == "." else "VALUE"
+
+    for i, a in enumerate(argv):
+        if a == "--set" and i + 1 < len(argv):
+            key, at = argv[i + 1], i + 1
+        elif a.startswith("--set="):
+            key, at = a[len("--set="):], i
+        else:
+            continue
+        if "=" not in key and value_after(at) != "VALUE":
+            return f"; --set takes KEY=VALUE as one word: --set {key}={value_after(at)}"
+    for a in unknown:
+        if not a.startswith("--"):
+            continue
+        name, eq, value = a[2:].partition("=")
+        value = value if eq else value_after(argv.index(a))
+        if config.unsupported(name):
+            return f"; {config.unsupported(name)}"
+        keys = config.similar_keys(name)
+        same = [k for k in keys if k.rpartition(".")[2] == name.replace("-", "_")]
+        keys = same or keys
+        if len(keys) == 1:
+            return f"; to set {keys[0]}, use --set {keys[0]}={value}"
+        if keys:
+            return f"; to set a config key, use --set KEY={value} ({' or '.join(keys)})"
+    return ""
+
+
+class _Version(argparse.Action):
+    """--version: prints "distnn X.Y.Z" and exits; the version is looked up only then (the
+    package metadata takes tens of milliseconds to read, which no other command should pay)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print distnn's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        print(f"distnn {__version__}")
+        parser.exit()
+
+
 def parser() -> ArgumentParser:
     """The argument parser of every command but bench (which parses its own); `commands` maps a
     command's name to its subparser."""
     p = ArgumentParser(prog="distnn", description="Data-parallel training of dense feed-forward "
                        "networks over MPI.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p.commands = sub.choices
     t = sub.add_parser("train", help="train from a TOML config (under MPI: every rank runs this)")
     t.add_argument("config", help="the TOML config file")
     t.add_argument("-n", "--np", type=_count(1, MAX_RANKS), default=1,
-                   help="start NP ranks under mpiexec (default 1: this process)")
+                   help="start NP ranks under mpiexec (default 1: this process); -np NP, as "
+                        "mpirun spells it, works too")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set model.l2=1e-4 (repeatable)")
+                   help="override a config key, e.g. --set model.l2=1e-4 (repeatable; every "
+                        "key is set this way: --set train.epochs=5, not --epochs 5)")
     t.add_argument("--out", help="run directory (default: the config's out_dir)")
     start = t.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
@@ -287,15 +430,24 @@ def parser() -> ArgumentParser:
                             "checkpoints, replacing them")
     t.add_argument("--threads", type=_count(0, config.MAX_THREADS),
                    help="BLAS threads per rank (default: the config's; 0 = cores / ranks per node)")
-    e = sub.add_parser("evaluate", help="metrics of a model on a data set")
+    e = sub.add_parser("evaluate", help="metrics of a model on a data set (default: the run's "
+                       "held-out rows)")
     p_ = sub.add_parser("predict", help="write a model's predictions as CSV")
+    model_help = "a model file, or a run directory (for its model.npz)"
     for s in (e, p_):
-        s.add_argument("model", help="a model file (RUN_DIR/model.npz)")
-        s.add_argument("data", help="data source: file.csv, file.npz, file.npy, sklearn:NAME, ...")
+        s.add_argument("model", help=model_help)
+    e.add_argument("data", nargs="?", help="data source: file.csv, file.npz, file.npy, "
+                   "sklearn:NAME, ... (default: the run's data.source)")
+    p_.add_argument("data", help="data source: file.csv, file.npz, file.npy, sklearn:NAME, ...")
+    for s in (e, p_):
         s.add_argument("--target", help="target column/array (default: the model's)")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--split", choices=SPLITS,
+                   help="rows of the run's data to score, as the run split them (default: val "
+                        "when no data is given, else all); which rows were scored goes to stderr")
+    e.add_argument("--json", action="store_true", help="print one JSON object (the metrics, "
+                   "split, rows, source_rows, trained_rows)")
     p_.add_argument("-o", "--output", required=True, help="the CSV file to write")
-    sub.add_parser("info", help="describe a model").add_argument("model")
+    sub.add_parser("info", help="describe a model").add_argument("model", help=model_help)
     pl = sub.add_parser("plot", help="curves.png from a run's metrics.jsonl")
     pl.add_argument("run_dir")
     pl.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/curves.png)")
@@ -313,10 +465,13 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:]) or 0
+    if argv[:1] == ["train"]:
+        argv = ["-n" if a == "-np" else a for a in argv]  # mpirun's spelling of -n
     p = parser()
     args, unknown = p.parse_known_args(argv)  # a bad flag: one line and exit code 2
     if unknown:  # said by the command's parser, which names the command
-        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = _set_hint(argv, unknown) if args.command == "train" else ""
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:

@@ -279,16 +279,59 @@ def _valid_keys() -> list[str]:
     return list(TOP_LEVEL) + fields
 
 
+# Names other libraries use, and the key of this schema that means the same (only keys that exist)
+SYNONYMS = {
+    "learning_rate": "lr", "eta": "lr",
+    "lr_decay": "gamma", "decay": "gamma", "decay_rate": "gamma",
+    "n_epochs": "epochs", "num_epochs": "epochs", "max_epochs": "epochs", "max_iter": "epochs",
+    "epoch": "epochs",
+    "batch": "batch_size", "batchsize": "batch_size", "minibatch": "batch_size",
+    "minibatch_size": "batch_size", "mini_batch_size": "batch_size",
+    "hidden_layers": "hidden", "hidden_layer_sizes": "hidden", "layers": "hidden",
+    "hidden_sizes": "hidden", "hidden_units": "hidden",
+    "activation_function": "activation", "nonlinearity": "activation",
+    "l2_reg": "l2", "l2_penalty": "l2", "alpha": "l2", "weight_decay": "l2",  # optim's is another
+    "l1_reg": "l1", "l1_penalty": "l1",
+    "optimizer": "name", "solver": "name",
+    "random_state": "seed", "random_seed": "seed",
+    "validation_fraction": "val_fraction", "val_split": "val_fraction",
+    "validation_split": "val_fraction",
+    "early_stopping": "patience", "n_iter_no_change": "patience",
+    "scheduler": "schedule", "lr_schedule": "schedule", "warmup": "warmup_steps",
+    "grad_clip": "clip_norm", "max_grad_norm": "clip_norm", "clip_grad_norm": "clip_norm",
+    "loss": "family",
+}
+UNSUPPORTED = {"dropout": "distnn has no dropout; model.l2 or model.l1 regularize"}
+
+
+def similar_keys(name: str, section: str = "") -> list[str]:
+    """The keys a user most likely meant by `name` (a key's last part, as typed, in `section`):
+    those of that name (model.lr -> optim.lr) and those SYNONYMS gives (learning_rate -> optim.lr);
+    `section`'s own first (model.weight_decay -> model.l2), then those of that name."""
+    word = name.lower().replace("-", "_")
+    last = {k: k.rpartition(".")[2] for k in _valid_keys()}
+    found = [k for k, n in last.items() if n == word]
+    found += [k for k, n in last.items() if n == SYNONYMS.get(word) and k not in found]
+    return sorted(found, key=lambda k: (k.rpartition(".")[0] != section, last[k] != word))
+
+
+def unsupported(name: str) -> str | None:
+    """What to say of a setting distnn does not have (dropout), else None."""
+    return UNSUPPORTED.get(name.lower().replace("-", "_"))
+
+
 def _require_known(key: str) -> None:
     """ConfigError for a key not in the schema, suggesting the same name in another section
-    (model.lr -> optim.lr) or else the closest spelling."""
+    (model.lr -> optim.lr), a key of the same meaning (optim.learning_rate -> optim.lr), or else
+    the closest spelling; a setting distnn lacks (dropout) is said to be missing."""
     valid = _valid_keys()
     if key in valid:
         return
-    name = key.rpartition(".")[2]
-    moved = [k for k in valid if k.rpartition(".")[2] == name]
-    close = moved or difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
+    section, _, name = key.rpartition(".")
+    close = similar_keys(name, section) or difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    if unsupported(name):
+        hint = f"; {unsupported(name)}"
     raise ConfigError(f"{_shown(key)}: unknown key{hint}")
 
 
@@ -333,7 +376,8 @@ def apply_override(d: dict, item: str) -> None:
     key, eq, text = item.partition("=")
     key = key.strip()
     if not eq:
-        raise ConfigError(f"override {item!r}: no '=' in it (expected section.key=value)")
+        how = f"write {key}=VALUE" if key in _valid_keys() else "expected section.key=value"
+        raise ConfigError(f"override {item!r}: no '=' in it ({how})")
     if not key:
         raise ConfigError(f"override {item!r}: no key before '=' (expected section.key=value)")
     _require_known(key)

@@ -14,6 +14,7 @@ trainer's path: cast to the network dtype, standardize, forward, so predictions 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from .data import DataError, Standardizer
 from .network import Network
 
 KIND = "model"
+FILE = "model.npz"  # a run directory's model (rundir.MODEL): where a run directory's path leads
 BLOCK = 65536  # rows per forward pass: bounded memory for memory-mapped inputs
 
 
@@ -137,12 +139,26 @@ def save_model(path, net, *, scaler=None, classes=None, meta=None) -> None:
         arrays |= {f"scaler/{k}": v for k, v in scaler.to_arrays().items()}
     info = dict(meta or {}) | {"kind": KIND, "network": net.spec(),
                                "classes": None if classes is None else np.asarray(classes).tolist()}
-    checkpoint.save(path, arrays, info)
+    checkpoint.save(path, arrays, info, what=KIND)
+
+
+def model_path(path) -> Path:
+    """`path`, or RUN_DIR/model.npz when `path` is a directory: a run directory stands for its
+    model."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / FILE).exists():
+        raise CheckpointError(f"{path}: a directory without a model file ({FILE}); a run "
+                              f"directory has one once its run has finished")
+    return path / FILE
 
 
 def load_model(path) -> Model:
-    """The model saved at `path`; a training checkpoint or a foreign file is a CheckpointError."""
-    arrays, meta = checkpoint.load(path)
+    """The model saved at `path` (or in the run directory `path`); a training checkpoint or a
+    foreign file is a CheckpointError."""
+    path = model_path(path)
+    arrays, meta = checkpoint.load(path, what=KIND)
     if meta.get("kind") != KIND:
         what = "a training checkpoint" if meta.get("kind") == "training" else "not a model file"
         raise CheckpointError(f"{path}: {what}; expected a model written by `distnn train` "
@@ -170,7 +186,7 @@ def load_model(path) -> Model:
 
 # What the commands read from a model's meta, and the type each must have (a crafted file may lie).
 META_TYPES = {"network": dict, "features": list, "target": (str, type(None)), "metrics": dict,
-              "source": str}
+              "source": str, "config": dict}
 SCORED = ("val", "test")  # the tables of scores in meta["metrics"], {name: number}
 
 

@@ -104,23 +104,50 @@ def _epoch_record(r) -> bool:
             and not isinstance(r["epoch"], bool) and all(number(r[k]) for k in PLOTTED if k in r))
 
 
-def plot_curves(records, path, through=False) -> None:
-    """Loss and validation loss (and accuracies, for classifiers) against the epoch, as a PNG;
-    `through` as in atomic.write_atomically."""
+def penalty(l1, l2) -> str:
+    """The penalty the training loss includes: "L1", "L2", "L1 + L2", or "" for none."""
+    return " + ".join(name for name, weight in (("L1", l1), ("L2", l2)) if weight)
+
+
+def curve_labels(penalty) -> dict:
+    """Legend labels of the plotted keys; the training loss includes the model's `penalty` (see
+    penalty(); None: not known), the validation loss never does."""
+    if penalty is None:
+        train, val = "train loss (incl. the L1/L2 penalty, if any)", "val loss (no penalty)"
+    elif penalty:
+        train, val = f"train loss (incl. {penalty} penalty)", "val loss (no penalty)"
+    else:
+        train, val = "train loss", "val loss"
+    return {"loss": train, "val_loss": val, "accuracy": "train accuracy",
+            "val_accuracy": "val accuracy"}
+
+
+def curves_figure(records, penalty=None):
+    """Loss and validation loss (and accuracies, for classifiers) against the epoch: a matplotlib
+    Figure; `penalty` as curve_labels takes it."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     from matplotlib.ticker import MaxNLocator
 
+    labels = curve_labels(penalty)
     panels = [("loss", "val_loss")] + [("accuracy", "val_accuracy")] * ("accuracy" in records[0])
     fig = Figure(figsize=(5 * len(panels), 3.6), layout="constrained")
     epochs = [r["epoch"] for r in records]
     for ax, keys in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
         for key in keys:
             if key in records[0]:
-                ax.plot(epochs, [r.get(key, np.nan) for r in records], marker=".", label=key)
+                ax.plot(epochs, [r.get(key, np.nan) for r in records], marker=".",
+                        label=labels[key])
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(keys[0])
         ax.grid(alpha=0.3)
         ax.legend()
+    return fig
+
+
+def plot_curves(records, path, through=False, penalty=None) -> None:
+    """curves_figure(records, penalty) as a PNG at `path`; `through` as in
+    atomic.write_atomically."""
+    fig = curves_figure(records, penalty)
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True,
                      through=through)

@@ -334,7 +334,8 @@ def _finish(run, model, done, started, scores) -> None:
                meta=model.meta | {"metrics": done})
     try:
         if done["last"] is not None:  # epochs = 0 trains nothing and has nothing to plot
-            progress.plot_curves(progress.read_metrics(run / METRICS), run / CURVES)
+            progress.plot_curves(progress.read_metrics(run / METRICS), run / CURVES,
+                                 penalty=progress.penalty(model.net.l1, model.net.l2))
     except ImportError:
         print("distnn: note: no matplotlib, so no curves.png (pip install 'distnn[examples]')",
               file=sys.stderr)

@@ -148,3 +148,21 @@ def test_best_of_keeps_each_figures_fastest_run():
             {"step_s": {"adam": 1.0}, "grad_s": 4.0, "gflops": 9.0, "batch": 64, "rows": [{"x_s": 2.0}]}]
     assert bench.best_of(runs) == {"step_s": {"adam": 1.0}, "grad_s": 1.0, "gflops": 9.0, "batch": 64,
                                    "rows": [{"x_s": 2.0}]}
+
+
+def test_the_plot_labels_its_axes_and_draws_no_lines_between_set_ups():
+    figure = pytest.importorskip("matplotlib.figure")
+    strong = [{"net": net, "dtype": "float32", "ranks": r, "threads": t, "batch": 512,
+               "speedup": r * t * 0.9, "compute_s": 0.01, "allreduce_s": 0.001, "update_s": 0.001}
+              for net in ("large", "small") for r, t in ((1, 1), (1, 2), (2, 1))]
+    layouts, names = [(1, 1), (1, 2), (2, 1)], ["1r x 1t", "1r x 2t", "2r x 1t"]
+    speedup, split, bandwidth = figure.Figure().subplots(1, 3)
+    bench_report.plot_speedup(speedup, strong, layouts, names, cores=2)
+    bench_report.plot_step_split(split, strong, layouts, names)
+    bench_report.plot_bandwidth(bandwidth, {"ranks": 2, "sweep": [
+        {"bytes": b, "bucketed_busbw_GBps": 1.0, "one_call_busbw_GBps": 0.5} for b in (1e3, 1e6)]})
+    for ax in (speedup, split, bandwidth):
+        assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+    # the set-ups are categories: markers (and bars), never a line from one set-up to the next
+    assert speedup.lines and all(line.get_linestyle() == "None" for line in speedup.lines)
+    assert not split.lines and split.patches

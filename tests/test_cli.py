@@ -14,12 +14,13 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from distnn import checkpoint, cli, data
+from distnn import checkpoint, cli, data, progress
 from distnn.checkpoint import CheckpointError
 from distnn.config import load_config
 from distnn.model import load_model, save_model
@@ -322,7 +323,7 @@ def test_bad_input_is_one_line_and_exit_code_2_and_nothing_written(work, case):
     (["train", "cfg.toml", "--set", "model.l2"], "override 'model.l2': no '='"),
     (["train", "cfg.toml", "--set", "model.lr=1"], "model.lr: unknown key; did you mean optim.lr?"),
     (["train", "cfg.toml", "--out", ""], "--out: expected a directory"),
-    (["evaluate", "nothing.npz", "flowers.csv"], "nothing.npz: no such checkpoint file"),
+    (["evaluate", "nothing.npz", "flowers.csv"], "nothing.npz: no such model file"),
     (["info", "flowers.csv"], "not a zip/npz archive"),
 ])
 def test_command_errors_are_one_line_and_exit_code_2(work, args, message):
@@ -346,12 +347,24 @@ BAD_FLAGS = {  # argv: the one line it gets (after "distnn: error: ")
     "train c.toml --threads -1": "train: argument --threads: expected a number >= 0, got -1",
     "train c.toml --nope": "train: unrecognized arguments: --nope (see distnn train --help)",
     "train c.toml --set": "train: argument --set: expected one argument",
+    "train c.toml --epochs 5": "train: unrecognized arguments: --epochs 5; to set train.epochs, use "
+                               "--set train.epochs=5 (see distnn train --help)",
+    "train c.toml --lr=0.1": "train: unrecognized arguments: --lr=0.1; to set optim.lr, use --set "
+                             "optim.lr=0.1",
+    "train c.toml --learning-rate 0.1": "train: unrecognized arguments: --learning-rate 0.1; to set "
+                                        "optim.lr, use --set optim.lr=0.1",
+    "train c.toml --set optim.lr 0.1": "train: unrecognized arguments: 0.1; --set takes KEY=VALUE as "
+                                       "one word: --set optim.lr=0.1",
+    "train c.toml --set optim.lr -0.1": "train: unrecognized arguments: -0.1; --set takes KEY=VALUE "
+                                        "as one word: --set optim.lr=-0.1",
+    "train c.toml --dropout 0.5": "train: unrecognized arguments: --dropout 0.5; distnn has no dropout",
+    "train c.toml -np 0": "train: argument -n/--np: expected a number >= 1, got 0",  # mpirun's -np
     "train c.toml --resume --overwrite": "train: argument --overwrite: not allowed with argument "
                                         "--resume",
     "info": "info: the following arguments are required: model (see distnn info --help)",
     "info m.npz extra": "info: unrecognized arguments: extra",
-    "evaluate": "evaluate: the following arguments are required: model, data",
-    "evaluate m.npz": "evaluate: the following arguments are required: data",
+    "evaluate": "evaluate: the following arguments are required: model (see",
+    "evaluate m.npz --split test": "evaluate: argument --split: invalid choice: 'test'",
     "predict m.npz d.csv": "predict: the following arguments are required: -o/--output",
     "plot": "plot: the following arguments are required: run_dir",
     "bench --nope": "bench: unrecognized arguments: --nope (see distnn bench --help)",
@@ -368,6 +381,40 @@ def test_bad_flags_are_one_line_and_exit_code_2_without_the_usage_block(argv, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "usage" not in err, err
     assert err.startswith("distnn: error: " + BAD_FLAGS[argv]), err
+
+
+def test_version_is_the_installed_distributions(capsys, tmp_path):
+    import importlib.metadata
+
+    import distnn
+
+    installed = importlib.metadata.version("distnn")
+    assert distnn.__version__ == installed
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"distnn {installed}\n"
+    # asking for it keeps `import distnn` free of numpy (and of mpi4py, which starts MPI)
+    check = "import sys, distnn; distnn.__version__; print(sorted({'numpy', 'mpi4py'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(REPO)}).stdout == "[]\n"
+
+
+def test_version_of_a_checkout_that_was_never_installed(monkeypatch):
+    import importlib.metadata
+
+    import distnn
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert distnn.__version__ == "0+unknown"
+
+
+def test_mpiruns_np_spelling_is_taken_as_n(monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "train", lambda args: args.np)
+    assert cli.main(["train", "c.toml", "-np", "2"]) == 2
+    assert cli.main(["train", "c.toml", "--set", "data.source=-np", "-n", "3"]) == 3
 
 
 @pytest.mark.parametrize("argv", ["train c.toml -n 0", "bench --nope", "info"])
@@ -402,6 +449,101 @@ def test_model_commands_refuse_a_training_checkpoint(work):
     assert "4 -> 8 -> 3" in info and "setosa, versicolor, virginica" in info
     assert distnn(work, "plot", "run", "-o", "again.png").returncode == 0
     assert (work / "again.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_of_a_run_scores_its_held_out_rows_and_says_which_rows_it_scored(work):
+    assert distnn(work, "train", "cfg.toml").returncode == 0
+    val_scores = json.loads((work / "run" / "done.json").read_text())["val"]
+    for given in ("run", "run/model.npz"):  # the run directory or its model: the run's own data
+        done = distnn(work, "evaluate", given, "--json")
+        scores = json.loads(done.stdout)
+        assert {k: scores[k] for k in val_scores} == val_scores  # the rows the run held out
+        assert [scores[k] for k in ("split", "rows", "source_rows", "trained_rows")] == ["val", 30, 120, 0]
+        assert done.stderr == "scored: val split, 30 of 120 rows of flowers.csv (held out from training)\n"
+
+    # --split train: the rows data.train_val_split gave the run, as the model scores them
+    X, y = flowers()
+    train, _ = data.train_val_split(len(X), 0.25, seed=5)
+    done = distnn(work, "evaluate", "run", "--split", "train", "--json")
+    assert json.loads(done.stdout)["loss"] == load_model(work / "run" / "model.npz").scores(
+        X[train], y[train])["loss"]
+    assert "train split, 90 of 120 rows of flowers.csv (the rows the model trained on)" in done.stderr
+
+    # DATA that is the run's source: all its rows, as before, saying the model trained on most
+    done = distnn(work, "evaluate", "run", "./flowers.csv")
+    assert done.stdout == distnn(work, "evaluate", "run", "--split", "all").stdout
+    assert ("scored: all 120 rows of ./flowers.csv, including the 90 the model trained on "
+            "(--split val scores the 30 held out)") in done.stderr
+
+    # other data: all its rows, said so; the run's split does not apply to it
+    shutil.copy(work / "flowers.csv", work / "copy.csv")
+    done = distnn(work, "evaluate", "run", "copy.csv", "--json")
+    assert json.loads(done.stdout)["split"] == "all"
+    assert "all 120 rows of copy.csv (not the run's data source flowers.csv" in done.stderr
+    line = one_error_line(distnn(work, "evaluate", "run", "copy.csv", "--split", "val"))
+    assert "--split val: copy.csv is not the run's data source flowers.csv" in line
+
+
+def test_evaluate_without_held_out_rows_or_a_run_config_says_so(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "data.val_fraction=0").returncode == 0
+    done = distnn(work, "evaluate", "run")
+    assert done.returncode == 0, done.stderr
+    assert "all 120 rows of flowers.csv, all of which the model trained on" in done.stderr
+    line = one_error_line(distnn(work, "evaluate", "run", "--split", "val"))
+    assert "--split val: the run held out no rows (data.val_fraction = 0)" in line
+    save_model(work / "bare.npz", Network([4, 3], seed=1), classes=list(CLASSES))  # no run's config
+    assert "give the DATA to score" in one_error_line(distnn(work, "evaluate", "bare.npz"))
+    done = distnn(work, "evaluate", "bare.npz", "flowers.csv", "--target", "species")
+    assert "all 120 rows of flowers.csv (the model keeps no config" in done.stderr
+    for forged, message in (("cfg", "model field 'config' is str"),
+                            ({"model": {"hidden": "x"}}, "model field 'config' is not a valid config")):
+        save_model(work / "forged.npz", Network([4, 3], seed=1), classes=list(CLASSES),
+                   meta={"config": forged})
+        assert message in one_error_line(distnn(work, "evaluate", "forged.npz"))
+
+
+def test_a_run_directory_stands_for_its_model_and_errors_say_model_file(work):
+    assert distnn(work, "train", "cfg.toml", "--set", "train.epochs=1").returncode == 0
+    info = distnn(work, "info", "run")
+    assert info.returncode == 0 and info.stdout == distnn(work, "info", "run/model.npz").stdout
+    assert distnn(work, "predict", "run", "flowers.csv", "-o", "p.csv").returncode == 0
+    assert (work / "p.csv").read_text().startswith("p_setosa,")
+    line = one_error_line(distnn(work, "info", "nothing.npz"))
+    assert line.endswith("nothing.npz: no such model file")
+    (work / "empty").mkdir()
+    line = one_error_line(distnn(work, "evaluate", "empty", "flowers.csv"))
+    assert "empty: a directory without a model file (model.npz)" in line
+    with zipfile.ZipFile(work / "junk.npz", "w") as z:  # an .npy member with a broken header
+        z.writestr("params.npy", b"\x93NUMPY\x01\x00junk")
+    for name in ("nothing.npz", "junk.npz"):
+        with pytest.raises(CheckpointError, match="model file"):
+            load_model(work / name)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):  # real checkpoints keep theirs
+        checkpoint.load(work / "nothing.npz")
+
+
+def test_the_curves_say_the_training_loss_includes_the_penalty_and_the_val_loss_does_not(
+        work, monkeypatch):
+    pytest.importorskip("matplotlib")
+    drawn = []  # the legend labels of each figure drawn, in order
+    figure = progress.curves_figure
+
+    def recorded(*args, **kwargs):
+        fig = figure(*args, **kwargs)
+        drawn.append([t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()])
+        return fig
+
+    monkeypatch.setattr(progress, "curves_figure", recorded)
+    monkeypatch.chdir(work)
+    for l2, out in ((1e-3, "pen"), (0.0, "plain")):
+        assert cli.main(["train", "cfg.toml", "--set", "train.epochs=1", "--set", f"model.l2={l2}",
+                         "--out", out]) == 0  # curves.png at the end of the run
+        assert cli.main(["plot", out]) == 0  # and again from the run's config.toml
+    accuracies = ["train accuracy", "val accuracy"]
+    penalized = ["train loss (incl. L2 penalty)", "val loss (no penalty)", *accuracies]
+    plain = ["train loss", "val loss", *accuracies]
+    assert drawn == [penalized, penalized, plain, plain]
+    assert progress.penalty(1e-4, 0.0) == "L1" and progress.penalty(1e-4, 1e-4) == "L1 + L2"
 
 
 def test_example_configs_parse():

@@ -4,7 +4,7 @@ import tomllib
 
 import pytest
 
-from distnn import activations, families, network, optim
+from distnn import activations, config, families, network, optim
 from distnn.config import (ACTIVATIONS, CHECKS, Config, ConfigError, apply_override, from_dict,
                            load_config, parse_config, to_dict, to_toml)
 
@@ -218,6 +218,31 @@ def test_override_creates_a_missing_section_and_does_not_touch_the_input():
 def test_override_errors_name_the_key(item, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(MINIMAL, [item])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("optim.learning_rate=0.1", r"^optim\.learning_rate: unknown key; did you mean optim\.lr\?$"),
+    ("optim.lr_decay=0.5", r"did you mean optim\.gamma\?$"),
+    ("train.max_iter=9", r"did you mean train\.epochs\?$"),
+    ("train.num-epochs=9", r"did you mean train\.epochs\?$"),
+    ("model.epochs=9", r"did you mean train\.epochs\?$"),
+    ("train.minibatch=32", r"did you mean train\.batch_size\?$"),
+    ("model.hidden_layer_sizes=[8]", r"did you mean model\.hidden\?$"),
+    ("model.activation_function='tanh'", r"did you mean model\.activation\?$"),
+    ("model.alpha=1e-4", r"did you mean model\.l2\?$"),
+    ("model.weight_decay=1e-4", r"did you mean model\.l2 or optim\.weight_decay\?$"),
+    ("model.dropout=0.5", r"^model\.dropout: unknown key; distnn has no dropout"),
+    ("model.l2", r"^override 'model\.l2': no '=' in it \(write model\.l2=VALUE\)"),
+])
+def test_unknown_keys_suggest_the_key_of_the_same_meaning(item, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(MINIMAL, [item])
+
+
+def test_every_synonym_names_a_key_that_exists():
+    names = {key.rpartition(".")[2] for key in config._valid_keys()}
+    assert set(config.SYNONYMS.values()) <= names
+    assert not set(config.SYNONYMS) & names - {"weight_decay"}  # model's means l2; optim has its own
 
 
 def test_apply_override_edits_the_raw_table():
