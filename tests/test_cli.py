@@ -257,8 +257,10 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_143_then_resume_finishes(
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=30)
     assert job.returncode == 128 + signal.SIGTERM, err
-    assert [line for line in err.splitlines() if line.startswith("distnn:")] == \
-        [line for line in err.splitlines() if "stopped by SIGTERM" in line]
+    said = [line for line in err.splitlines() if line.startswith("distnn:")]
+    assert len(said) == 2 and "stopped by SIGTERM" in said[0], err
+    assert said[1] == ("distnn: continue with: distnn train cfg.toml --out run --resume "
+                       "--set=train.epochs=100000 --set=train.batch_size=8 -n 2")  # as started
     assert list((work / "run" / "checkpoints").glob("ckpt-*.npz"))
     assert not (work / "run" / "done.json").exists()
     epochs = len(records(work / "run")) + 1
@@ -295,7 +297,8 @@ BAD_CONFIGS = {  # case: (how the good config is spoiled, what the one line says
     "NUL after a number": (("flowers.csv", "nul.csv"),
                            "nul.csv line 3, column 'c': control character '\\x00' in '2.0\\x00'"),
     "target for another family": (('"multinomial"', '"bernoulli"'),
-                                  "flowers.csv: target 'species': bernoulli targets must be numbers"),
+                                  "flowers.csv: target 'species' has 3 labels ['setosa', "
+                                  "'versicolor', 'virginica']; bernoulli takes two"),
     "label unknown to the model": (("[optim]", 'test_source = "tulips.csv"\n[optim]'),
                                    "label 'tulip' at row 0 is not one of the model's classes"),
     "nested too deeply": (("hidden = [8]", "hidden = " + "[" * 3000 + "]" * 3000),

@@ -120,7 +120,7 @@ def test_defaults_fill_everything_but_the_source(tmp_path):
     ({"train": {"batch_size": 0}}, r"^train\.batch_size: expected a finite value >= 1, got 0"),
     ({"train": {"batch_size": True}}, r"^train\.batch_size: expected an integer, got True"),
     ({"train": {"batch_size": 32.0}}, r"^train\.batch_size: expected an integer, got 32\.0"),
-    ({"train": {"epochs": -1}}, r"^train\.epochs: expected a finite value >= 0"),
+    ({"train": {"epochs": 0}}, r"^train\.epochs: expected a finite value >= 1"),
     ({"train": {"seed": -1}}, r"^train\.seed: expected a finite value >= 0"),
     ({"train": {"chunk_size": 0}}, r"^train\.chunk_size: expected a value in \[1, 1048576\]"),
     ({"train": {"chunk_size": 2**20 + 1}}, r"^train\.chunk_size: expected a value in \[1, 1048576\]"),
