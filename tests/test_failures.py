@@ -119,7 +119,7 @@ def test_a_stop_request_before_slow_healthy_epoch_end_work_still_stops_with_a_ch
     # longer than the stop grace, which only the training steps' collectives must respect
     code, err, _ = train(config(tmp_path), "--set", "train.watchdog=600", fault="termslow:1:39")
     assert code == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM" in err and "watchdog" not in err
+    assert "stopped by SIGTERM" in err and "distnn: watchdog" not in err
     assert checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == "ckpt-000000041.npz"
 
 

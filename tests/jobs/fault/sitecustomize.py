@@ -132,7 +132,7 @@ if _SIGNAL:
     distnn.trainer.Trainer.train_batch = _before(
         "step", distnn.trainer.Trainer.train_batch, lambda self, *a, **k: self.step == 4)
     distnn.checkpoint.save = _before(
-        "checkpoint", distnn.checkpoint.save, lambda path, *a: str(path).endswith("ckpt-000000010.npz"))
+        "checkpoint", distnn.checkpoint.save, lambda path, *a, **k: str(path).endswith("ckpt-000000010.npz"))
     distnn.rundir.save_model = _before("model", distnn.rundir.save_model)
     _write_json = distnn.rundir._write_json
 
