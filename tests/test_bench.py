@@ -148,3 +148,22 @@ def test_best_of_keeps_each_figures_fastest_run():
             {"step_s": {"adam": 1.0}, "grad_s": 4.0, "gflops": 9.0, "batch": 64, "rows": [{"x_s": 2.0}]}]
     assert bench.best_of(runs) == {"step_s": {"adam": 1.0}, "grad_s": 1.0, "gflops": 9.0, "batch": 64,
                                    "rows": [{"x_s": 2.0}]}
+
+
+def test_startup_is_measured_cold_and_warm(quick):
+    s = quick[2]["startup"]
+    for kind in ("cold", "warm"):
+        assert all(positive(s[kind][k]) for k in ("import_s", "first_step_s", "process_s"))
+    assert s["cold_s"] == s["cold"]["import_s"] + s["cold"]["first_step_s"]
+    assert positive(s["warm_s"])
+    assert any(t["target"].startswith("start-up") for t in quick[2]["targets"])
+
+
+def test_ddp_rows_compare_with_the_trainer_at_the_same_ranks_net_dtype_and_batch():
+    trainer = [{"net": "small", "dtype": "float32", "batch": 512, "ranks": 2, "default_step_s": 0.5},
+               {"net": "small", "dtype": "float32", "batch": 512, "ranks": 2, "default_step_s": 0.4},
+               {"net": "small", "dtype": "float32", "batch": 512, "ranks": 1, "default_step_s": 0.1}]
+    ddp = [{"net": "small", "dtype": "float32", "batch": 512, "ranks": 2, "ddp_step_s": 1.0},
+           {"net": "large", "dtype": "float32", "batch": 512, "ranks": 2, "ddp_step_s": 1.0}]
+    (row,) = bench_report.ddp_rows(ddp, trainer)
+    assert row["distnn_step_s"] == 0.4 and row["vs_ddp"] == 2.5
