@@ -200,28 +200,35 @@ def softmax_output(zt, labels, pt, divisor, gb):
     """Multinomial: with m = max_k z, s = Σ_k e^(z_k − m) per sample,
     P_L = (e^(z − m) / s − onehot(y)) / divisor, loss = Σ_n log s − (z_y − m) (float64),
     correct = #{argmax z = y} (first maximum), gb = Σ_n P_L[:, n].
-    zt, pt (K, N) class-major; labels (N,) ints; divisor in the dtype; gb (K,). Returns (loss, correct)."""
+    zt, pt (K, N) class-major; labels (N,) ints; divisor in the dtype; gb (K,). Returns (loss, correct).
+    The loops run along the samples (contiguous), so all but exp and log vectorize."""
     k, n = zt.shape
+    top, best = zt[0].copy(), np.zeros(n, np.int64)  # (N,): the max logit and its class
+    for c in range(1, k):
+        for i in range(n):
+            v = zt[c, i]
+            larger = v > top[i]  # the first maximum, as numpy's argmax
+            top[i] = v if larger else top[i]
+            best[i] = c if larger else best[i]
+    s = np.zeros(n, zt.dtype)
+    for c in range(k):
+        for i in range(n):
+            e = math.exp(zt[c, i] - top[i])  # exact shift: the largest becomes e^0 = 1, no overflow
+            pt[c, i] = e
+            s[i] += e
     loss, correct = 0.0, 0
     for i in range(n):
-        m, best = zt[0, i], 0
-        for c in range(1, k):
-            if zt[c, i] > m:  # the first maximum, as numpy's argmax (the max is the same value)
-                m, best = zt[c, i], c
-        s = zt.dtype.type(0)
-        for c in range(k):
-            e = math.exp(zt[c, i] - m)  # exact shift: the largest becomes e^0 = 1, no overflow
-            pt[c, i] = e
-            s += e
         y = labels[i]
-        correct += best == y
-        loss += np.float64(math.log(s)) - np.float64(zt[y, i] - m)  # log s in [0, log K]
-        for c in range(k):
-            pt[c, i] = pt[c, i] / s
-        pt[y, i] -= 1
-        for c in range(k):
-            pt[c, i] = pt[c, i] / divisor
-    colsum_rows(pt, gb)
+        correct += best[i] == y
+        loss += np.float64(math.log(s[i])) - np.float64(zt[y, i] - top[i])  # log s in [0, log K]
+    one, zero = zt.dtype.type(1), zt.dtype.type(0)
+    for c in range(k):
+        total = zero
+        for i in range(n):
+            v = (pt[c, i] / s[i] - (one if labels[i] == c else zero)) / divisor  # x - 0 is x
+            pt[c, i] = v
+            total += v
+        gb[c] = total
     return loss, correct
 
 
