@@ -66,12 +66,12 @@ class _Optimizer:
         if not (params.flags.c_contiguous and grad.flags.c_contiguous):
             raise OptimizerError(f"{self.name}: parameters and gradient must be contiguous vectors")
         self.t += 1
-        update = self._kernel(float(self.lr if lr is None else lr), params.dtype.type)
+        lr, dt, state = float(self.lr if lr is None else lr), params.dtype.type, self.state.values()
         if part is None and params.size < 2 * _MIN_SLICE:  # the hot path of small nets
-            update(params, grad, *self.state.values())
+            self._update(params, grad, *state, lr=lr, dt=dt)
             return
         part = slice(0, params.size) if part is None else part
-        run_parallel(lambda b: update(params[b], grad[b], *(v[b] for v in self.state.values())),
+        run_parallel(lambda b: self._update(params[b], grad[b], *(v[b] for v in state), lr=lr, dt=dt),
                      [slice(part.start + s.start, part.start + s.stop)
                       for s in _slices(part.stop - part.start, self.threads)])
 
@@ -126,14 +126,10 @@ class SGD(_Optimizer):
         return {"name": self.name, "lr": self.lr, "momentum": self.momentum,
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
-    def _kernel(self, lr, dt):
-        """(p, g, *state) -> None for this step: kernels.sgd_update with scalars in the dtype."""
-        mu, wd, nesterov = dt(self.momentum), dt(self.weight_decay), self.nesterov
-        none = np.empty(0, dt) if not self.momentum else None  # velocity's place, never read
-
-        def update(p, g, v=none):
-            kernels.sgd_update(p, g, v, dt(lr), mu, wd, nesterov)
-        return update
+    def _update(self, p, g, v=None, *, lr, dt):
+        """kernels.sgd_update with the scalars in the dtype; without momentum v is never read."""
+        kernels.sgd_update(p, g, p[:0] if v is None else v, dt(lr), dt(self.momentum),
+                           dt(self.weight_decay), self.nesterov)
 
 
 class Adam(_Optimizer):
@@ -160,17 +156,13 @@ class Adam(_Optimizer):
         penalty in the gradient, so that 1/sqrt(v) rescales it too."""
         return self.weight_decay, 1.0
 
-    def _kernel(self, lr, dt):
-        """(p, g, m, v) -> None for this step: kernels.adam_update with scalars in the dtype."""
+    def _update(self, p, g, m, v, *, lr, dt):
+        """kernels.adam_update with the scalars in the dtype."""
         b1, b2 = self.betas
         wd, keep = self._decay(lr)
         # Bias corrections are float64 Python scalars, each cast once to the parameter dtype.
-        args = (dt(lr / (1 - b1**self.t)), dt(b1), dt(b2), dt(1 - b1), dt(1 - b2),
-                dt(math.sqrt(1 - b2**self.t)), dt(self.eps), dt(wd), dt(keep))
-
-        def update(p, g, m, v):
-            kernels.adam_update(p, g, m, v, *args)
-        return update
+        kernels.adam_update(p, g, m, v, dt(lr / (1 - b1**self.t)), dt(b1), dt(b2), dt(1 - b1),
+                            dt(1 - b2), dt(math.sqrt(1 - b2**self.t)), dt(self.eps), dt(wd), dt(keep))
 
 
 class AdamW(Adam):
