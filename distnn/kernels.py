@@ -13,7 +13,7 @@ arrays are class-major (K, N) (see network._Buffers), hidden ones (N, H), all C-
   gradient Σ_n P_L[:, n], in one pass over the logits;
 - the optimizers' updates as one pass over the parameter vector (`sgd_update`, `adam_update`);
 - the gradient's squared norm and finiteness (`sum_squares`, `all_finite`);
-- deterministic mode: column maxima |P|, |I| (`colmax_abs`, `rowmax_abs`) and the rounding onto
+- deterministic mode: column maxima |P|, |I| (`colmax_abs` on the float bits, `rowmax_abs`) and the rounding onto
   the grid plus the exact float64 sum, one pass per chunk array (`grid_magic`, `grid_add`).
 
 No `fastmath`, on purpose: the exact sum's grid relies on IEEE rounding of each addition (no
@@ -419,20 +419,16 @@ def all_finite(x):
 # ============================================================================ deterministic mode
 
 @jit
-def colmax_abs(a, out):
-    """out[j] = max(out[j], max_n |a[n, j]|), NaN propagated as numpy's maximum.   a (N, M), out (M,)."""
-    n, m = a.shape
-    nan = False
+def colmax_abs(bits, out, mask):
+    """out[j] = max(out[j], max_n |a[n, j]|) on the IEEE bits of a float array a and of out
+    (a.view(int32 or int64), mask = the bits without the sign: 0x7fff...): a non-negative float's
+    bits order like its value, and a NaN's lie above Inf's, so a NaN propagates. The integer max
+    vectorizes, where a float one that must keep NaN does not.   bits (N, M), out (M,) ints."""
+    n, m = bits.shape
     for i in range(n):
         for j in range(m):
-            v, o = abs(a[i, j]), out[j]
-            out[j] = v if v > o else o  # a select: the loop vectorizes
-            nan |= v != v
-    if nan:  # rare: a second pass puts each NaN where it belongs
-        for i in range(n):
-            for j in range(m):
-                if a[i, j] != a[i, j]:
-                    out[j] = a[i, j]
+            v, o = bits[i, j] & mask, out[j]
+            out[j] = v if v > o else o
 
 
 @jit

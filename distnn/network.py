@@ -196,14 +196,16 @@ class Network:
         |Σ_s P_l[s, j] I_l[s, k]| <= N max|P_l[:, j]| max|I_l[:, k]|: deterministic mode's grid."""
         buf = self._buffers[len(X)]
         out = np.zeros(sum(o + i for o, i in self.shapes), self.dtype)  # |x| >= 0: NaN stays
+        ints = np.dtype(f"i{self.dtype.itemsize}")  # colmax_abs works on the float bits
+        bits, mask = out.view(ints), ints.type(np.iinfo(ints).max)
         at = 0
         for l, (p, (o, i)) in enumerate(zip(buf.delta, self.shapes)):
             inp = np.ascontiguousarray(X) if l == 0 else buf.z[l - 1]
             if l == len(self.shapes) - 1:
                 kernels.rowmax_abs(p.T, out[at:at + o])  # the output layer is class-major
             else:
-                kernels.colmax_abs(p, out[at:at + o])
-            kernels.colmax_abs(inp, out[at + o:at + o + i])
+                kernels.colmax_abs(p.view(ints), bits[at:at + o], mask)
+            kernels.colmax_abs(inp.view(ints), bits[at + o:at + o + i], mask)
             at += o + i
         return out
 

@@ -264,20 +264,26 @@ def test_sum_of_squares_and_finiteness(dtype):
 
 # ---- deterministic mode: signal bounds, grid, exact sum ------------------------------------------
 
+def colmax(a, out):
+    ints = np.dtype(f"i{a.dtype.itemsize}")
+    kernels.colmax_abs(a.view(ints), out.view(ints), ints.type(np.iinfo(ints).max))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_column_and_row_maxima_of_absolute_values(dtype):
     a, start = rng_arrays(dtype, (29, 17), (17,))
     start = np.abs(start)
     out = start.copy()
-    kernels.colmax_abs(a, out)
+    colmax(a, out)
     np.testing.assert_array_equal(out, np.maximum(start, np.abs(a).max(axis=0)))
     out = start[:5].copy()
     kernels.rowmax_abs(a[:5].copy(), out)
     np.testing.assert_array_equal(out, np.maximum(start[:5], np.abs(a[:5]).max(axis=1)))
-    a[3, 4] = np.nan  # NaN propagates to its column (row) as numpy's maximum does
+    a[3, 4], a[5, 6] = np.nan, -np.inf  # NaN propagates to its column (row) as numpy's maximum does
     out = np.zeros(17, dtype)
-    kernels.colmax_abs(a, out)
+    colmax(a, out)
     np.testing.assert_array_equal(np.isnan(out), np.arange(17) == 4)
+    assert out[6] == np.inf
     out = np.zeros(29, dtype)
     kernels.rowmax_abs(a, out)
     np.testing.assert_array_equal(np.isnan(out), np.arange(29) == 3)
