@@ -11,7 +11,10 @@ One run measures, prints a table and writes DIR/bench.json and DIR/bench.png (th
    a fixed per-rank batch, each step split into compute / allreduce / update per rank, and the
    deterministic mode's step-time overhead;
 4. communication: allreduce time and bus bandwidth 2(P-1)/P * bytes / time against buffer size;
-5. memory: peak RSS per rank when training from a memory-mapped .npy much larger than a shard.
+5. memory: peak RSS per rank when training from a memory-mapped .npy much larger than a shard;
+6. start-up: import + first training step of a fresh process, on an empty and a warm kernel cache;
+   and, when `import torch` works, PyTorch DDP (gloo) at 2 processes x 1 thread, whole epochs,
+   against Trainer.fit at 2 ranks x 1 thread.
 Targets are printed PASS/MISS; nothing asserts them. Every time is the best of many calls (other
 programs only ever add time), --repeat N keeps each figure's best of N whole runs, and the run
 warns when other programs kept the machine busy meanwhile.
@@ -40,7 +43,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .bench_report import report, roofline_rows, scaling_results, step_rows
+from .bench_report import ddp_rows, report, roofline_rows, scaling_results, step_rows
 from .bench_workers import LARGE, SMALL, WORKERS, mpi_worker, worker_main
 from .errors import ArgumentParser
 from .launcher import NOT_FOUND, find_mpiexec
@@ -84,6 +87,14 @@ def plan(quick, cores, ranks):
         "comm_bytes": [4**k * 1024 for k in range(3, 6 if quick else 9)],  # 64 KiB .. 1 MiB | 64 MiB
         "memory_mb": [8] if quick else [100, 400],
         "memory_batch": 512 if quick else 4096,
+        "startup": {"net": "small", "sizes": SMALL, "dtype": "float32", "batch": 64,
+                    "warm_runs": 2 if quick else 3},
+        # PyTorch DDP: the nets and batches of Trainer.fit's runs ("trainer"), 2 processes
+        "ddp": [{"net": n, "sizes": s, "dtype": dt, "batch": 128 if quick else 512, "steps": st,
+                 "epochs": 3}
+                for n, s, dt, st in ([("small", SMALL, "float32", 4)] if quick else
+                                     [("large", LARGE, "float32", 6), ("large", LARGE, "float64", 6),
+                                      ("small", SMALL, "float32", 60)])],
     }
 
 
@@ -283,6 +294,34 @@ def run_memory(p, args, mpiexec):
     return rows
 
 
+def run_startup(p, args):
+    """Section 6: start-up cost, in a worker that starts its own fresh processes."""
+    return launch("startup", p["startup"], worker_env(args.keep_blas_env, 1), args.timeout)
+
+
+def run_ddp(p, args, ranks=2):
+    """PyTorch DDP (gloo) on `ranks` processes x 1 thread, or None without torch."""
+    if args.no_torch or import_torch_version() is None:
+        return None
+    env = worker_env(args.keep_blas_env, 1) | {"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(ranks),
+                                               "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    cmd = [sys.executable, "-m", "distnn.bench", "--worker", "ddp", "--spec", json.dumps({"runs": p["ddp"]})]
+    procs = [subprocess.Popen(cmd, env=env | {"RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(ranks)]
+    outs = [proc.communicate(timeout=args.timeout) for proc in procs]
+    if any(proc.returncode for proc in procs):
+        err = next(e for proc, (_, e) in zip(procs, outs) if proc.returncode)
+        raise BenchError(f"ddp worker failed: {' '.join(cmd[:6])} ...\n{err[-3000:]}")
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+def import_torch_version():
+    """torch's version if a subprocess can import it, else None (the parent never imports torch)."""
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 # ============================================================================ main
 
 def run_all(args, argv):
@@ -302,6 +341,10 @@ def run_all(args, argv):
     res["scaling"], res["comm"] = scaling_results(mpi, cores, args.bucket_bytes)
     if not args.scaling:
         res["memory"] = run_memory(p, args, mpiexec)
+        res["startup"] = run_startup(p, args)
+    ddp = run_ddp(p, args) if 2 in p["ranks"] and usable_cpus() >= 2 else None
+    if ddp is not None:
+        res["scaling"]["ddp"] = ddp_rows(ddp["runs"], res["scaling"]["deterministic"])
     res["seconds"] = time.perf_counter() - started
     res["machine"]["other_load"] = other_load(usage, res["seconds"])
     return res

@@ -5,13 +5,19 @@
 `single` times GEMMs on the net's own shapes, the gradient, the step and PyTorch's step in one
 process; `mpi` runs on every rank of an `mpiexec -n P` job (data-parallel steps split into phases,
 Trainer.fit in default and deterministic mode, the allreduce sweep); `memory` trains one epoch from
-a memory-mapped .npy and reports each rank's RSS. Each prints its result as one JSON line on stdout
+a memory-mapped .npy and reports each rank's RSS; `startup` times fresh processes from their start
+to the end of their first training step, on an empty kernel cache and on a warm one; `ddp` is one
+rank of PyTorch DistributedDataParallel (gloo) training whole epochs, for the comparison. Each prints its result as one JSON line on stdout
 (the MPI ones from rank 0 only); distnn/bench.py plans their specs and reads that line back.
 """
 
 import json
 import math
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -369,9 +375,101 @@ def memory_worker(spec):
             "shard_mb": spec["file_bytes"] / 2**20 / comm.size, "per_rank_mb": rows}
 
 
+# ============================================================================ worker: start-up
+
+STARTUP = """
+import time
+t0 = time.perf_counter()
+import json, sys
+import numpy as np
+from distnn import cli, run  # what `distnn train` imports
+from distnn.network import Network
+from distnn.optim import SGD
+from distnn.trainer import Trainer
+t1 = time.perf_counter()
+spec = json.loads(sys.argv[1])
+net = Network(spec["sizes"], dtype=spec["dtype"], seed=0)
+rng = np.random.default_rng(0)
+X = rng.standard_normal((spec["batch"], spec["sizes"][0])).astype(net.dtype)
+Y = net.check_targets(rng.integers(0, spec["sizes"][-1], spec["batch"]))
+trainer = Trainer(net, SGD(lr=0.01, momentum=0.9), batch_size=spec["batch"], epochs=1, seed=0,
+                  threads=1, check_every=0)
+trainer.train_batch(X, Y, np.arange(spec["batch"]))
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_step_s": t2 - t1}))
+"""
+
+
+def startup_run(spec, cache_dir):
+    """One fresh process: import, a Trainer, one step; its own figures and the wall time of all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env["NUMBA_CACHE_DIR"] = cache_dir
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", STARTUP, json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"start-up run failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"process_s": wall}
+
+
+def startup_worker(spec):
+    """Start-up cost of training: import + first step in fresh processes, cold (an empty numba
+    cache: every kernel the step needs compiles) and warm (the cache of the cold run)."""
+    with tempfile.TemporaryDirectory(prefix="distnn-numba-cache-") as cache:
+        cold = startup_run(spec, cache)
+        warm = [startup_run(spec, cache) for _ in range(spec["warm_runs"])]
+    best = min(warm, key=lambda r: r["process_s"])
+    return dict(spec, cold=cold, warm=best,
+                cold_s=cold["import_s"] + cold["first_step_s"],
+                warm_s=best["import_s"] + best["first_step_s"])
+
+
+# ============================================================================ worker: PyTorch DDP
+
+def ddp_worker(spec):
+    """One rank of torch DistributedDataParallel (gloo, 1 thread) training whole epochs of the same
+    synthetic data, global batch and SGD momentum as Trainer.fit in `mpi`; rank 0 returns the
+    fastest epoch's time per step."""
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    out = []
+    for run in spec["runs"]:
+        nn, sizes, dtype = torch.nn, run["sizes"], getattr(torch, run["dtype"])
+        layers = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        model = torch.nn.parallel.DistributedDataParallel(nn.Sequential(*layers[:-1]).to(dtype))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loss_fn = nn.CrossEntropyLoss()
+        rng = np.random.default_rng(0)
+        n, batch = run["batch"] * run["steps"], run["batch"]
+        X = torch.from_numpy(rng.standard_normal((n, sizes[0])).astype(run["dtype"]))
+        y = torch.from_numpy(rng.integers(0, sizes[-1], n))
+        share = batch // size  # this rank's rows of each global batch
+        epochs = []
+        for _ in range(run["epochs"]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for s in range(run["steps"]):
+                lo = s * batch + rank * share
+                opt.zero_grad()
+                loss_fn(model(X[lo:lo + share]), y[lo:lo + share]).backward()
+                opt.step()
+            dist.barrier()
+            epochs.append(time.perf_counter() - t0)
+        out.append(dict(run, ranks=size, ddp_step_s=min(epochs[1:]) / run["steps"]))
+    dist.destroy_process_group()
+    return {"torch": torch.__version__, "runs": out} if rank == 0 else None
+
+
 # ============================================================================ the worker entry
 
-WORKERS = {"single": single_worker, "mpi": mpi_worker, "memory": memory_worker}
+WORKERS = {"single": single_worker, "mpi": mpi_worker, "memory": memory_worker,
+           "startup": startup_worker, "ddp": ddp_worker}
 
 
 def worker_main(kind, spec):

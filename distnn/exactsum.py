@@ -47,11 +47,16 @@ Inf so that an MPI MAX carries it to every rank, and magic_for / SignalGrid rais
 every rank alike, before anything is rounded; the trainer turns it into its divergence stop. (A
 float32 gradient can still overflow to Inf under a finite float64 bound: rounding keeps it Inf or
 NaN, the SUM makes it non-finite on every rank, and the trainer's check after the SUM stops there.)
+
+The rounding and the sum are one compiled pass per chunk array (kernels.grid_add): each element is
+converted to float64, rounded by M and added to the block's float64 total in cache, and the grid's
+magic numbers are built block by block (kernels.grid_magic), never stored whole.
 """
 import operator
 
 import numpy as np
 
+from . import kernels
 from .network import layout
 
 MAX_CHUNKS = 2**20  # k <= 20: the quantum stays <= 2**-31 of the bound
@@ -161,14 +166,15 @@ class SignalGrid:
             a = exps[pos:pos + o] + offset
             b = np.append(exps[pos + o:pos + o + i], 1)  # the biases' column of ones: B = 1
             pos += o + i
-            top, low = int(a.max()) + int(b.max()), int(a.min()) + int(b.min())
+            top = int(a.max()) + int(b.max())
             if top + 53 > 1023:  # M + x may reach 2**53 q: that must be finite too
                 raise NonFiniteError(f"a gradient bound reaches 2**{top + 51 - k}, too close to "
                                      f"float64's largest for exact summation")
-            # bits(M_jk) = bits(M)(A_j) + B_k << 52: exponents add. In uint64, as a row's bits
-            # alone may leave the exponent field before B_k brings them back
-            row = ((a + _BIAS).astype(np.uint64) << 52) + _HALF
-            self.layers.append((row, b.astype(np.uint64) << 52, low < -1074))
+            # bits(M_jk) = bits(M)(A_j) + B_k << 52: exponents add. A row's bits alone may leave
+            # the exponent field (below 0) before B_k brings them back: int64 holds them all.
+            # A quantum below 2**-1074 is raised to it by grid_magic, block by block.
+            row = ((a + _BIAS) << 52) + _HALF
+            self.layers.append((row, b << 52))
         slots = layout(shapes)
         self.size = slots[-1][1].stop if slots else 0
         self.spans = list(self._spans(slots, shapes))
@@ -186,13 +192,12 @@ class SignalGrid:
         """Yield (lo, hi, M[lo:hi]) for the blocks spans[first:last] (all by default), each M block
         written into magic (scratch, `width` long)."""
         for lo, hi, layer, j, k in self.spans[first:last]:
-            row, col, tiny = self.layers[layer]
-            m = magic[:hi - lo]
-            if j is None:  # the biases
-                np.add(row, col[-1], out=m.view(np.uint64))
+            row, col = self.layers[layer]
+            if j is None:  # the biases: their column of ones
+                kernels.grid_magic(row, col[-1:], _LOWEST, magic)
             else:
-                np.add(row[j:k, None], col[None, :-1], out=m.view(np.uint64).reshape(k - j, -1))
-            yield lo, hi, _raise_tiny(m, tiny)
+                kernels.grid_magic(row[j:k], col[:-1], _LOWEST, magic)
+            yield lo, hi, magic[:hi - lo]
 
     def owner_cuts(self, ranks):
         """(blocks, parameters): the first block and first parameter each of `ranks` ranks sums
@@ -220,41 +225,32 @@ class SignalGrid:
     def sum_into(self, chunks, out, first=0, last=None, scratch=None) -> np.ndarray:
         """out[lo:hi] = Σ rint(row[lo:hi] / q) q over the rows of every (n_i, size) array in
         `chunks`, exact in float64 and rounded once to out's dtype, for the blocks spans[first:last]
-        (all by default). The float64 sum of a block never leaves the cache. scratch: (3, width)
-        float64, or None to allocate it."""
-        magic, total, work = np.empty((3, self.width)) if scratch is None else scratch
+        (all by default). The float64 sum of a block never leaves the cache: one pass over each
+        chunk array's block adds its rows. scratch: (>= 2, width) float64, or None to allocate it."""
+        magic, total = np.empty((2, self.width)) if scratch is None else scratch[:2]
+        chunks = [np.ascontiguousarray(rows) for rows in chunks]
         for lo, hi, m in self.blocks(magic, first, last):
-            rows = [row[lo:hi] for rows in chunks for row in rows]
-            out[lo:hi] = encode(rows, m, total[:hi - lo], work[:hi - lo])
+            block = total[:hi - lo]
+            block[:] = 0
+            for rows in chunks:  # exact: any order of the arrays gives these bits
+                kernels.grid_add(rows, len(rows), lo, m, block, False)
+            out[lo:hi] = block
         return out
-
-
-def _raise_tiny(magic, tiny):
-    if tiny:  # quanta below 2**-1074 are raised to it: coarser is still exact
-        np.maximum(magic.view(np.int64), _LOWEST, out=magic.view(np.int64))
-    return magic
 
 
 def round_to_grid(x, magic, out) -> np.ndarray:
-    """out = rint(x / q) * q in float64 (exact), for |x| <= 2**51 q."""
-    if x.dtype == np.float64:
-        np.add(x, magic, out=out)
-    else:  # a plain float32 -> float64 copy, then float64 arithmetic: faster than a mixed add
-        np.copyto(out, x)
-        out += magic
-    return np.subtract(out, magic, out=out)
+    """out = rint(x / q) * q in float64 (exact), for |x| <= 2**51 q.   x, magic, out (m,)."""
+    return encode(np.reshape(x, (1, -1)), magic, out)
 
 
-def encode(rows, magic, out, work) -> np.ndarray:
-    """out (float64, (m,)) = Σ_i rint(rows[i] / q) q: chunks on the grid, added exactly.
-
-    rows: (n_local, m) or a list of (m,) rows, bounded as the magic assumed; work: float64 (m,)."""
-    if len(rows) == 0:
-        out[...] = 0
-        return out
-    round_to_grid(rows[0], magic, out)
-    for r in rows[1:]:
-        out += round_to_grid(r, magic, work)  # multiples of q within 2**51 q: exact
+def encode(rows, magic, out, work=None) -> np.ndarray:
+    """out (float64, (m,)) = Σ_i rint(rows[i] / q) q: chunks on the grid, added exactly, in one
+    pass per row (kernels.grid_add). rows: (n_local, m), bounded as the magic assumed; magic
+    float64 (m,). `work` is not needed any more (callers may still pass it)."""
+    rows = np.ascontiguousarray(rows)
+    if rows.ndim != 2:
+        rows = rows.reshape(len(rows), -1)
+    kernels.grid_add(rows, len(rows), 0, np.ascontiguousarray(magic, np.float64), out, True)
     return out
 
 

@@ -13,10 +13,14 @@ the output proxy error `P_L = O_L - Y` holds for all four entries below.
 | multinomial | softmax(z)            | logsumexp(z) − z_y                  | class labels 0..K−1, (N,)|
 | poisson     | exp(z)                | exp(z) − y z   (log y! dropped)     | non-negative, (N,)/(N, K)|
 
-Every loss is computed from the logits, never from the mean, so it stays finite whenever the true
-loss is: softmax shifts each row by its max (exact: softmax is shift-invariant), logsumexp does the
-same, and softplus is evaluated as max(z, 0) + log1p(exp(-|z|)). Loss sums are accumulated in
-float64 whatever the network dtype; the arrays themselves keep the network's dtype.
+Training's output pass is one compiled kernel per family (kernels.py: `<link>_output`): from the
+logits it writes P_L = (mean − y) / divisor, sums the loss and counts correct decisions, and sums
+P_L over the batch for the output bias gradient, in one pass. Every loss is computed from the
+logits, never from the mean, so it stays finite whenever the true loss is: softmax shifts each
+sample by its max logit (exact: softmax is shift-invariant), logsumexp does the same, and softplus
+is evaluated as max(z, 0) + log1p(exp(-|z|)). Loss sums are accumulated in float64 whatever the
+network dtype; the arrays themselves keep the network's dtype. The kernels take the output layer's
+class-major (K, N) arrays (network._Buffers), the targets as check_targets encodes them.
 """
 
 import warnings
@@ -25,67 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .activations import sigmoid, softplus
+from . import kernels
 
 
-def _softmax(z, out):
-    np.subtract(z, z.max(axis=1, keepdims=True), out=out)  # exact shift: the max logit becomes 0
-    np.exp(out, out=out)
-    return np.divide(out, out.sum(axis=1, keepdims=True), out=out)
-
-
-def _exp(z, out):
-    with np.errstate(over="ignore"):
-        np.exp(z, out=out)
-    return out
-
-
-def _identity(z, out):
-    out[...] = z
-    return out
-
-
-def _loss_gaussian(z, y):
-    r = z - y
-    return 0.5 * float(np.einsum("ij,ij->", r, r, dtype=np.float64))
-
-
-def _loss_bernoulli(z, y):
-    return float(np.sum(softplus(z, np.empty_like(z)) - y * z, dtype=np.float64))
-
-
-def _loss_multinomial(z, labels):
-    # the same log-sum-exp as training's fused pass, into a scratch mean
-    return _softmax_and_loss(z, labels, np.empty_like(z))
-
-
-def _loss_poisson(z, y):
-    with np.errstate(over="ignore"):
-        total = float(np.sum(np.exp(z) - y * z, dtype=np.float64))
-    if not np.isfinite(total):
-        warnings.warn("poisson: exp(logit) overflowed, the loss is inf; lower the learning rate "
-                      "or standardize the inputs", RuntimeWarning, stacklevel=3)
-    return total
-
-
-def _softmax_and_loss(z, labels, out):
-    """out = softmax(z); returns the loss sum. Softmax and its loss share one pass: with the row max
-    m and s = Σ exp(z - m), p = exp(z - m) / s and the loss is Σ log s - (z_y - m)."""
-    np.subtract(z, z.max(axis=1, keepdims=True), out=out)  # (N, K), each row's max is 0
-    picked = out[np.arange(len(labels)), labels]  # z_y - m, (N,)
-    np.exp(out, out=out)
-    s = out.sum(axis=1, keepdims=True)  # in [1, K]: its log is finite
-    np.divide(out, s, out=out)
-    return float(np.log(s).sum(dtype=np.float64) - picked.sum(dtype=np.float64))
-
-
-def _subtract(out, y):
-    return np.subtract(out, y, out=out)
-
-
-def _subtract_one_hot(out, labels):
-    out[np.arange(len(labels)), labels] -= 1  # labels act as one-hot rows
-    return out
+def _copy(zt, out):
+    np.copyto(out, zt)  # the identity link: the mean is the logits
 
 
 def _diagonal_jacobian(slope):
@@ -105,14 +53,6 @@ def _softmax_jacobian(p):
     return jac
 
 
-def _correct_labels(z, labels):
-    return int(np.count_nonzero(z.argmax(axis=1) == labels))
-
-
-def _correct_bits(z, y):
-    return int(np.count_nonzero((z > 0) == (y > 0.5)))  # p > 1/2 exactly when the logit > 0
-
-
 def _real(y, k, dtype, name):
     y = np.asarray(y)
     if y.dtype.kind not in "biuf":
@@ -122,7 +62,7 @@ def _real(y, k, dtype, name):
     if y.ndim != 2 or y.shape[1] != k:
         raise ValueError(f"{name} targets have shape {y.shape}; expected (N, {k})"
                          + (" or (N,)" if k == 1 else ""))
-    y = y.astype(dtype, copy=False)
+    y = np.ascontiguousarray(y, dtype=dtype)  # the output kernels' layout
     bad = ~np.isfinite(y)
     if bad.any():
         row = int(np.argwhere(bad)[0, 0])
@@ -208,23 +148,23 @@ def _poisson_deviances(Y, logits):
 
 @dataclass(frozen=True)
 class Family:
-    """One output family: its functions and facts. Arrays are (N, K) unless said otherwise."""
+    """One output family: its kernels, functions and facts. Arrays are (N, K) unless said otherwise;
+    the kernels take the class-major transposes (K, N)."""
 
-    mean: Callable           # (z, out) -> out = inverse link of the logits
-    loss_sum: Callable       # (z, y) -> float sum of per-sample losses, from the logits
+    output: Callable         # kernel (zt, y, pt, divisor, gb) -> (loss, correct): see the module docstring
+    mean: Callable           # kernel (zt, out_t): out = inverse link of the logits, (K, N)
     targets: Callable        # (y, k, dtype) -> y checked and encoded, or ValueError
     jacobian: Callable       # mean -> d mean / d logits per sample, (N, K, K)
-    subtract: Callable = _subtract  # (out, y): out -= y in place, the output proxy error
-    fused: Callable | None = None   # (z, y, out) -> loss, out = mean in one pass; None: two
-    correct: Callable | None = None  # (z, y) -> count decided right; None: regression
+    classifier: bool = False         # the output pass counts correct decisions
     decide: Callable | None = None   # z -> decisions, (N,) or (N, K) ints; None: regression
     per_output: bool = False         # a classifier deciding each output (else one per sample)
     labels: bool = False     # targets are class labels 0..K-1: one output per class, K >= 2
     scores: Callable | None = None   # regression: (Y, z) -> {metric: value}, the fit's quality
+    overflow: str = ""       # warning when the loss is infinite (a mean that overflowed)
 
     @property
     def is_classifier(self) -> bool:
-        return self.correct is not None
+        return self.classifier
 
     def decisions(self, k) -> int | None:
         """Classification decisions per sample of a K-output network; None for regression."""
@@ -232,40 +172,27 @@ class Family:
             return None
         return k if self.per_output else 1
 
-    def correct_count(self, z, y):
-        """How many decisions from the logits z are right; None for regression."""
-        return None if self.correct is None else self.correct(z, y)
-
-    def mean_and_loss(self, z, y, out):
-        """out = mean(z); returns the loss sum."""
-        if self.fused is not None:
-            return self.fused(z, y, out)
-        self.mean(z, out)
-        return self.loss_sum(z, y)
-
-    def loss_and_residual(self, z, y, out):
-        """Training's output pass: out = P_L = mean(z) - y; returns the loss sum."""
-        loss = self.mean_and_loss(z, y, out)
-        self.subtract(out, y)
-        return loss
-
-    def residual(self, mean, y, out):
-        """out = mean - y, the output proxy error P_L."""
-        np.copyto(out, mean)
-        return self.subtract(out, y)
+    def output_pass(self, zt, y, pt, divisor, gb):
+        """pt = (mean(zt) - y) / divisor (divisor in the arrays' dtype), gb = Σ_n pt[:, n];
+        returns (loss sum, correct count or None for regression)."""
+        loss, correct = self.output(zt, y, pt, divisor, gb)
+        if self.overflow and not np.isfinite(loss):
+            warnings.warn(self.overflow, RuntimeWarning, stacklevel=3)
+        return loss, (int(correct) if self.classifier else None)
 
 
 FAMILIES = {
-    "gaussian": Family(_identity, _loss_gaussian, _targets_gaussian,
+    "gaussian": Family(kernels.identity_output, _copy, _targets_gaussian,
                        _diagonal_jacobian(np.ones_like), scores=_r2),
-    "bernoulli": Family(sigmoid, _loss_bernoulli, _targets_bernoulli,
-                        _diagonal_jacobian(lambda p: p * (1 - p)), correct=_correct_bits,
+    "bernoulli": Family(kernels.sigmoid_output, kernels.sigmoid_mean, _targets_bernoulli,
+                        _diagonal_jacobian(lambda p: p * (1 - p)), classifier=True,
                         decide=_decide_bits, per_output=True),
-    "multinomial": Family(_softmax, _loss_multinomial, _targets_multinomial, _softmax_jacobian,
-                          subtract=_subtract_one_hot, fused=_softmax_and_loss,
-                          correct=_correct_labels, decide=_decide_labels, labels=True),
-    "poisson": Family(_exp, _loss_poisson, _targets_poisson, _diagonal_jacobian(lambda m: m),
-                      scores=_poisson_deviances),
+    "multinomial": Family(kernels.softmax_output, kernels.softmax_mean, _targets_multinomial,
+                          _softmax_jacobian, classifier=True, decide=_decide_labels, labels=True),
+    "poisson": Family(kernels.exp_output, kernels.exp_mean, _targets_poisson,
+                      _diagonal_jacobian(lambda m: m), scores=_poisson_deviances,
+                      overflow="poisson: exp(logit) overflowed, the loss is inf; lower the learning "
+                               "rate or standardize the inputs"),
 }
 
 NAMES = tuple(FAMILIES)

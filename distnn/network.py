@@ -7,6 +7,10 @@ Layers l = 0..L, with inputs I_l (I_0 = X), weights W_l of shape (|O_l|, |I_l|) 
     backward   P_L = O_L - Y,   P_l = (P_{l+1} W_{l+1}) ∘ A'_l(O_l)
     gradient   ∂/∂W_l = P_lᵀ I_l,   ∂/∂b_l = Σ_samples P_l      (sums over the batch)
 
+The element-wise passes between the GEMMs are compiled kernels (kernels.py): the bias add fused
+with A_l, the output pass (mean, loss, correct count, P_L and its bias sum in one), and A'_l applied
+to P_l fused with the next bias gradient, so a step is GEMMs plus one pass per layer.
+
 All parameters live in one contiguous vector `params` laid out layer by layer as [W_0, b_0, W_1, ...];
 `weights[l]` and `biases[l]` are views into it, and gradients are written into a vector of the same
 layout, so an optimizer step, an allreduce or a checkpoint sees one flat array.
@@ -19,7 +23,7 @@ can add them across ranks.
 
 import numpy as np
 
-from . import activations, families
+from . import activations, families, kernels
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 _CACHE_SIZE = 4  # batch shapes with live work buffers: full shard, last shard, validation, one spare
@@ -39,8 +43,8 @@ class _Buffers:
         self.z = [np.empty((n, h), dtype) for h in hidden] + [output()]  # Z_l, overwritten by O_l
         self.mean = output()  # O_L; z[-1] keeps the logits Z_L
         self.delta = [np.empty((n, h), dtype) for h in hidden] + [output()]  # proxy errors P_l
-        self.deriv = [np.empty((n, h), dtype) for h in hidden]  # A'_l(O_l)
-        self.ones = np.ones(n, dtype)  # bias gradients as one BLAS call: onesᵀ P_l
+        self.bias_sum = np.empty(k, dtype)  # the output pass's Σ_n P_L where no gradient wants it
+        self.correct = None  # the last output pass's correct count (None: regression)
 
 
 class Network:
@@ -71,7 +75,7 @@ class Network:
         self.n_params = self._slices[-1][1].stop
         self.params = np.empty(self.n_params, self.dtype)
         self.weights, self.biases = _layer_views(self.params, self.shapes)
-        self._act, self._dact, self._init = activations.ACTIVATIONS[activation]
+        self._act = activations.ACTIVATIONS[activation]
         self._buffers = {}
         self._views_of, self._views = None, None  # see _grad_views
         self.init_params(seed)
@@ -79,7 +83,7 @@ class Network:
     # ---- construction ------------------------------------------------------------------------
     def init_params(self, seed):
         """He (rectifiers) or Glorot (others) initialization from `seed`, the same on every process."""
-        _initialize(self.weights, self.biases, self._init, seed)
+        _initialize(self.weights, self.biases, self._act.init, seed)
 
     def spec(self):
         """The architecture as a JSON-able dict: `Network(**net.spec())` rebuilds it."""
@@ -138,26 +142,35 @@ class Network:
         last = len(self.weights) - 1
         for l, (w, b, z) in enumerate(zip(self.weights, self.biases, buf.z)):
             np.matmul(inp, w.T, out=z)  # (N, |O_l|)
-            z += b
             if l < last:
-                inp = self._act(z, z)  # O_l overwrites Z_l: backward needs only O_l
+                self._act.forward(z, b)  # O_l = A(Z_l + b_l) overwrites Z_l: backward needs only O_l
+                inp = z
+            else:
+                kernels.add_rows(z.T, b)  # the logits, class-major (|O_L|, N)
         if mean:
-            self._out.mean(buf.z[-1], buf.mean)
+            self._out.mean(buf.z[-1].T, buf.mean.T)
         return buf
 
+    def _output_pass(self, buf, Y, divisor, bias_sum):
+        """buf.delta[-1] = P_L = (O_L - Y) / divisor from the logits, bias_sum = Σ_n P_L; the loss
+        sum (float64). Records the correct count for last_correct."""
+        loss, buf.correct = self._out.output_pass(buf.z[-1].T, Y, buf.delta[-1].T,
+                                                  self.dtype.type(divisor), bias_sum)
+        return loss
+
     def _backward(self, X, buf, out):
-        """Proxy-error recursion from P_L in buf.delta[-1]: the batch-summed gradient into `out`."""
+        """Proxy-error recursion from P_L in buf.delta[-1] (whose bias sum the output pass wrote):
+        the batch-summed gradient into `out`."""
         g_w, g_b = self._grad_views(out)
         for l in range(len(self.weights) - 1, -1, -1):
             p = buf.delta[l]  # (N, |O_l|)
             inp = X if l == 0 else buf.z[l - 1]  # I_l = O_{l-1}
             np.matmul(p.T, inp, out=g_w[l])  # Σ_n P_l[n] ⊗ I_l[n]
-            np.matmul(buf.ones, p, out=g_b[l])  # Σ_n P_l[n]
             if l > 0:
                 prev = buf.delta[l - 1]
                 np.matmul(p, self.weights[l], out=prev)  # P_l W_l, (N, |I_l|)
-                if self._dact is not None:
-                    prev *= self._dact(buf.z[l - 1], buf.deriv[l - 1])  # ∘ A'_{l-1}(O_{l-1})
+                # ∘ A'_{l-1}(O_{l-1}), and the bias gradient Σ_n P_{l-1}[n] in the same pass
+                self._act.backward(prev, buf.z[l - 1], g_b[l - 1])
         return out
 
     def _grad_views(self, out):
@@ -176,10 +189,7 @@ class Network:
         X is (N, n_in) in the network dtype and Y comes from `check_targets`: no validation here.
         An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
         buf = self._forward(X, mean=False)
-        p = buf.delta[-1]
-        loss = self._out.loss_and_residual(buf.z[-1], Y, p)  # P_L = O_L - Y
-        if divisor != 1:
-            np.divide(p, divisor, out=p)
+        loss = self._output_pass(buf, Y, divisor, self._grad_views(out)[1][-1])  # P_L = O_L - Y
         self._backward(X, buf, out)
         return loss
 
@@ -188,24 +198,34 @@ class Network:
         per layer [P_0 (|O_0|), I_0 (|I_0|), P_1, I_1, ...]. They bound that gradient element-wise,
         |Σ_s P_l[s, j] I_l[s, k]| <= N max|P_l[:, j]| max|I_l[:, k]|: deterministic mode's grid."""
         buf = self._buffers[len(X)]
-        parts = []
-        for l, p in enumerate(buf.delta):
-            inp = X if l == 0 else buf.z[l - 1]
-            parts += [np.abs(p).max(axis=0), np.abs(inp).max(axis=0)]
-        return np.concatenate(parts)
+        out = np.zeros(sum(o + i for o, i in self.shapes), self.dtype)  # |x| >= 0: NaN stays
+        ints = np.dtype(f"i{self.dtype.itemsize}")  # colmax_abs works on the float bits
+        bits, mask = out.view(ints), ints.type(np.iinfo(ints).max)
+        at = 0
+        for l, (p, (o, i)) in enumerate(zip(buf.delta, self.shapes)):
+            inp = np.ascontiguousarray(X) if l == 0 else buf.z[l - 1]
+            if l == len(self.shapes) - 1:
+                kernels.rowmax_abs(p.T, out[at:at + o])  # the output layer is class-major
+            else:
+                kernels.colmax_abs(p.view(ints), bits[at:at + o], mask)
+            kernels.colmax_abs(inp.view(ints), bits[at + o:at + o + i], mask)
+            at += o + i
+        return out
 
     def loss_sum(self, X, Y):
         """Sum of per-sample losses (no penalty) for checked X and encoded Y."""
-        return self._out.loss_sum(self._forward(X).z[-1], Y)
+        return self.eval_sums(X, Y)[0]
 
     def last_correct(self, Y):
-        """Correctly classified count in the last forward pass over len(Y) rows; None for regression."""
-        return self._out.correct_count(self._buffers[len(Y)].z[-1], Y)
+        """Correctly classified count in the last output pass over len(Y) rows (grad_sum's or
+        eval_sums'); None for regression."""
+        return self._buffers[len(Y)].correct
 
     def eval_sums(self, X, Y):
         """(loss sum, count classified correctly or None for regression), one forward pass."""
-        z = self._forward(X).z[-1]
-        return self._out.loss_sum(z, Y), self._out.correct_count(z, Y)
+        buf = self._forward(X, mean=False)
+        loss = self._output_pass(buf, Y, 1, buf.bias_sum)  # P_L into scratch: unused
+        return loss, buf.correct
 
     # ---- penalties ---------------------------------------------------------------------------
     def penalty(self):
@@ -257,8 +277,8 @@ class Network:
 
         ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer contributes ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
         X, Y = self._checked(X, y)
-        buf = self._forward(X)
-        self._out.residual(buf.mean, Y, buf.delta[-1])  # P_L = O_L - Y
+        buf = self._forward(X, mean=False)
+        self._output_pass(buf, Y, 1, buf.bias_sum)  # P_L = O_L - Y
         self._backward(X, buf, self.grad_buffer())
         sq = np.zeros(len(X), np.float64)
         for l, p in enumerate(buf.delta):
@@ -276,8 +296,8 @@ class Network:
             inp = X if l == 0 else buf.z[l - 1]
             yield l, g, inp
             g = g @ self.weights[l]  # d O_L / d I_l, (N, n_out, |I_l|)
-            if l > 0 and self._dact is not None:
-                g *= self._dact(inp, np.empty_like(inp))[:, None, :]
+            if l > 0:
+                g *= activations.derivative(self.activation, inp)[:, None, :]
 
     def input_jacobian(self, X):
         """d outputs / d inputs, (N, n_out, n_in)."""

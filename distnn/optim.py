@@ -1,13 +1,13 @@
 """Optimizers on one flat parameter vector, learning-rate schedules, and gradient clipping.
 
-An optimizer holds named state vectors parallel to the parameters (SGD: velocity; Adam: m, v), a
-step count and one scratch vector, all allocated once by `init` in the parameters' dtype. A step is
-in-place ufuncs with `out=`: it allocates nothing and, given the same bits, yields the same bits on
-every rank. It also spends the gradient buffer as scratch: after `step`, `grad` holds garbage.
-A large vector is updated block by block, so that an update's passes stay in cache, and with
-`threads` > 1 in that many slices at once (numpy releases the GIL in its loops): every operation is
-element-wise, so the bits do not depend on the split, and a rank with several cores updates on
-all of them, as its GEMMs run.
+An optimizer holds named state vectors parallel to the parameters (SGD: velocity; Adam: m, v) and
+a step count, allocated once by `init` in the parameters' dtype. A step is one compiled pass over
+the vectors (kernels.sgd_update, kernels.adam_update: the formula numpy would evaluate, in its
+order and dtype, fused): it allocates nothing and, given the same bits, yields the same bits on
+every rank. The caller's gradient buffer may be spent as scratch: after `step`, treat `grad` as
+garbage. With `threads` > 1 a long vector is updated in that many slices at once (the kernels
+release the GIL): every operation is element-wise, so the bits do not depend on the split, and a
+rank with several cores updates on all of them, as its GEMMs run.
 Hyper-parameters come out of `config()` and back in through `make_optimizer(**config)`; state goes
 out through `state_dict()` as plain arrays, so checkpointing it is trivial.
 
@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .threads import run_parallel
 
 
@@ -27,7 +28,7 @@ class OptimizerError(ValueError):
 
 
 class _Optimizer:
-    """What every optimizer shares: state vectors, step count `t`, scratch, (de)serialization."""
+    """What every optimizer shares: state vectors, step count `t`, (de)serialization."""
 
     name = ""
     slots = ()  # names of the state vectors, each shaped like the parameters
@@ -36,48 +37,43 @@ class _Optimizer:
         self.lr = _above("lr", lr, 0.0)
         self.t = 0  # steps taken: Adam's bias-correction exponent
         self.state = {}
-        self._scratch = None  # (n,) work vector in params.dtype
+        self._like = None  # (shape, dtype) of the parameters the state is for
         self.threads = 1  # slices updated at once (Trainer sets its BLAS thread count)
 
     def init(self, params):
-        """Allocate zero state and scratch like `params`; a repeat with the same size and dtype keeps them."""
-        if self._scratch is not None:
-            if (self._scratch.shape, self._scratch.dtype) == (params.shape, params.dtype):
+        """Allocate zero state like `params`; a repeat with the same size and dtype keeps it."""
+        if self._like is not None:
+            if self._like == (params.shape, params.dtype):
                 return
             raise OptimizerError(
-                f"{self.name}: state is for {self._scratch.size} {self._scratch.dtype} parameters, "
+                f"{self.name}: state is for {self._like[0][0]} {self._like[1]} parameters, "
                 f"got {params.size} {params.dtype}; make a new optimizer for other parameters")
         if params.ndim != 1 or params.dtype.kind != "f":
             raise OptimizerError(f"{self.name}: parameters must be a 1-D float vector, "
                                  f"got shape {params.shape} dtype {params.dtype}")
         self.state = {k: np.zeros(params.shape, params.dtype) for k in self.slots}
-        self._scratch = np.empty_like(params)
+        self._like = (params.shape, params.dtype)
 
     def step(self, params, grad, lr=None, part=None):
         """Update `params` in place; `lr` overrides self.lr. Overwrites `grad`, the caller's scratch.
         With `part` (a slice), only params[part] and its state, from grad[part]: the share of one
         rank in an update sharded between ranks; the other elements' state goes stale."""
-        s = self._scratch
-        if s is None or (s.shape, s.dtype) != (params.shape, params.dtype):
+        if self._like != (params.shape, params.dtype):
             self.init(params)  # the first step allocates; another size or dtype raises
         if (grad.shape, grad.dtype) != (params.shape, params.dtype):
             raise OptimizerError(f"{self.name}: gradient is {grad.shape} {grad.dtype}, "
                                  f"parameters are {params.shape} {params.dtype}")
+        if not (params.flags.c_contiguous and grad.flags.c_contiguous):
+            raise OptimizerError(f"{self.name}: parameters and gradient must be contiguous vectors")
         self.t += 1
-        lr = float(self.lr if lr is None else lr)
-        if part is None and params.size <= _BLOCK:  # the hot path of small nets
-            self._update(params, grad, lr, self.state, self._scratch)
+        lr, dt, state = float(self.lr if lr is None else lr), params.dtype.type, self.state.values()
+        if part is None and params.size < 2 * _MIN_SLICE:  # the hot path of small nets
+            self._update(params, grad, *state, lr=lr, dt=dt)
             return
-
-        def update(part):  # block by block: each pass of _update finds the block in cache
-            for lo in range(part.start, part.stop, _BLOCK):
-                b = slice(lo, min(lo + _BLOCK, part.stop))
-                self._update(params[b], grad[b], lr, {k: v[b] for k, v in self.state.items()},
-                             self._scratch[b])
-
         part = slice(0, params.size) if part is None else part
-        run_parallel(update, [slice(part.start + s.start, part.start + s.stop)
-                              for s in _slices(part.stop - part.start, self.threads)])
+        run_parallel(lambda b: self._update(params[b], grad[b], *(v[b] for v in state), lr=lr, dt=dt),
+                     [slice(part.start + s.start, part.start + s.stop)
+                      for s in _slices(part.stop - part.start, self.threads)])
 
     def state_dict(self):
         """Copies of all that continuing bit-identically needs: state vectors and `t` (0-d int64)."""
@@ -95,16 +91,17 @@ class _Optimizer:
             raise OptimizerError(f"{self.name} state 't': expected a non-negative 0-d integer, "
                                  f"got shape {t.shape} dtype {t.dtype}")
         # The vectors must match the parameters this optimizer was set up for, else one another.
-        ref = self._scratch
+        ref = self._like
         if ref is None and self.slots:
-            ref = np.asarray(d[self.slots[0]])
+            first = np.asarray(d[self.slots[0]])
+            ref = first.shape, first.dtype
         for k in self.slots:
             a = np.asarray(d[k])
-            if a.ndim != 1 or a.dtype.kind != "f" or (a.shape, a.dtype) != (ref.shape, ref.dtype):
+            if a.ndim != 1 or a.dtype.kind != "f" or (a.shape, a.dtype) != ref:
                 raise OptimizerError(f"{self.name} state {k!r}: expected a 1-D float vector "
-                                     f"{ref.shape} {ref.dtype}, got {a.shape} {a.dtype}")
-        if self._scratch is None and ref is not None:
-            self.init(ref)
+                                     f"{ref[0]} {ref[1]}, got {a.shape} {a.dtype}")
+        if self._like is None and ref is not None:
+            self.init(np.empty(ref[0], ref[1]))
         for k in self.slots:
             np.copyto(self.state[k], d[k])
         self.t = int(t)
@@ -129,19 +126,10 @@ class SGD(_Optimizer):
         return {"name": self.name, "lr": self.lr, "momentum": self.momentum,
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
-    def _update(self, p, g, lr, state, s):
-        dt = p.dtype.type
-        if self.weight_decay:
-            g += np.multiply(p, dt(self.weight_decay), out=s)
-        if self.momentum:
-            v = state["velocity"]
-            v *= dt(self.momentum)
-            v += g
-            if self.nesterov:
-                g += np.multiply(v, dt(self.momentum), out=s)
-            else:
-                g = v
-        p -= np.multiply(g, dt(lr), out=s)
+    def _update(self, p, g, v=None, *, lr, dt):
+        """kernels.sgd_update with the scalars in the dtype; without momentum v is never read."""
+        kernels.sgd_update(p, g, p[:0] if v is None else v, dt(lr), dt(self.momentum),
+                           dt(self.weight_decay), self.nesterov)
 
 
 class Adam(_Optimizer):
@@ -163,28 +151,18 @@ class Adam(_Optimizer):
         return {"name": self.name, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay}
 
-    def _decay(self, p, g, lr, s):
-        if self.weight_decay:  # an L2 penalty in the gradient, so 1/sqrt(v) rescales it too
-            g += np.multiply(p, p.dtype.type(self.weight_decay), out=s)
+    def _decay(self, lr):
+        """(weight decay added to the gradient, factor p is multiplied by first): Adam's L2
+        penalty in the gradient, so that 1/sqrt(v) rescales it too."""
+        return self.weight_decay, 1.0
 
-    def _update(self, p, g, lr, state, s):
-        dt, m, v = p.dtype.type, state["m"], state["v"]
+    def _update(self, p, g, m, v, *, lr, dt):
+        """kernels.adam_update with the scalars in the dtype."""
         b1, b2 = self.betas
-        self._decay(p, g, lr, s)
-        np.multiply(g, g, out=s)
-        s *= dt(1 - b2)
-        v *= dt(b2)
-        v += s  # v = b2 v + (1 - b2) g^2
-        g *= dt(1 - b1)
-        m *= dt(b1)
-        m += g  # m = b1 m + (1 - b1) g
+        wd, keep = self._decay(lr)
         # Bias corrections are float64 Python scalars, each cast once to the parameter dtype.
-        np.sqrt(v, out=s)
-        s /= dt(math.sqrt(1 - b2**self.t))
-        s += dt(self.eps)
-        np.divide(m, s, out=s)
-        s *= dt(lr / (1 - b1**self.t))
-        p -= s
+        kernels.adam_update(p, g, m, v, dt(lr / (1 - b1**self.t)), dt(b1), dt(b2), dt(1 - b1),
+                            dt(1 - b2), dt(math.sqrt(1 - b2**self.t)), dt(self.eps), dt(wd), dt(keep))
 
 
 class AdamW(Adam):
@@ -195,19 +173,13 @@ class AdamW(Adam):
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(lr, betas, eps, weight_decay)
 
-    def _decay(self, p, g, lr, s):
-        if self.weight_decay:
-            p *= p.dtype.type(1 - lr * self.weight_decay)
+    def _decay(self, lr):
+        return 0.0, 1 - lr * self.weight_decay  # decoupled: p *= 1 - lr wd before the update
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
-_MIN_SLICE = 1 << 18  # elements: below ~1 MB a slice's passes cost less than handing it to a thread
-# Elements updated at a time: the four to ten passes of an update then read and write a block in
-# cache, and the vectors cross memory once. Where they were in cache (1.9M float32 parameters,
-# 1 thread): SGD momentum 1.86 -> 1.14 ms, Adam 5.1 -> 3.6 ms, float64 SGD 4.1 -> 2.8 ms. Right
-# after a large net's GEMMs they come from memory, and the update runs at memory speed either way.
-_BLOCK = 1 << 15
+_MIN_SLICE = 1 << 18  # elements: below ~1 MB a slice's pass costs less than handing it to a thread
 
 
 def _slices(n, threads):
@@ -301,13 +273,13 @@ def clip_by_global_norm(grad, max_norm):
 
 
 def global_norm(x):
-    """L2 norm of a vector as a float, finite whenever x is: the squares of a finite float32 vector
-    overflow from 1.8e19 on (float64: 1.3e154), so such a vector is scaled by its max |x| first."""
-    with np.errstate(over="ignore"):
-        norm = math.sqrt(float(np.dot(x, x)))
+    """L2 norm of a vector as a float, finite whenever x is, the same bits for the same x (a fixed
+    summation order, kernels.sum_squares). Squares add in float64, which a float32 vector cannot
+    overflow; a float64 one whose squares do (from 1.3e154 on) is scaled by 1 / max |x| first."""
+    x = np.ascontiguousarray(x)
+    norm = math.sqrt(kernels.sum_squares(x, 1.0))
     if math.isinf(norm):
         top = float(np.abs(x).max())  # NaN or Inf in x: the norm is not finite indeed
         if math.isfinite(top):
-            scaled = x / x.dtype.type(top)  # |scaled| <= 1: a rare case, so a temporary is fine
-            norm = top * math.sqrt(float(np.dot(scaled, scaled)))
+            norm = top * math.sqrt(kernels.sum_squares(x, 1.0 / top))
     return norm

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import data, exactsum, optim
+from . import data, exactsum, kernels, optim
 
 STATS = 3  # loss sum, correct count, stop flag: ride behind the gradient in the sum
 KINDS = ("auto", "whole", "sharded")  # how the update is shared out (`make`'s `update`)
@@ -113,7 +113,7 @@ class Allreduce:
 
     def _update(self, lr) -> Verdict:
         """The whole update from the summed buffer, after its checks and penalty."""
-        finite = bool(np.isfinite(self.buf).all())  # the same verdict on every rank
+        finite = bool(kernels.all_finite(self.buf))  # the same verdict on every rank
         if finite:
             self.net.add_penalty_grad(self.grad)
             if self.clip_norm > 0:
@@ -157,7 +157,7 @@ class _ShardedUpdate:
         lo, hi = cuts[self.comm.rank], cuts[self.comm.rank + 1]
         mine = slice(min(lo, n), min(hi, n))  # this rank's parameters (the rest: statistics)
         grad = window.slot[mine]
-        finite = bool(np.isfinite(window.slot[lo:hi]).all())
+        finite = bool(kernels.all_finite(window.slot[lo:hi]))
         if finite:
             net.add_penalty_grad(grad, start=mine.start)
         window.post(finite, optim.global_norm(grad) if finite and clip > 0 else 0.0)

@@ -166,3 +166,22 @@ def test_the_plot_labels_its_axes_and_draws_no_lines_between_set_ups():
     # the set-ups are categories: markers (and bars), never a line from one set-up to the next
     assert speedup.lines and all(line.get_linestyle() == "None" for line in speedup.lines)
     assert not split.lines and split.patches
+
+
+def test_startup_is_measured_cold_and_warm(quick):
+    s = quick[2]["startup"]
+    for kind in ("cold", "warm"):
+        assert all(positive(s[kind][k]) for k in ("import_s", "first_step_s", "process_s"))
+    assert s["cold_s"] == s["cold"]["import_s"] + s["cold"]["first_step_s"]
+    assert positive(s["warm_s"])
+    assert any(t["target"].startswith("start-up") for t in quick[2]["targets"])
+
+
+def test_ddp_rows_compare_with_the_trainer_at_the_same_ranks_net_dtype_and_batch():
+    trainer = [{"net": "small", "dtype": "float32", "batch": 512, "ranks": 2, "default_step_s": 0.5},
+               {"net": "small", "dtype": "float32", "batch": 512, "ranks": 2, "default_step_s": 0.4},
+               {"net": "small", "dtype": "float32", "batch": 512, "ranks": 1, "default_step_s": 0.1}]
+    ddp = [{"net": "small", "dtype": "float32", "batch": 512, "ranks": 2, "ddp_step_s": 1.0},
+           {"net": "large", "dtype": "float32", "batch": 512, "ranks": 2, "ddp_step_s": 1.0}]
+    (row,) = bench_report.ddp_rows(ddp, trainer)
+    assert row["distnn_step_s"] == 0.4 and row["vs_ddp"] == 2.5

@@ -151,14 +151,12 @@ def test_state_dict_round_trip_continues_bit_identically(case, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES)
-def test_blocked_and_threaded_steps_give_the_bits_of_one_pass_over_the_whole_vector(
-        case, dtype, monkeypatch):
-    # three slices of a vector just over 3 * _MIN_SLICE, in blocks; every operation is element-wise
+def test_threaded_steps_give_the_bits_of_one_pass_over_the_whole_vector(case, dtype):
+    # three slices of a vector just over 3 * _MIN_SLICE; every operation is element-wise
     name, hyper = CASES[case]
     p0 = np.random.default_rng(1).normal(size=3 * 2**18 + 77).astype(dtype)
     results = []
-    for threads, block in ((1, 2**30), (1, 2**15), (3, 2**15)):  # 2**30: one block, one thread
-        monkeypatch.setattr(optim, "_BLOCK", block)
+    for threads in (1, 2, 3):
         opt = make_optimizer(name, **hyper)
         opt.threads = threads
         results.append((run(opt, p0.copy(), LRS[:5]), opt.state_dict()))

@@ -1,0 +1,473 @@
+"""Compiled element-wise kernels (numba): the passes around the GEMMs, each fused into one loop.
+
+BLAS keeps the matrix products; everything element-wise that runs every step is here, one small
+`@njit` function per job, with its formula and shapes in its docstring and a numpy twin in
+tests/test_kernels.py. Shapes: N samples, H units of a hidden layer, K outputs; the output layer's
+arrays are class-major (K, N) (see network._Buffers), hidden ones (N, H), all C-contiguous.
+
+- forward, per activation A: `<A>_forward(z, b)`: Z = A(Z + b) in place, the bias add fused;
+- backward, per activation: `<A>_backward(p, o, gb)`: P *= A'(O) through the output O, and the
+  next layer's bias gradient gb = Σ_n P[n] in the same pass (`colsum` where A' == 1);
+- the output pass, per family: `<link>_output(zt, y, pt, divisor, gb) -> (loss, correct)`:
+  P_L = (mean(Z_L) − Y) / divisor, the loss sum (float64), the correct count and the output bias
+  gradient Σ_n P_L[:, n], in one pass over the logits;
+- the optimizers' updates as one pass over the parameter vector (`sgd_update`, `adam_update`);
+- the gradient's squared norm and finiteness (`sum_squares`, `all_finite`);
+- deterministic mode: column maxima |P|, |I| (`colmax_abs` on the float bits, `rowmax_abs`) and the rounding onto
+  the grid plus the exact float64 sum, one pass per chunk array (`grid_magic`, `grid_add`).
+
+No `fastmath`, on purpose: the exact sum's grid relies on IEEE rounding of each addition (no
+reassociation, no fused multiply-add), and overflow safety on exact max shifts and NaN/Inf
+propagating as numpy's. Without it, a kernel whose operations run in numpy's order gives numpy's
+bits (tested); exp, log1p and tanh come from another math library, equal to round-off.
+
+Conventions that keep one compiled version per dtype: arrays C-contiguous, scalars passed in the
+arrays' dtype (`dtype.type(x)`), so float32 arithmetic stays float32 as in numpy. Division by zero
+gives inf or NaN as in numpy (error_model="numpy"; it also lets the loops vectorize). Reductions whose
+order matters run serially, or in a fixed interleaving independent of any thread count;
+kernels release the GIL (`nogil`), so threads.run_parallel can run slices of a long vector at once.
+
+Compilation is lazy (the first call for a dtype) and cached on disk (`cache=True`): in
+`__pycache__` beside this file, or, where that is read-only, numba's user cache directory;
+NUMBA_CACHE_DIR overrides both. Concurrent first runs are safe: numba writes each cache file under
+a temporary name and renames it.
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+LEAKY_SLOPE = 0.01  # leaky_relu's slope below 0
+
+jit = njit(cache=True, nogil=True, error_model="numpy")  # no fastmath: see the module docstring
+
+
+# ============================================================================ activations, forward
+
+@jit
+def identity_forward(z, b):
+    """Z = Z + b.   z (N, H) in place, b (H,)."""
+    n, h = z.shape
+    for i in range(n):
+        for j in range(h):
+            z[i, j] += b[j]
+
+
+@jit
+def relu_forward(z, b):
+    """Z = max(Z + b, 0), NaN kept.   z (N, H) in place, b (H,)."""
+    n, h = z.shape
+    zero = z.dtype.type(0)
+    for i in range(n):
+        for j in range(h):
+            v = z[i, j] + b[j]
+            z[i, j] = zero if v < zero else v
+
+
+@jit
+def leaky_relu_forward(z, b):
+    """Z = V if V >= 0 else s V, V = Z + b, s = LEAKY_SLOPE.   z (N, H) in place, b (H,)."""
+    n, h = z.shape
+    zero, slope = z.dtype.type(0), z.dtype.type(LEAKY_SLOPE)
+    for i in range(n):
+        for j in range(h):
+            v = z[i, j] + b[j]
+            z[i, j] = v * slope if v < zero else v
+
+
+@jit
+def tanh_forward(z, b):
+    """Z = tanh(Z + b).   z (N, H) in place, b (H,)."""
+    n, h = z.shape
+    for i in range(n):
+        for j in range(h):
+            z[i, j] = math.tanh(z[i, j] + b[j])
+
+
+@jit
+def sigmoid_forward(z, b):
+    """Z = sigmoid(Z + b) = 1 / (1 + e^-(Z + b)), stable (exp of -|·| only).   z (N, H), b (H,)."""
+    n, h = z.shape
+    one = z.dtype.type(1)
+    for i in range(n):
+        for j in range(h):
+            v = z[i, j] + b[j]
+            e = math.exp(-abs(v))
+            s = e / (one + e)
+            z[i, j] = one - s if v >= 0 else s
+
+
+@jit
+def softplus_forward(z, b):
+    """Z = log(1 + e^V) = max(V, 0) + log1p(e^-|V|), V = Z + b, finite for finite V.   z (N, H), b (H,)."""
+    n, h = z.shape
+    zero = z.dtype.type(0)
+    for i in range(n):
+        for j in range(h):
+            v = z[i, j] + b[j]
+            z[i, j] = math.log1p(math.exp(-abs(v))) + (v if v > zero else zero)
+
+
+# ============================================================================ activations, backward
+
+@jit
+def colsum(p, gb):
+    """gb = Σ_n P[n] (a bias gradient), summed over n in order.   p (N, H), gb (H,)."""
+    n, h = p.shape
+    gb[:] = 0
+    for i in range(n):
+        for j in range(h):
+            gb[j] += p[i, j]
+
+
+@jit
+def relu_backward(p, o, gb):
+    """P = P ∘ [O > 0] (NaN in P kept), gb = Σ_n P[n].   p, o (N, H), gb (H,)."""
+    n, h = p.shape
+    zero, one = p.dtype.type(0), p.dtype.type(1)
+    gb[:] = 0
+    for i in range(n):
+        for j in range(h):
+            v = p[i, j] * (one if o[i, j] > zero else zero)
+            p[i, j] = v
+            gb[j] += v
+
+
+@jit
+def leaky_relu_backward(p, o, gb):
+    """P = P ∘ (1 if O > 0 else LEAKY_SLOPE), gb = Σ_n P[n].   p, o (N, H), gb (H,)."""
+    n, h = p.shape
+    zero, one, slope = p.dtype.type(0), p.dtype.type(1), p.dtype.type(LEAKY_SLOPE)
+    gb[:] = 0
+    for i in range(n):
+        for j in range(h):
+            v = p[i, j] * (one if o[i, j] > zero else slope)
+            p[i, j] = v
+            gb[j] += v
+
+
+@jit
+def tanh_backward(p, o, gb):
+    """P = P ∘ (1 − O²), gb = Σ_n P[n].   p, o (N, H), gb (H,)."""
+    n, h = p.shape
+    one = p.dtype.type(1)
+    gb[:] = 0
+    for i in range(n):
+        for j in range(h):
+            v = p[i, j] * (one - o[i, j] * o[i, j])
+            p[i, j] = v
+            gb[j] += v
+
+
+@jit
+def sigmoid_backward(p, o, gb):
+    """P = P ∘ (1 − O) O, gb = Σ_n P[n].   p, o (N, H), gb (H,)."""
+    n, h = p.shape
+    one = p.dtype.type(1)
+    gb[:] = 0
+    for i in range(n):
+        for j in range(h):
+            v = p[i, j] * ((one - o[i, j]) * o[i, j])
+            p[i, j] = v
+            gb[j] += v
+
+
+@jit
+def softplus_backward(p, o, gb):
+    """P = P ∘ (1 − e^-O) (softplus' = sigmoid = 1 − e^-softplus), gb = Σ_n P[n].   p, o (N, H)."""
+    n, h = p.shape
+    gb[:] = 0
+    for i in range(n):
+        for j in range(h):
+            v = p[i, j] * -math.expm1(-o[i, j])
+            p[i, j] = v
+            gb[j] += v
+
+
+# ============================================================================ the output pass
+
+@jit
+def add_rows(zt, b):
+    """Z_L += b on the class-major logits: zt[k] += b[k].   zt (K, N), b (K,)."""
+    k, n = zt.shape
+    for c in range(k):
+        for i in range(n):
+            zt[c, i] += b[c]
+
+
+@jit
+def softmax_output(zt, labels, pt, divisor, gb):
+    """Multinomial: with m = max_k z, s = Σ_k e^(z_k − m) per sample,
+    P_L = (e^(z − m) / s − onehot(y)) / divisor, loss = Σ_n log s − (z_y − m) (float64),
+    correct = #{argmax z = y} (first maximum), gb = Σ_n P_L[:, n].
+    zt, pt (K, N) class-major; labels (N,) ints; divisor in the dtype; gb (K,). Returns (loss, correct).
+    The loops run along the samples (contiguous), so all but exp and log vectorize."""
+    k, n = zt.shape
+    top, best = zt[0].copy(), np.zeros(n, np.int64)  # (N,): the max logit and its class
+    for c in range(1, k):
+        for i in range(n):
+            v = zt[c, i]
+            larger = v > top[i]  # the first maximum, as numpy's argmax
+            top[i] = v if larger else top[i]
+            best[i] = c if larger else best[i]
+    s = np.zeros(n, zt.dtype)
+    for c in range(k):
+        for i in range(n):
+            e = math.exp(zt[c, i] - top[i])  # exact shift: the largest becomes e^0 = 1, no overflow
+            pt[c, i] = e
+            s[i] += e
+    loss, correct = 0.0, 0
+    for i in range(n):
+        y = labels[i]
+        correct += best[i] == y
+        loss += np.float64(math.log(s[i])) - np.float64(zt[y, i] - top[i])  # log s in [0, log K]
+    one, zero = zt.dtype.type(1), zt.dtype.type(0)
+    for c in range(k):
+        total = zero
+        for i in range(n):
+            v = (pt[c, i] / s[i] - (one if labels[i] == c else zero)) / divisor  # x - 0 is x
+            pt[c, i] = v
+            total += v
+        gb[c] = total
+    return loss, correct
+
+
+@jit
+def sigmoid_output(zt, y, pt, divisor, gb):
+    """Bernoulli: P_L = (sigmoid(z) − y) / divisor, loss = Σ softplus(z) − y z (float64),
+    correct = #{(z > 0) = (y > 1/2)}, gb = Σ_n P_L[:, n].
+    zt, pt (K, N) class-major; y (N, K) 0/1; divisor in the dtype; gb (K,). Returns (loss, correct)."""
+    k, n = zt.shape
+    zero, one = zt.dtype.type(0), zt.dtype.type(1)
+    half = y.dtype.type(0.5)
+    loss, correct = 0.0, 0
+    for c in range(k):
+        for i in range(n):
+            v, t = zt[c, i], y[i, c]
+            e = math.exp(-abs(v))  # in (0, 1]
+            s = e / (one + e)  # sigmoid(-|v|)
+            mean = one - s if v >= zero else s
+            pt[c, i] = (mean - t) / divisor
+            softplus = math.log1p(e) + (v if v > zero else zero)
+            loss += np.float64(softplus - t * v)
+            correct += (v > zero) == (t > half)
+    colsum_rows(pt, gb)
+    return loss, correct
+
+
+@jit
+def identity_output(zt, y, pt, divisor, gb):
+    """Gaussian: P_L = (z − y) / divisor, loss = ½ Σ (z − y)² (squares in float64), no correct
+    count (0), gb = Σ_n P_L[:, n].   zt, pt (K, N); y (N, K); gb (K,). Returns (loss, 0)."""
+    k, n = zt.shape
+    loss = 0.0
+    for c in range(k):
+        for i in range(n):
+            r = zt[c, i] - y[i, c]
+            pt[c, i] = r / divisor
+            loss += np.float64(r) * np.float64(r)
+    colsum_rows(pt, gb)
+    return 0.5 * loss, 0
+
+
+@jit
+def exp_output(zt, y, pt, divisor, gb):
+    """Poisson: P_L = (e^z − y) / divisor, loss = Σ e^z − y z (float64; inf when e^z overflows),
+    no correct count (0), gb = Σ_n P_L[:, n].   zt, pt (K, N); y (N, K); gb (K,). Returns (loss, 0)."""
+    k, n = zt.shape
+    loss = 0.0
+    for c in range(k):
+        for i in range(n):
+            v, t = zt[c, i], y[i, c]
+            rate = math.exp(v)
+            pt[c, i] = (rate - t) / divisor
+            loss += np.float64(rate - t * v)
+    colsum_rows(pt, gb)
+    return loss, 0
+
+
+@jit
+def colsum_rows(pt, gb):
+    """gb[k] = Σ_n pt[k, n], in order of n: a class-major bias gradient.   pt (K, N), gb (K,)."""
+    k, n = pt.shape
+    for c in range(k):
+        s = pt.dtype.type(0)
+        for i in range(n):
+            s += pt[c, i]
+        gb[c] = s
+
+
+@jit
+def softmax_mean(zt, out):
+    """out = softmax(z) per sample, max-shifted: e^(z − m) / Σ e^(z − m).   zt, out (K, N)."""
+    k, n = zt.shape
+    for i in range(n):
+        m = zt[0, i]
+        for c in range(1, k):
+            if zt[c, i] > m:
+                m = zt[c, i]
+        s = zt.dtype.type(0)
+        for c in range(k):
+            e = math.exp(zt[c, i] - m)
+            out[c, i] = e
+            s += e
+        for c in range(k):
+            out[c, i] = out[c, i] / s
+
+
+@jit
+def sigmoid_mean(zt, out):
+    """out = sigmoid(z), stable (exp of -|z| only).   zt, out (K, N)."""
+    k, n = zt.shape
+    one = zt.dtype.type(1)
+    for c in range(k):
+        for i in range(n):
+            v = zt[c, i]
+            e = math.exp(-abs(v))
+            s = e / (one + e)
+            out[c, i] = one - s if v >= 0 else s
+
+
+@jit
+def exp_mean(zt, out):
+    """out = e^z (inf where it overflows).   zt, out (K, N)."""
+    k, n = zt.shape
+    for c in range(k):
+        for i in range(n):
+            out[c, i] = math.exp(zt[c, i])
+
+
+# ============================================================================ optimizer updates
+
+@jit
+def sgd_update(p, g, v, lr, momentum, weight_decay, nesterov):
+    """SGD, torch's form, in the dtype of p and in numpy's operation order:
+    g' = g + wd p;  v = mu v + g';  u = g' + mu v (nesterov) or v (or g' without momentum);
+    p = p − lr u.   p, g, v (n,) (v unused and may be empty when mu = 0); scalars in p's dtype."""
+    zero = p.dtype.type(0)
+    for i in range(p.size):
+        gi = g[i]
+        if weight_decay != zero:
+            gi = gi + p[i] * weight_decay
+        if momentum != zero:
+            vi = v[i] * momentum + gi
+            v[i] = vi
+            gi = gi + vi * momentum if nesterov else vi
+        p[i] = p[i] - gi * lr
+
+
+@jit
+def adam_update(p, g, m, v, lr_t, beta1, beta2, one_b1, one_b2, root_c2, eps, weight_decay, keep):
+    """Adam / AdamW in the dtype of p and in numpy's operation order:
+    p = keep p (AdamW's decoupled decay, keep = 1 − lr wd; else 1 and skipped);
+    g' = g + wd p (Adam's L2 decay; wd = 0 for AdamW);  v = b2 v + (1 − b2) g'²;
+    m = b1 m + (1 − b1) g';  p = p − lr_t m / (√v / √(1 − b2^t) + eps), lr_t = lr / (1 − b1^t).
+    p, g, m, v (n,); scalars in p's dtype (one_b1 = 1 − b1, root_c2 = √(1 − b2^t) as numpy casts them)."""
+    zero, one = p.dtype.type(0), p.dtype.type(1)
+    for i in range(p.size):
+        pi, gi = p[i], g[i]
+        if keep != one:
+            pi = pi * keep
+        if weight_decay != zero:
+            gi = gi + pi * weight_decay
+        vi = v[i] * beta2 + (gi * gi) * one_b2
+        mi = m[i] * beta1 + gi * one_b1
+        v[i], m[i] = vi, mi
+        p[i] = pi - (mi / (math.sqrt(vi) / root_c2 + eps)) * lr_t
+
+
+# ============================================================================ norms and checks
+
+@jit
+def sum_squares(x, scale):
+    """Σ (scale x_i)² in float64: eight interleaved partial sums (element i in sum i mod 8), added
+    pairwise at the end, then the tail: a fixed order, the same bits for the same x whatever the
+    threads.   x (n,); scale float64."""
+    n = x.size
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    full = n - n % 8
+    for i in range(0, full, 8):
+        t0, t1 = np.float64(x[i]) * scale, np.float64(x[i + 1]) * scale
+        t2, t3 = np.float64(x[i + 2]) * scale, np.float64(x[i + 3]) * scale
+        t4, t5 = np.float64(x[i + 4]) * scale, np.float64(x[i + 5]) * scale
+        t6, t7 = np.float64(x[i + 6]) * scale, np.float64(x[i + 7]) * scale
+        a0 += t0 * t0
+        a1 += t1 * t1
+        a2 += t2 * t2
+        a3 += t3 * t3
+        a4 += t4 * t4
+        a5 += t5 * t5
+        a6 += t6 * t6
+        a7 += t7 * t7
+    total = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    for i in range(full, n):
+        t = np.float64(x[i]) * scale
+        total += t * t
+    return total
+
+
+@jit
+def all_finite(x):
+    """True when no x_i is NaN or ±Inf (x − x is 0 exactly for finite x).   x (n,)."""
+    zero = x.dtype.type(0)
+    bad = False
+    for i in range(x.size):
+        bad |= (x[i] - x[i]) != zero
+    return not bad
+
+
+# ============================================================================ deterministic mode
+
+@jit
+def colmax_abs(bits, out, mask):
+    """out[j] = max(out[j], max_n |a[n, j]|) on the IEEE bits of a float array a and of out
+    (a.view(int32 or int64), mask = the bits without the sign: 0x7fff...): a non-negative float's
+    bits order like its value, and a NaN's lie above Inf's, so a NaN propagates. The integer max
+    vectorizes, where a float one that must keep NaN does not.   bits (N, M), out (M,) ints."""
+    n, m = bits.shape
+    for i in range(n):
+        for j in range(m):
+            v, o = bits[i, j] & mask, out[j]
+            out[j] = v if v > o else o
+
+
+@jit
+def rowmax_abs(at, out):
+    """out[k] = max(out[k], max_n |at[k, n]|), NaN propagated.   at (K, N) class-major, out (K,)."""
+    k, n = at.shape
+    for c in range(k):
+        top = out[c]
+        for i in range(n):
+            v = abs(at[c, i])
+            if v > top or v != v:
+                top = v
+        out[c] = top
+
+
+@jit
+def grid_magic(row_bits, col_bits, lowest, magic):
+    """The grid's magic numbers of a block of weight rows (or of biases, one column):
+    bits(M[r, c]) = max(row_bits[r] + col_bits[c], lowest), exponents adding in the bits; lowest
+    is the magic of the smallest quantum 2^-1074, to which smaller quanta are raised.
+    row_bits (R,), col_bits (C,) int64; magic (>= R C,) float64, written through its int64 bits."""
+    bits = magic.view(np.int64)
+    r_n, c_n = row_bits.size, col_bits.size
+    for r in range(r_n):
+        for c in range(c_n):
+            u = row_bits[r] + col_bits[c]
+            bits[r * c_n + c] = u if u > lowest else lowest
+
+
+@jit
+def grid_add(rows, count, lo, magic, total, first):
+    """total (+)= Σ_{i < count} ((rows[i, lo + e] + M_e) − M_e), e < len(total), all in float64:
+    each chunk rounded to its multiple of the quantum q, M = 1.5 · 2^52 q, and added exactly (the
+    partial sums are multiples of q within 2^53 q). first: total is assigned, not added to.
+    rows (n, m) float32/float64; magic, total (≥ width,) float64, width = len(total)."""
+    width = total.size
+    if first:
+        total[:] = 0
+    for i in range(count):
+        for e in range(width):
+            mg = magic[e]
+            total[e] += (np.float64(rows[i, lo + e]) + mg) - mg
