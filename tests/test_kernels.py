@@ -352,7 +352,9 @@ ONE_STEP = textwrap.dedent("""
     X = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
     y = np.arange(64) % 3
     Trainer(net, SGD(lr=0.1, momentum=0.9), batch_size=32, epochs=1, seed=0).fit(X, y)
-    print("digest", net.params.sum())
+    import sys
+    sys.stdout.write(f"digest {net.params.sum()}\\n")  # one write: the ranks' lines stay whole
+    sys.stdout.flush()
 """)
 
 
