@@ -68,6 +68,27 @@ def _loss_poisson(z, y):
     return total
 
 
+def _losses_gaussian(z, y):
+    r = z - y
+    return 0.5 * np.einsum("ij,ij->i", r, r, dtype=np.float64)
+
+
+def _losses_bernoulli(z, y):
+    return np.sum(softplus(z, np.empty_like(z)) - y * z, axis=1, dtype=np.float64)
+
+
+def _losses_multinomial(z, labels):
+    shifted = z - z.max(axis=1, keepdims=True)  # the same exact shift as the summed loss
+    picked = shifted[np.arange(len(labels)), labels]
+    return (np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
+            - picked.astype(np.float64))
+
+
+def _losses_poisson(z, y):
+    with np.errstate(over="ignore"):
+        return np.sum(np.exp(z) - y * z, axis=1, dtype=np.float64)
+
+
 def _softmax_and_loss(z, labels, out):
     """out = softmax(z); returns the loss sum. Softmax and its loss share one pass: with the row max
     m and s = Σ exp(z - m), p = exp(z - m) / s and the loss is Σ log s - (z_y - m)."""
@@ -221,6 +242,7 @@ class Family:
     per_output: bool = False         # a classifier deciding each output (else one per sample)
     labels: bool = False     # targets are class labels 0..K-1: one output per class, K >= 2
     scores: Callable | None = None   # regression: (Y, z) -> {metric: value}, the fit's quality
+    losses: Callable | None = None   # (z, y) -> (N,) float64 per-sample losses: sample weights
 
     @property
     def is_classifier(self) -> bool:
@@ -257,15 +279,18 @@ class Family:
 
 FAMILIES = {
     "gaussian": Family(_identity, _loss_gaussian, _targets_gaussian,
-                       _diagonal_jacobian(np.ones_like), scores=_r2),
+                       _diagonal_jacobian(np.ones_like), scores=_r2,
+                       losses=_losses_gaussian),
     "bernoulli": Family(sigmoid, _loss_bernoulli, _targets_bernoulli,
                         _diagonal_jacobian(lambda p: p * (1 - p)), correct=_correct_bits,
-                        decide=_decide_bits, per_output=True),
+                        decide=_decide_bits, per_output=True,
+                        losses=_losses_bernoulli),
     "multinomial": Family(_softmax, _loss_multinomial, _targets_multinomial, _softmax_jacobian,
                           subtract=_subtract_one_hot, fused=_softmax_and_loss,
-                          correct=_correct_labels, decide=_decide_labels, labels=True),
+                          correct=_correct_labels, decide=_decide_labels, labels=True,
+                          losses=_losses_multinomial),
     "poisson": Family(_exp, _loss_poisson, _targets_poisson, _diagonal_jacobian(lambda m: m),
-                      scores=_poisson_deviances),
+                      scores=_poisson_deviances, losses=_losses_poisson),
 }
 
 NAMES = tuple(FAMILIES)

@@ -163,9 +163,10 @@ class Network:
             self._views_of, self._views = out, _layer_views(out, self.shapes)
         return self._views
 
-    def grad_sum(self, X, Y, out, divisor=1):
+    def grad_sum(self, X, Y, out, divisor=1, weights=None):
         """Hot path: the data-loss gradient summed over the batch, divided by `divisor`, into `out`;
-        returns the loss sum (not divided).
+        returns the loss sum (not divided). With `weights` (N,), sample n's loss and gradient count
+        w_n times: its row of P_L is scaled by w_n / divisor in the same pass (divisor then Σw).
 
         Backward is linear in P_L, so dividing the (N, n_out) P_L by the global batch size gives
         every rank its share of the mean gradient at the cost of a pass over P_L instead of one over
@@ -175,7 +176,10 @@ class Network:
         buf = self._forward(X, mean=False)
         p = buf.delta[-1]
         loss = self._out.loss_and_residual(buf.z[-1], Y, p)  # P_L = O_L - Y
-        if divisor != 1:
+        if weights is not None:  # Σ_n w_n ℓ_n needs the per-sample losses: a pass of its own
+            loss = float(np.dot(weights, self._out.losses(buf.z[-1], Y)))
+            np.multiply(p, (weights / p.dtype.type(divisor))[:, None], out=p)
+        elif divisor != 1:
             np.divide(p, divisor, out=p)
         self._backward(X, buf, out)
         return loss
