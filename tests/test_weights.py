@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from distnn import Network, optim
+from distnn.model import load_model, save_model
 from distnn.trainer import Trainer
 
 import problems
@@ -60,6 +61,22 @@ def test_weights_are_checked():
                      (np.zeros(len(X)), "0 for every sample")]:
         with pytest.raises(ValueError, match=match):
             trainer.fit(X, y, sample_weight=w)
+
+
+def test_trainer_takes_lists_and_string_labels_and_its_model_decodes_them(tmp_path):
+    X, codes = problems.problem("multinomial", 40, 5, 3, 0)
+    names = np.array(["cat", "dog", "emu"])
+    net = Network([5, 8, 3], family="multinomial", seed=1)
+    trainer = Trainer(net, optim.Adam(lr=0.02), batch_size=8, epochs=5)
+    trainer.fit(X.tolist(), names[codes].tolist())
+    assert trainer.classes.tolist() == ["cat", "dog", "emu"]
+    save_model(trainer, tmp_path / "m.npz")
+    model = load_model(tmp_path / "m.npz")
+    assert np.array_equal(model.predict(X), names[net.predict(X).argmax(axis=1)])
+    assert model.score(X, names[codes]) == pytest.approx(
+        np.mean(net.predict(X).argmax(axis=1) == codes))
+    with pytest.raises(ValueError, match="2 class labels"):
+        Trainer(Network([5, 3]), batch_size=8, epochs=1).fit(X, names[codes % 2])
 
 
 def test_a_callback_that_returns_true_stops_after_that_epoch():
