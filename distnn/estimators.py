@@ -18,7 +18,7 @@ import numbers
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
 from sklearn.utils.validation import (_check_sample_weight, check_is_fitted, check_random_state,
@@ -285,9 +285,10 @@ class _MLP(BaseEstimator):
         c = self.chunk_size
         n_chunks = -(-len(X) // c)
         first, last = data.chunk_range(n_chunks, comm.size, comm.rank)
-        sums = np.array([self._score_sums(X[j * c:(j + 1) * c], Y[j * c:(j + 1) * c],
-                                          None if w is None else w[j * c:(j + 1) * c])
-                         for j in range(first, last)]).reshape(last - first, -1)
+        sums = np.zeros((last - first, 2 if is_classifier(self) else Y.shape[1]))
+        for i, j in enumerate(range(first, last)):  # a rank may hold no chunk: zeros
+            part = slice(j * c, (j + 1) * c)
+            sums[i] = self._score_sums(X[part], Y[part], None if w is None else w[part])
         if self.deterministic:
             try:
                 total = comm.exact_sum(sums, n_chunks, what="validation score")

@@ -4,6 +4,7 @@ and one model file for the API and the command line."""
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import warnings
@@ -245,9 +246,22 @@ def test_importing_distnn_or_its_estimators_starts_no_mpi():
     assert out == ["False"]
 
 
-def test_the_quickstart_example_runs(tmp_path):
-    run = subprocess.run([sys.executable, str(REPO / "examples" / "sklearn_quickstart.py"),
-                          "m.npz"], cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(REPO)},
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "held-out accuracy" in run.stdout and (tmp_path / "m.npz").exists()
+MPIEXEC = next((str(p) for p in (Path(sys.executable).parent / "mpiexec", shutil.which("mpiexec"))
+                if p and os.access(p, os.X_OK)), None)
+
+
+def test_the_quickstart_example_runs_unchanged_with_python_and_mpiexec(tmp_path):
+    """The README's example: the same script and the same held-out accuracy on 1 and 2 ranks."""
+    if MPIEXEC is None:
+        pytest.skip("no mpiexec beside python or on PATH")
+    outputs = []
+    for launch in ([], [MPIEXEC, "-n", "2"]):
+        run = subprocess.run([*launch, sys.executable, str(REPO / "examples" /
+                                                            "sklearn_quickstart.py"), "m.npz"],
+                             cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        outputs.append(run.stdout)
+        assert load_model(tmp_path / "m.npz").net.sizes == [64, 64, 10]
+    assert outputs[0].startswith("held-out accuracy") and "on 1 rank(s)" in outputs[0]
+    assert outputs[1] == outputs[0].replace("on 1 rank", "on 2 rank")  # printed once, alike
