@@ -8,7 +8,8 @@ The same script runs under `mpiexec -n P python script.py`: every rank passes th
 a memory map), `fit` trains over MPI.COMM_WORLD (or `comm=`), each rank computing only its shard
 of every batch, and every rank ends with the same fitted estimator, to the bit. A plain process
 is a 1-rank run. Predictions run on each rank on what it is given. mpi4py (which starts MPI) is
-imported by the first `fit`, not by importing this module.
+imported by the first `fit`, not by importing this module. Only rank 0 prints (verbose) and
+warns (ConvergenceWarning).
 
 scikit-learn's names mean what they mean there, except that `alpha` is not offered (distnn's
 `l2` is a penalty on the mean loss; scikit-learn's alpha is divided by each batch's size) and
@@ -230,6 +231,7 @@ class _MLP(BaseEstimator):
                 raise ValueError("The validation set is too small. Increase "
                                  "'validation_fraction' or the size of your dataset.")
             val = (X[held], Y[held], None if w is None else w[held])
+            self._best_params = net.params.copy()  # kept if no epoch scores better than -inf
             X, Y, w = X[train], Y[train], None if w is None else w[train]
         n = len(X)
         batch = min(200, n) if self.batch_size == "auto" else min(self.batch_size, n)
