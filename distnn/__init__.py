@@ -1,14 +1,17 @@
 """distnn: data-parallel training of dense feed-forward networks over MPI."""
 
-__all__ = ["Network", "Trainer", "SGD", "Adam", "AdamW"]
+__all__ = ["Network", "Trainer", "SGD", "Adam", "AdamW", "MLPClassifier", "MLPRegressor",
+           "Model", "save_model", "load_model"]
 _WHERE = {"Network": "network", "Trainer": "trainer", "SGD": "optim", "Adam": "optim",
-          "AdamW": "optim"}
+          "AdamW": "optim", "MLPClassifier": "estimators", "MLPRegressor": "estimators",
+          "Model": "model", "save_model": "model", "load_model": "model"}
 
 
 def __getattr__(name):
     # Loaded on first use: `import distnn` costs nothing, so `python -m distnn train` holds its
     # signals from its first line (see __main__.py); and Trainer imports mpi4py, whose import
-    # starts MPI, which only code that trains should pay (on some login nodes MPI cannot start).
+    # starts MPI, which only code that trains should pay (on some login nodes MPI cannot start);
+    # the estimators import scikit-learn, which only their users should pay.
     if name in _WHERE:
         import importlib
 

@@ -248,7 +248,7 @@ def predict(args) -> int:
     """`distnn predict MODEL DATA -o OUT.csv`: mean response per row, and labels for classifiers."""
     _check_output(args.output, model_path(args.model), args.data)
     _, model, ds = _model_data(args, require_target=False)  # data to predict on needs no labels
-    mean = model.predict(ds.X)
+    mean = model.mean(ds.X)
     columns = prediction_columns(model)
     labels = model.predict_labels(ds.X) if model.is_classifier else None
     labels = None if labels is None else labels.reshape(len(mean), -1)

@@ -36,6 +36,28 @@ def _copy(zt, out):
     np.copyto(out, zt)  # the identity link: the mean is the logits
 
 
+# Per-sample losses (N,) in float64 from the logits z (N, K), for sample weights (Σ_n w_n ℓ_n):
+# the same formulas as the output kernels' summed losses, stable the same way.
+def _losses_gaussian(z, y):
+    r = z - y
+    return 0.5 * np.einsum("ij,ij->i", r, r, dtype=np.float64)
+
+
+def _losses_bernoulli(z, y):
+    return np.sum(np.logaddexp(0, z) - y * z, axis=1, dtype=np.float64)  # softplus(z) - y z
+
+
+def _losses_multinomial(z, labels):
+    shifted = z - z.max(axis=1, keepdims=True)  # the exact shift: exp never overflows
+    picked = shifted[np.arange(len(labels)), labels]
+    return np.log(np.exp(shifted).sum(axis=1, dtype=np.float64)) - picked.astype(np.float64)
+
+
+def _losses_poisson(z, y):
+    with np.errstate(over="ignore"):
+        return np.sum(np.exp(z) - y * z, axis=1, dtype=np.float64)
+
+
 def _diagonal_jacobian(slope):
     """d mean / d logits for a family whose mean acts output by output: diag(slope(mean))."""
     def jacobian(mean):
@@ -161,6 +183,7 @@ class Family:
     labels: bool = False     # targets are class labels 0..K-1: one output per class, K >= 2
     scores: Callable | None = None   # regression: (Y, z) -> {metric: value}, the fit's quality
     overflow: str = ""       # warning when the loss is infinite (a mean that overflowed)
+    losses: Callable | None = None   # (z, y) -> (N,) float64 per-sample losses: sample weights
 
     @property
     def is_classifier(self) -> bool:
@@ -183,15 +206,16 @@ class Family:
 
 FAMILIES = {
     "gaussian": Family(kernels.identity_output, _copy, _targets_gaussian,
-                       _diagonal_jacobian(np.ones_like), scores=_r2),
+                       _diagonal_jacobian(np.ones_like), scores=_r2, losses=_losses_gaussian),
     "bernoulli": Family(kernels.sigmoid_output, kernels.sigmoid_mean, _targets_bernoulli,
                         _diagonal_jacobian(lambda p: p * (1 - p)), classifier=True,
-                        decide=_decide_bits, per_output=True),
+                        decide=_decide_bits, per_output=True, losses=_losses_bernoulli),
     "multinomial": Family(kernels.softmax_output, kernels.softmax_mean, _targets_multinomial,
-                          _softmax_jacobian, classifier=True, decide=_decide_labels, labels=True),
+                          _softmax_jacobian, classifier=True, decide=_decide_labels, labels=True,
+                          losses=_losses_multinomial),
     "poisson": Family(kernels.exp_output, kernels.exp_mean, _targets_poisson,
                       _diagonal_jacobian(lambda m: m), scores=_poisson_deviances,
-                      overflow="poisson: exp(logit) overflowed, the loss is inf; lower the learning "
+                      losses=_losses_poisson, overflow="poisson: exp(logit) overflowed, the loss is inf; lower the learning "
                                "rate or standardize the inputs"),
 }
 

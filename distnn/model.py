@@ -1,9 +1,11 @@
 """The trained model a user keeps: network, standardization and class labels in one checkpoint file.
 
-    save_model("runs/digits/model.npz", net, scaler=scaler, classes=classes, meta={...})
-    model = load_model("runs/digits/model.npz")
-    model.predict(X)          # (N, n_out) mean response: values, probabilities or rates
-    model.predict_labels(X)   # classifiers: the original class labels
+    distnn.save_model(obj, "model.npz")  # a Model, Network, Trainer or fitted MLPClassifier/-Regressor
+    model = distnn.load_model("runs/digits/model.npz")   # what `distnn train` wrote, or the above
+    model.predict(X)          # classifiers: the original class labels; regressors: the mean response
+    model.predict_proba(X)    # classifiers: (N, n_classes) probabilities, as scikit-learn's
+    model.score(X, y)         # accuracy or R², as scikit-learn's estimators score
+    model.mean(X)             # (N, n_out) mean response: values, probabilities or rates
     model.scores(X, y)        # {"loss": ..., "accuracy" | "r2" | "deviance" and "null_deviance"}
 
 The file is a checkpoint.save file (atomic, checksummed, no pickle) with arrays `params`,
@@ -55,16 +57,46 @@ class Model:
                             f"({_names(self.meta.get('features'))})")
         return X if self.scaler is None else self.scaler.transform(X)
 
-    def predict(self, X) -> np.ndarray:
+    def mean(self, X) -> np.ndarray:
         """Mean response (N, n_out): values, probabilities or rates."""
         return self._blocks(X, self.net.predict)
+
+    def predict(self, X) -> np.ndarray:
+        """Classifiers: the class labels (N,), or (N, K) 0/1 for several Bernoulli outputs;
+        regressors: the mean response, (N,) for one output."""
+        if self.is_classifier:
+            return self.predict_labels(X)
+        mean = self.mean(X)
+        return mean[:, 0] if mean.shape[1] == 1 else mean
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Classifiers: (N, n_classes) probabilities; one Bernoulli output gives [1 - p, p]."""
+        if not self.is_classifier:
+            raise ValueError(f"predict_proba: a {self.net.family} model predicts values, not "
+                             f"classes; use predict")
+        p = self.mean(X)
+        return np.hstack([1 - p, p]) if p.shape[1] == 1 and not self.family.labels else p
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Accuracy (classifiers; every output right, for several Bernoulli outputs) or R²
+        averaged over the outputs (regressors), weighted by `sample_weight`: scikit-learn's."""
+        w = None if sample_weight is None else np.asarray(sample_weight, np.float64)
+        if self.is_classifier:
+            y = np.asarray(y)
+            right = self.predict(X) == (y[:, 0] if y.ndim == 2 and y.shape[1] == 1 and
+                                        self.net.sizes[-1] == 1 else y)
+            right = right.reshape(len(right), -1).all(axis=1)
+            return float(np.average(right, weights=w))
+        Y = self.net.check_targets(y).astype(np.float64)
+        return r2(Y, self.mean(X).astype(np.float64), w)
 
     def logits(self, X) -> np.ndarray:
         """Output pre-activations (N, n_out)."""
         return self._blocks(X, self.net.logits)
 
     def predict_labels(self, X) -> np.ndarray:
-        """Classifiers: original class labels (N,) for multinomial, 0/1 (N,) or (N, K) for bernoulli."""
+        """Classifiers: original class labels (N,) for multinomial, 0/1 (N,) or (N, K) for bernoulli
+        (one Bernoulli output with two `classes`: those labels)."""
         if not self.is_classifier:
             raise ValueError(f"predict_labels: a {self.net.family} model predicts values, not "
                              f"labels; use predict")
@@ -132,13 +164,43 @@ def _names(names, shown=6) -> str:
     return ", ".join(map(str, names[:shown])) + more
 
 
-def save_model(path, net, *, scaler=None, classes=None, meta=None) -> None:
-    """Write the model file (atomic); `meta` adds JSON-able facts (target, features, config, ...)."""
-    arrays = {"params": net.params}
+def r2(Y, mean, weights=None) -> float:
+    """R² of each output column, averaged over the columns (scikit-learn's r2_score): 1 -
+    SS_res / SS_tot, with SS_tot 0 scoring 1 for a perfect fit and 0 otherwise."""
+    w = np.ones(len(Y)) if weights is None else weights
+    ss_res = (w[:, None] * (Y - mean) ** 2).sum(axis=0)
+    ss_tot = (w[:, None] * (Y - np.average(Y, axis=0, weights=w)) ** 2).sum(axis=0)
+    safe = np.where(ss_tot > 0, ss_tot, 1.0)
+    return float(np.where(ss_tot > 0, 1 - ss_res / safe, np.where(ss_res == 0, 1.0, 0.0)).mean())
+
+
+def as_model(obj) -> Model:
+    """A Model of `obj`: a Model, a Network, or anything with `to_model()` (a Trainer, a fitted
+    MLPClassifier or MLPRegressor)."""
+    if isinstance(obj, Model):
+        return obj
+    if isinstance(obj, Network):
+        return Model(obj)
+    if hasattr(obj, "to_model"):
+        return obj.to_model()
+    raise TypeError(f"save_model: expected a Model, Network, Trainer or distnn estimator, got "
+                    f"{type(obj).__name__}")
+
+
+def save_model(obj, path, *, scaler=None, classes=None, meta=None) -> None:
+    """Write `obj` (see as_model) to `path` as the model file `distnn train` writes: atomic,
+    checksummed, no pickle; `distnn predict / evaluate / info` read it, `load_model` loads it.
+    `scaler`, `classes` and `meta` (JSON-able facts: target, features, config, ...) add to or
+    replace the object's own."""
+    model = as_model(obj)
+    scaler = model.scaler if scaler is None else scaler
+    classes = model.classes if classes is None else classes
+    arrays = {"params": model.net.params}
     if scaler is not None:
         arrays |= {f"scaler/{k}": v for k, v in scaler.to_arrays().items()}
-    info = dict(meta or {}) | {"kind": KIND, "network": net.spec(),
-                               "classes": None if classes is None else np.asarray(classes).tolist()}
+    info = model.meta | dict(meta or {}) | {
+        "kind": KIND, "network": model.net.spec(),
+        "classes": None if classes is None else np.asarray(classes).tolist()}
     checkpoint.save(path, arrays, info, what=KIND)
 
 

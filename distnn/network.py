@@ -179,9 +179,11 @@ class Network:
             self._views_of, self._views = out, _layer_views(out, self.shapes)
         return self._views
 
-    def grad_sum(self, X, Y, out, divisor=1):
+    def grad_sum(self, X, Y, out, divisor=1, weights=None):
         """Hot path: the data-loss gradient summed over the batch, divided by `divisor`, into `out`;
-        returns the loss sum (not divided).
+        returns the loss sum (not divided). With `weights` (N,), sample n's loss and gradient count
+        w_n times: its row of P_L is scaled by w_n / divisor after the output pass (divisor then
+        Σw).
 
         Backward is linear in P_L, so dividing the (N, n_out) P_L by the global batch size gives
         every rank its share of the mean gradient at the cost of a pass over P_L instead of one over
@@ -189,7 +191,15 @@ class Network:
         X is (N, n_in) in the network dtype and Y comes from `check_targets`: no validation here.
         An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
         buf = self._forward(X, mean=False)
-        loss = self._output_pass(buf, Y, divisor, self._grad_views(out)[1][-1])  # P_L = O_L - Y
+        gb = self._grad_views(out)[1][-1]  # the output layer's bias gradient
+        if weights is None:
+            loss = self._output_pass(buf, Y, divisor, gb)  # P_L = O_L - Y, fused
+        else:  # Σ_n w_n ℓ_n needs the per-sample losses: a pass of their own
+            self._output_pass(buf, Y, 1, gb)  # P_L = O_L - Y, unscaled
+            loss = float(np.dot(weights, self._out.losses(buf.z[-1], Y)))
+            p = buf.delta[-1]  # (N, n_out)
+            np.multiply(p, (weights / divisor).astype(p.dtype)[:, None], out=p)
+            np.sum(p, axis=0, out=gb)  # Σ_n w_n P_L[n] / divisor
         self._backward(X, buf, out)
         return loss
 

@@ -330,8 +330,7 @@ def _start(run, cfg, fingerprint, history, fresh) -> None:
 
 def _finish(run, model, done, started, scores) -> None:
     done |= scores(model)
-    save_model(run / MODEL, model.net, scaler=model.scaler, classes=model.classes,
-               meta=model.meta | {"metrics": done})
+    save_model(model, run / MODEL, meta={"metrics": done})
     try:
         if done["last"] is not None:  # epochs = 0 trains nothing and has nothing to plot
             progress.plot_curves(progress.read_metrics(run / METRICS), run / CURVES,

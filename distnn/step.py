@@ -16,8 +16,9 @@ One object per way of summing and updating, chosen once by `make` when the train
 A step is called once per global batch, `step(batch, lr, stop, what) -> Verdict`: this rank's
 part of the gradient, the sum across ranks, the update if the sum is finite. The step buffer is
 one vector, the gradient followed by STATS numbers (loss sum, correct count, stop flag) that ride
-in the same sum. Each rank divides its output proxy errors by the global batch size before
-back-propagating (the gradient is linear in them), so the sum is the mean gradient.
+in the same sum. Each rank divides its output proxy errors by the global batch size (with sample
+weights: scales row n by w_n / Σw of the global batch, a number every rank computes alike) before
+back-propagating (the gradient is linear in them), so the sum is the (weighted) mean gradient.
 """
 import math
 from dataclasses import dataclass
@@ -56,14 +57,26 @@ class Batch:
     rows: np.ndarray
     dtype: np.dtype
     transform: object = None  # rows -> rows, e.g. standardization
+    weights: np.ndarray | None = None  # (N,) sample weights in dtype, or None: each counts 1
 
     def __len__(self):
         return len(self.rows)
 
+    @property
+    def divisor(self):
+        """What the summed gradient is divided by: the batch's size, or its Σw (computed alike on
+        every rank from the whole batch; 1 if every weight is 0, whose gradient is 0)."""
+        if self.weights is None:
+            return len(self.rows)
+        total = float(self.weights[np.sort(self.rows)].sum(dtype=np.float64))
+        return total if total > 0 else 1.0
+
     def part(self, lo, hi):
-        """(X, Y) of rows[lo:hi], in index order (forward reads of a memory map; sums don't care)."""
+        """(X, Y, weights or None) of rows[lo:hi], in index order (forward reads of a memory map;
+        sums don't care)."""
         idx = np.sort(self.rows[lo:hi])
-        return fetch(self.X, idx, self.dtype, self.transform), self.Y[idx]
+        w = None if self.weights is None else self.weights[idx]
+        return fetch(self.X, idx, self.dtype, self.transform), self.Y[idx], w
 
 
 def fetch(X, idx, dtype, transform=None):
@@ -106,8 +119,8 @@ class Allreduce:
         """This rank's shard of the batch: its gradient sum and statistics into buf."""
         n = self.net.n_params
         a, b = data.shard(0, len(batch), self.comm.size, self.comm.rank)
-        X, Y = batch.part(a, b)
-        self.buf[n] = self.net.grad_sum(X, Y, self.grad, divisor=len(batch))
+        X, Y, w = batch.part(a, b)
+        self.buf[n] = self.net.grad_sum(X, Y, self.grad, divisor=batch.divisor, weights=w)
         self.buf[n + 1] = self.net.last_correct(Y) or 0
         self.buf[n + 2] = 1.0 if stop else 0.0
 
@@ -253,9 +266,11 @@ class Exact(_ShardedUpdate, Allreduce):
         rows, stats, bounds = self.rows[:last - first], self.stats[:last - first], self.bounds
         signals = bounds[:-2]
         bounds[...] = 0
+        divisor = batch.divisor
         for i, j in enumerate(range(first, last)):
-            X, Y = batch.part(j * c, min((j + 1) * c, len(batch)))
-            stats[i] = net.grad_sum(X, Y, rows[i], divisor=len(batch)), net.last_correct(Y) or 0
+            X, Y, w = batch.part(j * c, min((j + 1) * c, len(batch)))
+            stats[i] = (net.grad_sum(X, Y, rows[i], divisor=divisor, weights=w),
+                        net.last_correct(Y) or 0)
             np.maximum(signals, net.last_signal_maxabs(X), out=signals)  # propagates NaN
         bounds[-2:] = exactsum.local_maxabs(stats)
         bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN, never an Inf

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import checkpoint, data, exactsum, optim, step
+from . import checkpoint, data, exactsum, families, optim, step
 from .comm import connect
 from .network import Network
 from .stopping import DivergenceError, EarlyStopping, Interrupted, StopRequest, diverged
@@ -29,7 +29,7 @@ from .threads import threads_in_force
 __all__ = ["Trainer", "DivergenceError", "Interrupted"]
 # The settings a checkpoint keeps (with patience and checkpoint_dir): Trainer.resume passes them back
 SETTINGS = ("batch_size", "epochs", "seed", "schedule", "clip_norm", "checkpoint_every",
-            "keep_checkpoints", "deterministic", "chunk_size", "check_every", "threads")
+            "keep_checkpoints", "deterministic", "chunk_size", "check_every", "threads", "shuffle")
 
 
 class Trainer:
@@ -43,7 +43,7 @@ class Trainer:
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
                  keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=600.0,
                  bucket_bytes=4 << 20, check_every=100, threads=None, callback=None,
-                 update="auto", stop=None):
+                 update="auto", stop=None, shuffle=True):
         if not isinstance(net, Network):
             raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
         update = step.checked_update(update)
@@ -52,6 +52,7 @@ class Trainer:
         self.batch_size = _positive_int("batch_size", batch_size)
         self.epochs = _positive_int("epochs", epochs, low=0)
         self.seed = int(seed)
+        self.shuffle = bool(shuffle)  # False: every epoch takes the rows in their order
         self.schedule = dict(schedule or {})  # keyword arguments of optim.lr_at
         self.clip_norm = float(clip_norm)
         self.early = EarlyStopping(_positive_int("patience", patience, low=0))
@@ -61,7 +62,9 @@ class Trainer:
         self.deterministic = bool(deterministic)
         self.chunk_size = _positive_int("chunk_size", chunk_size, high=exactsum.MAX_CHUNK_SIZE)
         self.check_every = _positive_int("check_every", check_every, low=0)
-        self.callback = callback  # called on every rank with each epoch's record
+        # called on every rank with each epoch's record; a true return (the same on every rank:
+        # the record is) stops training after that epoch
+        self.callback = callback
         # BLAS threads per rank during fit; None or 0: the node's cores / its ranks
         self.threads = None if threads is None else _positive_int("threads", threads, low=0)
         # watchdog: seconds a collective may wait for the other ranks before the job is aborted
@@ -85,19 +88,32 @@ class Trainer:
         self.closed = False
         self._lr_args = {"total_steps": 1} | self.schedule  # fit sets its own total_steps
         self._transform = None  # fit's and evaluate's rows -> rows
+        self._loss_divisor = None  # fit's training rows, or their Σ sample weight
+        # the class labels of a labels family's outputs when fit was given labels that are not
+        # output indices 0..K-1 (strings, say): the sorted unique labels, as the CLI encodes them
+        self.classes = None
 
     # ---- the public surface ------------------------------------------------------------------
-    def fit(self, X, y, X_val=None, y_val=None, transform=None, scan=True):
-        """Train on rows of X, y (this process's view of the whole data set; memory-maps welcome).
+    def fit(self, X, y, X_val=None, y_val=None, transform=None, scan=True, sample_weight=None):
+        """Train on rows of X, y (this process's view of the whole data set; memory-maps, lists
+        and pandas welcome). Class labels other than output indices (strings, say) are encoded
+        by their sorted unique values, which `classes` keeps.
 
         `transform(rows) -> rows`, if given, maps each gathered batch of X (e.g. standardization).
         scan=False skips the NaN/Inf scan of X for a caller that made it already (one pass over
         a large memory map); shapes and targets are checked either way.
+        `sample_weight` (N,), finite and >= 0: each batch's loss and gradient are Σ w·loss / Σ w
+        over its samples, and each epoch's loss Σ w·loss / Σ w over the training set (accuracy
+        still counts samples; validation is unweighted).
         Returns `history`, a list of per-epoch dicts of reduced metrics, the same on every rank."""
         if self.closed:
             raise RuntimeError("this Trainer was closed; make a new one (or Trainer.resume) to train")
-        X, Y = self._checked_data(X, y, "training", scan)
-        val = None if X_val is None else self._checked_data(X_val, y_val, "validation", scan)
+        X, Y = self._checked_data(_array(X), self._codes(y), "training", scan)
+        val = (None if X_val is None else
+               self._checked_data(_array(X_val), self._codes(y_val), "validation", scan))
+        W = self.comm.together(_checked_weights, sample_weight, len(X), self.net.dtype,
+                               catch=(ValueError,))
+        self._loss_divisor = len(X) if W is None else float(W.sum(dtype=np.float64))
         self._transform = transform
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
@@ -108,12 +124,13 @@ class Trainer:
         with self.stop.watching(), threadpool_limits(blas, user_api="blas"), self._whole_state():
             while self.epoch < self.epochs and not self.early.stopped:
                 started = time.perf_counter()
-                perm = data.epoch_permutation(self.seed, self.epoch, len(X))
+                perm = (data.epoch_permutation(self.seed, self.epoch, len(X)) if self.shuffle
+                        else np.arange(len(X)))
                 while self.batch < len(batches):
                     lo, hi = batches[self.batch]
                     step_started = time.perf_counter()
                     with self.comm.urgent():  # after a stop request, a stalled peer ends the job
-                        self.train_batch(X, Y, perm[lo:hi], transform)
+                        self.train_batch(X, Y, perm[lo:hi], transform, W)
                     self.stop.step_s = time.perf_counter() - step_started
                     self.batch += 1
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0:
@@ -127,12 +144,13 @@ class Trainer:
             self.net.params[...] = self.early.params  # early stopping keeps the best model
         return self.history
 
-    def train_batch(self, X, Y, rows, transform=None):
+    def train_batch(self, X, Y, rows, transform=None, weights=None):
         """One synchronized step on the global batch `rows` of X, Y (Y as net.check_targets
-        gives it; every rank passes the same rows and computes its own part). Raises
-        DivergenceError on every rank if the sum is not finite; returns the step's Verdict."""
+        gives it, `weights` None or (N,) in the net's dtype; every rank passes the same rows and
+        computes its own part). Raises DivergenceError on every rank if the sum is not finite;
+        returns the step's Verdict."""
         lr = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
-        batch = step.Batch(X, Y, rows, self.net.dtype, transform)
+        batch = step.Batch(X, Y, rows, self.net.dtype, transform, weights)
         verdict = self.stepper(batch, lr, self.stop.signum, what=f"step {self.step + 1}")
         if not verdict.finite:
             raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", self._checkpoints(),
@@ -147,7 +165,7 @@ class Trainer:
 
     def evaluate(self, X, y, transform=None):
         """(mean loss without penalty, accuracy or None) over all ranks' shards of X, y."""
-        X, Y = self._checked_data(X, y, "evaluation")
+        X, Y = self._checked_data(_array(X), self._codes(y), "evaluation")
         with threadpool_limits(_blas_threads(self.deterministic, self.threads, self.comm), user_api="blas"):  # as fit: deterministic pins
             return self._evaluate(X, Y, transform)
 
@@ -165,6 +183,16 @@ class Trainer:
 
     def __exit__(self, *exc):
         self.close()
+
+    def to_model(self):
+        """The trained model (network, class labels) that `distnn.save_model` writes, as
+        `distnn train` does; a `transform` is not part of it."""
+        from .model import Model
+
+        classes = self.classes
+        if classes is None and families.FAMILIES[self.net.family].labels:
+            classes = np.arange(self.net.sizes[-1])  # labels were the output indices
+        return Model(self.net, None, classes)
 
     def request_stop(self, signum=None):
         """Ask every rank to stop after the next step, as SIGTERM does (on this rank alone)."""
@@ -235,7 +263,7 @@ class Trainer:
         self.epoch += 1
         self.batch = 0
         record = {"epoch": self.epoch, "step": self.step,
-                  "loss": self.partial[0] / n_train + self.net.penalty()}
+                  "loss": self.partial[0] / (self._loss_divisor or n_train) + self.net.penalty()}
         if self.net.is_classifier:
             record["accuracy"] = self.partial[1] / (n_train * self.net.decisions)
         self.partial = [0.0, 0.0]
@@ -253,7 +281,7 @@ class Trainer:
         self.comm.check_agree(self.net.params, what=f"parameters after epoch {self.epoch}")
         self.stepper.gather_state()  # whole at every epoch's end, for the callback and checkpoints
         if self.callback is not None:  # e.g. rank 0 appending to a metrics file: may fail there only
-            self.comm.together(self.callback, record)
+            stop = bool(self.comm.together(self.callback, record)) or stop
         if self.checkpoint_dir is not None:
             self.save_checkpoint()
         return stop
@@ -279,6 +307,25 @@ class Trainer:
         self.stepper.gather_state()
 
     # ---- start and checks --------------------------------------------------------------------
+    def _codes(self, y):
+        """y as a labels family's output indices: labels that are not indices already are
+        encoded by `classes` (set from the first such y, sorted unique values)."""
+        if y is None or not families.FAMILIES[self.net.family].labels:
+            return None if y is None else _array(y)
+        y = _array(y)
+        if self.classes is None and _are_indices(y):
+            return y
+        if self.classes is None:
+            codes, classes = data.encode_labels(y, name="y")
+            if len(classes) != self.net.sizes[-1]:
+                raise ValueError(f"y has {len(classes)} class labels {classes.tolist()[:6]}, the "
+                                 f"network {self.net.sizes[-1]} outputs; give it one per class")
+            self.classes = classes
+            return codes
+        from .model import Model
+
+        return Model(self.net, None, self.classes).targets(y)
+
     def _checked_data(self, X, y, what, scan=True):
         """Validate shapes and values; each rank checks a block of X, all fail together."""
         batch = self.batch_size if what == "training" else None  # training needs whole batches
@@ -295,6 +342,39 @@ class Trainer:
         if self.early.params is not None:
             self.comm.bcast(self.early.params)
         self.comm.check_agree(self.net.params, what="parameters at start")
+
+
+def _array(a):
+    """Lists and pandas objects as numpy arrays; arrays, memory maps and row views as they are."""
+    if hasattr(a, "to_numpy"):
+        return a.to_numpy()
+    return a if hasattr(a, "shape") and hasattr(a, "__getitem__") else np.asarray(a)
+
+
+def _are_indices(y):
+    """Whether labels y are integers (or integral floats) already, as output indices."""
+    y = np.asarray(y)
+    if y.dtype.kind in "biu":
+        return True
+    return y.dtype.kind == "f" and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+
+
+def _checked_weights(w, n, dtype):
+    """Sample weights as an (n,) array of `dtype`, or None; finite, >= 0, not all 0."""
+    if w is None:
+        return None
+    w = np.asarray(_array(w))
+    if w.dtype.kind not in "biuf" or w.shape != (n,):
+        raise ValueError(f"sample_weight must be {n} numbers, one per sample; got shape {w.shape} "
+                         f"dtype {w.dtype}")
+    w = w.astype(dtype)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"sample_weight must be finite and >= 0; sample {i} has {w[i].item()!r}")
+    if not w.any():
+        raise ValueError("sample_weight is 0 for every sample: there is nothing to fit")
+    return w
 
 
 def _blas_threads(deterministic, threads, comm):

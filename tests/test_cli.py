@@ -133,7 +133,7 @@ def test_a_run_writes_its_directory_and_predict_reproduces_the_trainers_numbers(
     assert header == ["p_setosa", "p_versicolor", "p_virginica", "label"]
     model = load_model(run / "model.npz")
     probabilities = np.array([r[:3] for r in rows], np.float64).astype(np.float32)
-    assert np.array_equal(probabilities, model.predict(X[val]))  # every bit, through text
+    assert np.array_equal(probabilities, model.mean(X[val]))  # every bit, through text
     labels = np.array([r[3] for r in rows])
     assert np.array_equal(labels, model.predict_labels(X[val]))
     assert np.mean(labels == y[val]) == history[-1]["val_accuracy"]
@@ -435,7 +435,7 @@ def test_help_still_prints_the_usage(argv, capsys):
 
 @pytest.mark.parametrize("command", [["evaluate"], ["predict", "-o", "p.csv"]])
 def test_data_with_other_features_than_the_model_is_named_before_its_labels(tmp_path, command):
-    save_model(tmp_path / "m.npz", Network([10, 4, 3], seed=1), classes=["a", "b", "c"])
+    save_model(Network([10, 4, 3], seed=1), tmp_path / "m.npz", classes=["a", "b", "c"])
     data = "synthetic:classification?n=50&d=64&k=5"  # labels 0..4: none is the model's
     line = one_error_line(distnn(tmp_path, command[0], "m.npz", data, *command[1:]))
     assert f"{data}: 64 features, but the model m.npz takes 10" in line
@@ -570,9 +570,9 @@ def test_model_scores_agree_with_scikit_learn(tmp_path):
             ("gaussian", rng.normal(size=50), "r2", metrics.r2_score),
             ("poisson", rng.poisson(2.0, size=50), "deviance", metrics.mean_poisson_deviance)]:
         net = Network([3, 4, 1], family=family, seed=2)
-        save_model(tmp_path / "m.npz", net, meta={"features": ["a", "b", "c"]})
+        save_model(net, tmp_path / "m.npz", meta={"features": ["a", "b", "c"]})
         model = load_model(tmp_path / "m.npz")
-        mean = model.predict(X)[:, 0]
+        mean = model.mean(X)[:, 0]
         assert np.array_equal(mean, net.predict(X)[:, 0])  # no scaler: the network itself
         scores = model.scores(X, y)
         assert scores[name] == pytest.approx(reference(y, mean), rel=1e-10)
@@ -867,7 +867,7 @@ def test_plot_refuses_a_metrics_line_that_is_not_an_epoch_record(work, line):
 def test_info_refuses_metrics_that_are_not_tables_of_numbers(tmp_path, metrics):
     from distnn import Network
 
-    save_model(tmp_path / "m.npz", Network([3, 4, 1], family="gaussian"), meta={"metrics": metrics})
+    save_model(Network([3, 4, 1], family="gaussian"), tmp_path / "m.npz", meta={"metrics": metrics})
     assert "model field 'metrics'" in one_error_line(distnn(tmp_path, "info", "m.npz"))
 
 
@@ -963,7 +963,7 @@ def test_resume_refuses_a_deeply_nested_data_fingerprint_in_one_line(work):
 
 def forge_meta(path, meta_json):
     """A model file whose checksum is right but whose meta JSON distnn would never write."""
-    save_model(path, Network([3, 4, 3], seed=1), classes=[0, 1, 2])
+    save_model(Network([3, 4, 3], seed=1), path, classes=[0, 1, 2])
     arrays, _ = checkpoint.load(path)
     members = arrays | {name: np.frombuffer(blob, np.uint8) for name, blob in (
         ("__format__", checkpoint.FORMAT.encode()), ("__meta__", meta_json),

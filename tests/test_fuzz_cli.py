@@ -593,7 +593,7 @@ def test_evaluate_and_predict_exit_cleanly_on_any_data_file(case, command):
     with sandbox() as work:
         for name, blob in found.items():
             (work / name).write_bytes(blob)
-        save_model(work / "model.npz", net, classes=[0, 1, 2] if family == "multinomial" else None,
+        save_model(net, work / "model.npz", classes=[0, 1, 2] if family == "multinomial" else None,
                    meta={"features": ["x0", "x1"], "target": target})
         argv = [command, "model.npz", source, *(["-o", "out.csv"] if command == "predict" else [])]
         assert_contract(run(work, *argv), command=command)
@@ -618,7 +618,7 @@ def model_commands_obey_the_contract(work):
 def good_model(path):
     """A 3 -> 4 -> 3 multinomial model with a standardizer, as train writes it."""
     net = Network([3, 4, 3], activation="tanh", family="multinomial", seed=1)
-    save_model(path, net, scaler=Standardizer(np.zeros(3), np.ones(3)), classes=CLASSES,
+    save_model(net, path, scaler=Standardizer(np.zeros(3), np.ones(3)), classes=CLASSES,
                meta={"source": "data.csv", "target": "y", "features": ["a", "b", "c"],
                      "metrics": {"epochs": 1, "steps": 3, "ranks": 1, "val": {"loss": 1.0}}})
 

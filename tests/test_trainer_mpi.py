@@ -89,8 +89,8 @@ def test_a_nan_in_one_ranks_share_of_the_sum_leaves_every_rank_unchanged_and_ali
     trainer = Trainer(net, optim.Adam(lr=0.01), batch_size=10, epochs=1, seed=2, comm=WORLD)
     calls, grad_sum, before = [0], net.grad_sum, {}
 
-    def nan_at_the_fourth_step(X_, Y_, out, divisor=1):
-        loss = grad_sum(X_, Y_, out, divisor)
+    def nan_at_the_fourth_step(X_, Y_, out, divisor=1, weights=None):
+        loss = grad_sum(X_, Y_, out, divisor, weights)
         calls[0] += 1
         if calls[0] == 4:
             before.update(params=net.params.copy(), t=trainer.optimizer.t)

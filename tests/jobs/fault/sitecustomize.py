@@ -47,9 +47,9 @@ if _SPEC:
 
         distnn.checkpoint.save = _slow_save
 
-    def _faulty_step(self, X, Y, rows, transform=None):
+    def _faulty_step(self, X, Y, rows, transform=None, weights=None):
         if _MODE == "termslow" and self.step == int(_STEP) and self.comm.rank == int(_RANK):
-            verdict = _original(self, X, Y, rows, transform)
+            verdict = _original(self, X, Y, rows, transform, weights)
             os.kill(os.getpid(), signal.SIGTERM)  # seen by the others at the next step
             return verdict
         if _MODE == "stallterm" and self.step == int(_STEP):
@@ -68,8 +68,9 @@ if _SPEC:
             if _MODE == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
             if _MODE == "nan":
-                return _original(self, X, Y, rows, lambda part: np.full_like(part, np.nan))
-        return _original(self, X, Y, rows, transform)
+                return _original(self, X, Y, rows, lambda part: np.full_like(part, np.nan),
+                                 weights)
+        return _original(self, X, Y, rows, transform, weights)
 
     distnn.trainer.Trainer.train_batch = _faulty_step
 
