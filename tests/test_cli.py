@@ -494,13 +494,13 @@ def test_evaluate_without_held_out_rows_or_a_run_config_says_so(work):
     assert "all 120 rows of flowers.csv, all of which the model trained on" in done.stderr
     line = one_error_line(distnn(work, "evaluate", "run", "--split", "val"))
     assert "--split val: the run held out no rows (data.val_fraction = 0)" in line
-    save_model(work / "bare.npz", Network([4, 3], seed=1), classes=list(CLASSES))  # no run's config
+    save_model(Network([4, 3], seed=1), work / "bare.npz", classes=list(CLASSES))  # no run's config
     assert "give the DATA to score" in one_error_line(distnn(work, "evaluate", "bare.npz"))
     done = distnn(work, "evaluate", "bare.npz", "flowers.csv", "--target", "species")
     assert "all 120 rows of flowers.csv (the model keeps no config" in done.stderr
     for forged, message in (("cfg", "model field 'config' is str"),
                             ({"model": {"hidden": "x"}}, "model field 'config' is not a valid config")):
-        save_model(work / "forged.npz", Network([4, 3], seed=1), classes=list(CLASSES),
+        save_model(Network([4, 3], seed=1), work / "forged.npz", classes=list(CLASSES),
                    meta={"config": forged})
         assert message in one_error_line(distnn(work, "evaluate", "forged.npz"))
 
