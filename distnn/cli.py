@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -96,9 +97,10 @@ def launch(args) -> int:
     mpiexec = launcher.find_mpiexec()
     if mpiexec is None:
         raise UsageError(f"-n needs mpiexec: {launcher.NOT_FOUND}")
+    finished = functools.partial(rundir.finished, cfg.out_dir, token)  # a stale one does not vouch
     code = launcher.run_forwarding_signals(
-        [*mpiexec, "-n", str(args.np), sys.executable, "-m", "distnn", *argv], env)
-    gone = code == 0 and not rundir.finished(cfg.out_dir, token)  # a stale one does not vouch
+        [*mpiexec, "-n", str(args.np), sys.executable, "-m", "distnn", *argv], env, finished)
+    gone = code == 0 and not finished()
     if gone:
         print("distnn: error: the run ended without its completion record (a rank exited early?)",
               file=sys.stderr)

@@ -30,10 +30,11 @@ def find_mpiexec() -> list[str] | None:
     return [found] if found else None
 
 
-def run_forwarding_signals(cmd, env) -> int:
+def run_forwarding_signals(cmd, env, completed=lambda: False) -> int:
     """Run `cmd` (an mpiexec command line) to its end, passing FORWARDED signals on; its exit code,
-    128 + N when signal N killed it, as a shell reports it. A signal that came before (`distnn
-    train` holds them from its first line) stops it before it starts: 128 + N."""
+    128 + N when signal N killed it, as a shell reports it, or 0 where `completed()` says the
+    job recorded its own end. A signal that came before (`distnn train` holds them from its first
+    line) stops it before it starts: 128 + N."""
     child, asked = None, []
 
     def forward(signum, frame):
@@ -70,6 +71,8 @@ def run_forwarding_signals(cmd, env) -> int:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+    if completed():  # a rank that died of a signal after that record (Python gives up its
+        return 0  # handlers as it exits) took nothing from the job
     if asked and code == FORWARDED[asked[0]]:  # mpiexec's code for a rank that died of it: one
         # in its first milliseconds, before `distnn train`'s first line held the signal
         print(f"distnn: stopped by {signal.Signals(asked[0]).name} while the ranks were "

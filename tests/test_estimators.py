@@ -226,7 +226,7 @@ def test_an_estimators_model_file_is_the_command_lines(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     rows = (tmp_path / "pred.csv").read_text().splitlines()
-    assert rows[0] == "p,label" and len(rows) == len(X) + 1
+    assert rows[0] == "p_malignant,label" and len(rows) == len(X) + 1
     assert [r.split(",")[1] for r in rows[1:]] == clf.predict(X).tolist()  # the labels
     evaluate = subprocess.run([sys.executable, "-m", "distnn", "evaluate", "model.npz",
                                "data.npz", "--target", "y", "--json"], cwd=tmp_path, env=env,
