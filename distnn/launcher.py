@@ -48,6 +48,10 @@ def run_forwarding_signals(cmd, env, completed=lambda: False) -> int:
             return
         child.send_signal(FORWARDED[signum])  # to every rank: checkpoint, then exit 128+N
 
+    # `distnn train` holds SIGINT/SIGTERM from its first line: then this process is the launch's
+    # own, and keeps `forward` to its end (a signal after the job is passed to no one), where a
+    # restored default would kill it on its way out
+    own = {signal.SIGINT, signal.SIGTERM} <= signal.pthread_sigmask(signal.SIG_BLOCK, ())
     saved = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # one held until now arrives
@@ -69,7 +73,7 @@ def run_forwarding_signals(cmd, env, completed=lambda: False) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         code = child.wait()
     finally:
-        for s, handler in saved.items():
+        for s, handler in saved.items() if not own else ():
             signal.signal(s, handler)
     if completed():  # a rank that died of a signal after that record (Python gives up its
         return 0  # handlers as it exits) took nothing from the job
