@@ -16,6 +16,7 @@ Only rank 0 writes files; every rank returns the same `history`.
 import contextlib
 import signal
 import time
+import warnings
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -108,7 +109,13 @@ class Trainer:
         Returns `history`, a list of per-epoch dicts of reduced metrics, the same on every rank."""
         if self.closed:
             raise RuntimeError("this Trainer was closed; make a new one (or Trainer.resume) to train")
-        X, Y = self._checked_data(_array(X), self._codes(y), "training", scan)
+        X = _array(X)
+        if self.comm.size <= len(X) < self.batch_size:  # as scikit-learn: clipped to the data
+            if self.comm.is_root:
+                warnings.warn(f"batch_size {self.batch_size} is more than the {len(X)} training "
+                              f"samples: each step takes all {len(X)}", UserWarning, stacklevel=2)
+            self.batch_size = len(X)  # smaller than the one the stepper was sized for: fits
+        X, Y = self._checked_data(X, self._codes(y), "training", scan)
         val = (None if X_val is None else
                self._checked_data(_array(X_val), self._codes(y_val), "validation", scan))
         W = self.comm.together(_checked_weights, sample_weight, len(X), self.net.dtype,

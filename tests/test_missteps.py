@@ -222,3 +222,15 @@ def test_a_mean_over_no_samples_is_refused(method):
     net = Network([3, 2], family="gaussian")
     with pytest.raises(ValueError, match=f"{method}: X holds no samples"):
         getattr(net, method)(np.empty((0, 3)), np.empty(0))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_batch_larger_than_the_data_is_clipped_with_a_warning(deterministic):
+    from distnn import Trainer
+
+    X, y = flowers(150)
+    net = Network([4, 8, 3], seed=0)
+    trainer = Trainer(net, SGD(lr=0.1), epochs=2, deterministic=deterministic)  # batch 256
+    with pytest.warns(UserWarning, match="batch_size 256 is more than the 150 training samples"):
+        history = trainer.fit(X, y)
+    assert trainer.batch_size == 150 and [h["step"] for h in history] == [1, 2]

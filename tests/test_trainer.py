@@ -100,7 +100,7 @@ def test_schedule_and_clipping_reach_the_update():
     (np.ones((20, 3)), np.zeros(20, int), r"training X has shape \(20, 3\); expected \(N, 4\)"),
     (np.ones((20, 4)), np.full(20, 3), "label 3 at row 0 is outside 0..2"),
     (np.ones((20, 4)), np.zeros(19, int), "X has 20 rows but y has 19"),
-    (np.ones((10, 4)), np.zeros(10, int), "10 samples, fewer than the batch size 16"),
+    (np.ones((0, 4)), np.zeros(0, int), "training data is empty"),  # a larger batch is clipped
 ])
 def test_bad_training_data_is_a_clear_error(X, y, message):
     with pytest.raises(ValueError, match=message):
