@@ -106,9 +106,9 @@ def _stage(comm, stop, where, fn, *args):
 def resume_hint(args, out_dir, ranks) -> str | None:
     """'continue with: <the command line that resumes the run>' when out_dir has a checkpoint
     to resume from, else None."""
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import list_checkpoints
 
-    if latest_checkpoint(Path(out_dir) / rundir.CHECKPOINTS) is None:
+    if not list_checkpoints(Path(out_dir) / rundir.CHECKPOINTS):  # which one loads, --resume finds
         return None
     words = ["distnn", "train", args.config, "--out", str(out_dir), "--resume",
              *(f"--set={s}" for s in args.set)]

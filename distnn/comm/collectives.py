@@ -36,11 +36,11 @@ class Comm:
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
-        self.timeout = self.bucket_bytes = None
+        self.timeout = self.bucket_bytes = self.watchdog = None
         self.configure(timeout=timeout, bucket_bytes=bucket_bytes)
         self.shared_memory = bool(shared_memory)  # let `buffer` use node shared memory
         self._windows = {}  # id(buffer) -> SharedWindow, for the buffers `buffer` handed out
-        self.watchdog = None
+        self._layout = None  # node(), once asked
         if timeout is not None and self.size > 1:
             ranks, cpus = self.node()
             self.watchdog = Watchdog(self.comm, timeout, ranks > cpus, self.abort)
@@ -54,7 +54,7 @@ class Comm:
             if not timeout > 0:
                 raise ValueError(f"watchdog timeout must be positive seconds or None, got {timeout!r}")
             self.timeout = timeout
-            if getattr(self, "watchdog", None) is not None:
+            if self.watchdog is not None:
                 self.watchdog.timeout = timeout
         if bucket_bytes is not None:
             if not 8 <= bucket_bytes < math.inf:
@@ -258,7 +258,13 @@ class Comm:
 
     def node(self):
         """(ranks on this node, CPUs they may run on together): the union of their affinity
-        masks, since a rank bound to one core by the launcher sees only that core."""
+        masks, since a rank bound to one core by the launcher sees only that core. Collective
+        the first time (every rank asks at the same points); the layout is kept after."""
+        if self._layout is None:
+            self._layout = self._node_layout()
+        return self._layout
+
+    def _node_layout(self):
         mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         if self.size == 1:
             return 1, usable_cpus()
