@@ -25,7 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import (_check_sample_weight, check_is_fitted, check_random_state,
                                       column_or_1d, validate_data)
 
-from . import data, exactsum, optim
+from . import data, exactsum, families, optim
 from .model import Model
 from .network import Network
 
@@ -473,11 +473,7 @@ class MLPRegressor(RegressorMixin, _MLP):
 
     def _score_of_sums(self, ss_res, Y, w):
         """R² averaged over the outputs; SS_tot from the held-out targets every rank holds."""
-        w = np.ones(len(Y)) if w is None else w
-        ss_tot = (w[:, None] * (Y - np.average(Y, axis=0, weights=w)) ** 2).sum(axis=0)
-        safe = np.where(ss_tot > 0, ss_tot, 1.0)
-        return float(np.where(ss_tot > 0, 1 - ss_res / safe,
-                              np.where(ss_res == 0, 1.0, 0.0)).mean())
+        return families.r2_of(ss_res, Y, np.ones(len(Y)) if w is None else w)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

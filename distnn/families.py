@@ -144,14 +144,24 @@ def _decide_bits(z):
     return bits[:, 0] if bits.shape[1] == 1 else bits
 
 
+def r2(Y, mean, weights=None) -> float:
+    """R² of each output column, averaged over the columns (scikit-learn's r2_score): 1 -
+    SS_res / SS_tot, with SS_tot 0 scoring 1 for a perfect fit and 0 otherwise."""
+    w = np.ones(len(Y)) if weights is None else weights
+    return r2_of(((w[:, None] * (Y - mean) ** 2).sum(axis=0)), Y, w)
+
+
+def r2_of(ss_res, Y, w) -> float:
+    """R² from the residual sums of squares per column (summed elsewhere: across ranks, say) and
+    the targets Y (N, K) with weights w (N,) that give SS_tot."""
+    ss_tot = (w[:, None] * (Y - np.average(Y, axis=0, weights=w)) ** 2).sum(axis=0)
+    safe = np.where(ss_tot > 0, ss_tot, 1.0)
+    return float(np.where(ss_tot > 0, 1 - ss_res / safe, np.where(ss_res == 0, 1.0, 0.0)).mean())
+
+
 def _r2(Y, z):
-    """1 - SS_res / SS_tot per output column, averaged over the columns (sklearn's default); the
-    identity link makes the logits the mean."""
-    Y, mean = Y.astype(np.float64), z.astype(np.float64)
-    ss_res = ((Y - mean) ** 2).sum(axis=0)
-    ss_tot = ((Y - Y.mean(axis=0)) ** 2).sum(axis=0)
-    r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 0.0)
-    return {"r2": float(r2.mean())}
+    # the identity link makes the logits the mean
+    return {"r2": r2(Y.astype(np.float64), z.astype(np.float64))}
 
 
 def _poisson_deviances(Y, logits):

@@ -88,7 +88,7 @@ class Model:
             right = right.reshape(len(right), -1).all(axis=1)
             return float(np.average(right, weights=w))
         Y = self.net.check_targets(y).astype(np.float64)
-        return r2(Y, self.mean(X).astype(np.float64), w)
+        return families.r2(Y, self.mean(X).astype(np.float64), w)
 
     def logits(self, X) -> np.ndarray:
         """Output pre-activations (N, n_out)."""
@@ -162,16 +162,6 @@ def _names(names, shown=6) -> str:
         return "unnamed"
     more = f", ... ({len(names)} in all)" if len(names) > shown else ""
     return ", ".join(map(str, names[:shown])) + more
-
-
-def r2(Y, mean, weights=None) -> float:
-    """R² of each output column, averaged over the columns (scikit-learn's r2_score): 1 -
-    SS_res / SS_tot, with SS_tot 0 scoring 1 for a perfect fit and 0 otherwise."""
-    w = np.ones(len(Y)) if weights is None else weights
-    ss_res = (w[:, None] * (Y - mean) ** 2).sum(axis=0)
-    ss_tot = (w[:, None] * (Y - np.average(Y, axis=0, weights=w)) ** 2).sum(axis=0)
-    safe = np.where(ss_tot > 0, ss_tot, 1.0)
-    return float(np.where(ss_tot > 0, 1 - ss_res / safe, np.where(ss_res == 0, 1.0, 0.0)).mean())
 
 
 def as_model(obj) -> Model:

@@ -252,3 +252,14 @@ def test_data_parallel_training_reaches_the_sklearn_optimum_on_every_rank(name):
         failure = f"rank {world.rank}: {e}"
     failures = [f for f in world.allgather(failure) if f]  # the same verdict on every rank
     assert not failures, "\n".join(failures)
+
+
+def test_r2_of_a_perfect_fit_to_constant_targets_is_one_everywhere_it_is_reported():
+    # evaluate (Family.scores) and score (Model.score, the estimators) share one R²
+    from sklearn.metrics import r2_score
+    from distnn import families
+
+    Y = np.full((5, 1), 3.0)
+    assert families.FAMILIES["gaussian"].scores(Y, Y.copy())["r2"] == r2_score(Y, Y) == 1.0
+    Z = Y + np.arange(5.0)[:, None]
+    assert families.FAMILIES["gaussian"].scores(Y, Z)["r2"] == r2_score(Y, Z) == 0.0
