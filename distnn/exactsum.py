@@ -243,10 +243,10 @@ def round_to_grid(x, magic, out) -> np.ndarray:
     return encode(np.reshape(x, (1, -1)), magic, out)
 
 
-def encode(rows, magic, out, work=None) -> np.ndarray:
+def encode(rows, magic, out) -> np.ndarray:
     """out (float64, (m,)) = Σ_i rint(rows[i] / q) q: chunks on the grid, added exactly, in one
     pass per row (kernels.grid_add). rows: (n_local, m), bounded as the magic assumed; magic
-    float64 (m,). `work` is not needed any more (callers may still pass it)."""
+    float64 (m,)."""
     rows = np.ascontiguousarray(rows)
     if rows.ndim != 2:
         rows = rows.reshape(len(rows), -1)
@@ -258,7 +258,7 @@ def exact_sum_serial(rows) -> np.ndarray:
     """Sum of the rows of one process, (m,), equal in bits to Comm.exact_sum of the same chunks."""
     rows = check_rows(rows)
     magic = magic_for(local_maxabs(rows), len(rows))
-    total = encode(rows, magic, np.empty(rows.shape[1]), np.empty(rows.shape[1]))
+    total = encode(rows, magic, np.empty(rows.shape[1]))
     return total.astype(rows.dtype)
 
 

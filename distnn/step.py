@@ -242,7 +242,6 @@ class Exact(_ShardedUpdate, Allreduce):
         self.stats = np.empty((len(self.rows), 2))
         self.flags = np.empty(STATS)  # float64: loss and correct sums on their grid, stop flag
         self.bounds = np.empty(sum(o + i for o, i in self.shapes) + 2)  # + |loss|, |correct|
-        self.work = np.empty(2)
 
     def __call__(self, batch, lr, stop, what) -> Verdict:
         try:
@@ -276,8 +275,7 @@ class Exact(_ShardedUpdate, Allreduce):
         bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN, never an Inf
         self.comm.allreduce_max(bounds, what=f"{what} (exact sum: bounds)")
         grid = exactsum.SignalGrid(signals, self.shapes, c, n_chunks)
-        exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), self.flags[:2],
-                        self.work)
+        exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), self.flags[:2])
         self.flags[2] = 1.0 if stop else 0.0  # flags add exactly too
         counts = [b - a for a, b in (data.chunk_range(n_chunks, size, p) for p in range(size))]
         return grid, counts

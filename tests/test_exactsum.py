@@ -39,7 +39,7 @@ def quantum(magic):
 
 def encoded(rows, magic):
     m = rows.shape[1]
-    return encode(rows, magic, np.empty(m), np.empty(m))
+    return encode(rows, magic, np.empty(m))
 
 
 def grouped_sum(rng, rows, magic):

@@ -228,7 +228,7 @@ class Comm:
         maxabs = exactsum.local_maxabs(rows)
         self.allreduce_max(maxabs, f"{what} (exact sum: max)")
         magic = exactsum.magic_for(maxabs, n_chunks_total)
-        total = exactsum.encode(rows, magic, np.empty(m), np.empty(m))
+        total = exactsum.encode(rows, magic, np.empty(m))
         self.allreduce(total, f"{what} (exact sum)")
         return total.astype(rows.dtype)
 

@@ -47,7 +47,7 @@ class SharedWindow:
         memory[self.rank][...] = 0  # touch every page now: a shortfall shows here, not mid-training
         self.nbytes = memory[self.rank].nbytes
         self.cuts = even_cuts(n, len(memory))  # each rank's slice of a plain sum
-        self._scratch = None  # grid_slice's three float64 blocks
+        self._scratch = None  # grid_slice's two float64 blocks (SignalGrid.sum_into)
 
     def fence(self, what) -> None:
         """MPI's shared-memory idiom: Win_sync, barrier, Win_sync (writes seen before reads)."""
@@ -69,7 +69,7 @@ class SharedWindow:
         """The exact sum of every rank p's first counts[p] input rows over the grid's blocks
         first_block:last_block, rounded once to the inputs' dtype, into the slot."""
         if self._scratch is None or self._scratch.shape[1] < grid.width:
-            self._scratch = np.empty((3, grid.width))
+            self._scratch = np.empty((2, grid.width))
         chunks = [rows[:k] for rows, k in zip(self.inputs, counts)]
         grid.sum_into(chunks, self.slot, first_block, last_block, self._scratch)
 
