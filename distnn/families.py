@@ -187,8 +187,8 @@ class Family:
     mean: Callable           # kernel (zt, out_t): out = inverse link of the logits, (K, N)
     targets: Callable        # (y, k, dtype) -> y checked and encoded, or ValueError
     jacobian: Callable       # mean -> d mean / d logits per sample, (N, K, K)
-    classifier: bool = False         # the output pass counts correct decisions
     decide: Callable | None = None   # z -> decisions, (N,) or (N, K) ints; None: regression
+                                     # (a classifier's output pass counts correct decisions)
     per_output: bool = False         # a classifier deciding each output (else one per sample)
     labels: bool = False     # targets are class labels 0..K-1: one output per class, K >= 2
     scores: Callable | None = None   # regression: (Y, z) -> {metric: value}, the fit's quality
@@ -197,7 +197,7 @@ class Family:
 
     @property
     def is_classifier(self) -> bool:
-        return self.classifier
+        return self.decide is not None
 
     def decisions(self, k) -> int | None:
         """Classification decisions per sample of a K-output network; None for regression."""
@@ -211,17 +211,17 @@ class Family:
         loss, correct = self.output(zt, y, pt, divisor, gb)
         if self.overflow and not np.isfinite(loss):
             warnings.warn(self.overflow, RuntimeWarning, stacklevel=3)
-        return loss, (int(correct) if self.classifier else None)
+        return loss, (int(correct) if self.is_classifier else None)
 
 
 FAMILIES = {
     "gaussian": Family(kernels.identity_output, _copy, _targets_gaussian,
                        _diagonal_jacobian(np.ones_like), scores=_r2, losses=_losses_gaussian),
     "bernoulli": Family(kernels.sigmoid_output, kernels.sigmoid_mean, _targets_bernoulli,
-                        _diagonal_jacobian(lambda p: p * (1 - p)), classifier=True,
+                        _diagonal_jacobian(lambda p: p * (1 - p)),
                         decide=_decide_bits, per_output=True, losses=_losses_bernoulli),
     "multinomial": Family(kernels.softmax_output, kernels.softmax_mean, _targets_multinomial,
-                          _softmax_jacobian, classifier=True, decide=_decide_labels, labels=True,
+                          _softmax_jacobian, decide=_decide_labels, labels=True,
                           losses=_losses_multinomial),
     "poisson": Family(kernels.exp_output, kernels.exp_mean, _targets_poisson,
                       _diagonal_jacobian(lambda m: m), scores=_poisson_deviances,
