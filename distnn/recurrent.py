@@ -18,7 +18,10 @@ over all T·N rows. Sequences may be shorter than T (`lengths`): the steps t >= 
 their inputs are zeroed in the buffers (whatever X held there), nothing there is scored, and their
 proxy errors are 0, so padding changes nothing. Truncated BPTT (`bptt` = k > 0) runs the forward pass
 through the whole sequence but stops the state's proxy error at the window starts t = k, 2k, ...:
-each window of k steps back-propagates within itself, from the state carried into it.
+each window of k steps back-propagates within itself, from the state carried into it. The windows
+start at t = 0 for every sequence, and the step's gradient still sums all windows (one update per
+batch); k >= T is full BPTT. Gradients that explode through time are caught by the trainer's
+divergence stop; clipping (`Trainer(clip_norm=...)`) is the usual remedy.
 
 `param_jacobian` is the independent check: the forward recursion of Jacobians
 dz(t)/dw = ∂f/∂w + ∂f/∂r · dr(t)/dw, built from a Network's `param_jacobian` and `input_jacobian`.
@@ -30,7 +33,7 @@ import re
 import numpy as np
 
 from . import activations, families, kernels
-from .network import DTYPES, Network, _layer_size
+from .network import Network, _layer_size
 
 TARGETS = ("last", "every")  # one target per sequence at its last step, or one per step
 _CACHE_SIZE = 4  # (N, T) shapes with live work buffers, as Network's
