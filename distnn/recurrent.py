@@ -183,12 +183,9 @@ class Recurrent:
         return a.astype(np.intp)
 
     def check_inputs(self, X, lengths=None):
-        """X as (N, T, n_in) in the network dtype; clear ValueError for bad shapes, lengths or
-        values (NaN/Inf only where steps exist: padding may hold anything)."""
-        return self._inputs(X, lengths)[0]
-
-    def _inputs(self, X, lengths):
-        """(X checked as check_inputs does, lengths (N,) intp)."""
+        """(X as (N, T, n_in) in the network dtype, lengths (N,) intp): a sequence's inputs are both.
+        Clear ValueError for bad shapes, lengths or values (NaN/Inf only where steps exist: padding
+        may hold anything)."""
         try:
             X = np.asarray(X)
         except ValueError:
@@ -241,7 +238,7 @@ class Recurrent:
         return flat.reshape(n, t, *flat.shape[1:]), lengths
 
     def _checked(self, X, y, lengths, what=None):
-        X, lengths = self._inputs(X, lengths)
+        X, lengths = self.check_inputs(X, lengths)
         if what and len(X) == 0:
             raise ValueError(f"{what}: X holds no sequences; a mean over none is undefined")
         return X, self.check_targets(y, len(X), lengths, X.shape[1])
@@ -420,7 +417,7 @@ class Recurrent:
 
     # ---- the public, validating surface ------------------------------------------------------
     def _predicted(self, X, lengths, mean=True):
-        X, lengths = self._inputs(X, lengths)
+        X, lengths = self.check_inputs(X, lengths)
         n, t_all = X.shape[:2]
         k = self.n_out
         if n == 0:
@@ -466,7 +463,7 @@ class Recurrent:
         that do not exist). ∂f/∂w and ∂f/∂[x, r] are a Network's param_jacobian and input_jacobian
         of the logits (a gaussian twin of `net`, whose link is the identity); the prediction then
         goes through the family's link and the state through state_activation."""
-        X, lengths = self._inputs(X, lengths)
+        X, lengths = self.check_inputs(X, lengths)
         n, t_all = X.shape[:2]
         k, s, m = self.n_out, self.state, self.n_params
         twin = Network(self.net.sizes, self.activation, "gaussian", dtype=self.dtype)
