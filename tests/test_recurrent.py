@@ -410,3 +410,13 @@ def test_the_signal_bound_of_deterministic_mode_covers_time_summed_gradients():
         ratios.append((np.abs(grad) / np.maximum(np.outer(a, b), 1e-300)).max())
     assert max(ratios) <= 2 * 8  # c T, c = 2 sequences, T = 8 steps
     assert max(ratios) > 2  # c alone is exceeded
+
+
+def test_deterministic_chunks_whose_rows_the_grid_cannot_bound_are_refused():
+    from distnn import exactsum
+
+    rnn = Recurrent([2, 2], 2, family="gaussian", targets="last")
+    trainer = trainer_for(rnn, batch_size=4, epochs=1, deterministic=True, chunk_size=4)
+    steps = exactsum.MAX_CHUNK_SIZE // 4 + 1
+    with pytest.raises(ValueError, match="chunk_size 4 x .* steps"):
+        trainer.fit(np.zeros((4, steps, 2), np.float32), np.zeros(4), scan=False)
