@@ -1,0 +1,235 @@
+"""Differentially private SGD (DP-SGD): settings, Poisson membership, noise and the accountant.
+
+    trainer = Trainer(net, SGD(lr=0.5), batch_size=256, privacy=DP(noise_multiplier=1.1,
+                      max_grad_norm=1.0, delta=1e-5))
+
+Each step t of a private run:
+1. membership: each training row i joins step t's batch independently with probability
+   q = B / N (B = the trainer's batch_size, the *expected* batch size); the draw is keyed by
+   (seed, t) alone, so every rank computes the same sorted batch for any rank count, then works on
+   its shard of it as usual;
+2. per-sample clipping: `Network.grad_sum(..., clip=C)` scales sample n's gradient by
+   c_n = min(1, C / ‖g_n‖), exactly, in the same backward (network.py says how);
+3. after the one sum across ranks: noise N(0, σ²C²) per parameter, then the division by B (not by
+   the realized batch size: the sum's sensitivity is C whatever the batch holds). The noise of
+   parameter j is position j mod BLOCK of a Philox stream keyed by (seed, t, j div BLOCK), never
+   by rank, so a sharded update draws its own blocks and the vector is the same for any P;
+4. the regularization penalty (a function of the parameters only), then the optimizer.
+
+The accountant is `dp_accounting`'s RDP accountant for the Poisson-subsampled Gaussian, composed
+over the steps taken; it is imported only when privacy is on (its import costs a second). What a
+run spent is a list of (q, σ, steps) segments, kept in checkpoints: a resumed run composes them.
+Not private: validation data and every metric (training loss and accuracy too: they are sums over
+the sampled rows without noise); only the parameters (and so the model) carry the guarantee.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 1 << 16  # parameters per noise stream: a stream's set-up (~30 us) is ~3% of its draws
+_MEMBERS, _NOISE = 1, 2  # the purpose word of a generator key: streams never overlap
+INSTALL = "pip install 'dp-accounting>=0.6' (or distnn[privacy])"
+
+
+class PrivacyBudgetError(ValueError):
+    """Training on would spend more ε than the configured budget (target_epsilon)."""
+
+
+@dataclass(frozen=True)
+class DP:
+    """DP-SGD settings. Give `noise_multiplier` σ, or `target_epsilon` alone and σ is calibrated to
+    spend it over the configured epochs; with both, σ is used and target_epsilon is a budget that
+    training refuses to exceed (e.g. when resumed with more epochs)."""
+
+    noise_multiplier: float | None = None  # σ: noise std / max_grad_norm
+    max_grad_norm: float = 1.0  # C: each sample's gradient is clipped to this L2 norm
+    delta: float = 1e-5  # δ of (ε, δ)-DP; well below 1 / training rows
+    target_epsilon: float | None = None  # ε to calibrate σ for, and the budget
+
+    def __post_init__(self):
+        sigma, eps = self.noise_multiplier, self.target_epsilon
+        if sigma is None and eps is None:
+            raise ValueError("privacy: give noise_multiplier or target_epsilon (or both)")
+        _check("noise_multiplier", sigma, lambda v: v > 0, "> 0", optional=True)
+        _check("max_grad_norm", self.max_grad_norm, lambda v: v > 0, "> 0")
+        _check("delta", self.delta, lambda v: 0 < v < 1, "in (0, 1)")
+        _check("target_epsilon", eps, lambda v: v > 0, "> 0", optional=True)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, value):
+        """A DP from a DP, a dict of its fields, or None (privacy off: None)."""
+        if value is None or isinstance(value, DP):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ValueError(f"privacy: unknown settings {sorted(unknown)}")
+            return cls(**value)
+        raise TypeError(f"privacy must be a distnn.DP, a dict or None, got {type(value).__name__}")
+
+
+def _check(name, value, ok, expected, optional=False):
+    if value is None and optional:
+        return
+    good = (isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+            and math.isfinite(value) and ok(value))
+    if not good:
+        raise ValueError(f"privacy.{name}: expected a finite number {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------------- counter-based streams
+
+def _generator(seed, purpose, step, block=0):
+    """A Philox generator keyed by (seed, purpose, step); `block` starts it 2^128 draws along."""
+    key = np.array([seed & (2**64 - 1), (purpose << 56) | step], np.uint64)
+    return np.random.Generator(np.random.Philox(key=key, counter=[0, 0, block, 0]))
+
+
+def members(seed, step, n, q):
+    """Sorted indices of step `step`'s batch: each of n rows in independently with probability q.
+
+    Drawn as geometric gaps between members (the number of Bernoulli(q) trials to the next
+    success), so the cost is O(qN) = O(B) per step, not O(N); the same on every rank."""
+    if q >= 1:
+        return np.arange(n)
+    rng = _generator(seed, _MEMBERS, step)
+    parts, at = [], -1
+    need = int(q * n + 6 * math.sqrt(q * n) + 16)  # one draw almost always reaches past n
+    while at < n:
+        pos = at + np.cumsum(rng.geometric(q, size=need))
+        parts.append(pos)
+        at = int(pos[-1])
+    rows = np.concatenate(parts)
+    return rows[:np.searchsorted(rows, n)]
+
+
+def add_noise(grad, std, seed, step, start=0, scratch=None):
+    """grad += std * z[start:start + len(grad)], z the step's standard-normal vector over all
+    parameters (block b of it from its own stream); in grad's dtype."""
+    if len(grad) == 0:
+        return grad
+    stop = start + len(grad)
+    if scratch is None or len(scratch) < BLOCK or scratch.dtype != grad.dtype:
+        scratch = np.empty(min(BLOCK, stop), grad.dtype)
+    std = grad.dtype.type(std)
+    for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
+        first = block * BLOCK
+        lo, hi = max(start, first) - first, min(stop, first + BLOCK) - first
+        z = scratch[:hi]  # a stream's prefix: what this rank needs of the block, from its start
+        _generator(seed, _NOISE, step, block).standard_normal(out=z, dtype=grad.dtype)
+        z = z[lo:]
+        z *= std
+        grad[first + lo - start:first + hi - start] += z
+    return grad
+
+
+# ---------------------------------------------------------------------------------- accountant
+
+def _library():
+    try:
+        import dp_accounting
+    except ImportError:
+        raise ImportError(f"privacy needs the dp-accounting library: {INSTALL}") from None
+    return dp_accounting
+
+
+def _event(q, sigma, steps):
+    dp = _library()
+    return dp.SelfComposedDpEvent(dp.PoissonSampledDpEvent(q, dp.GaussianDpEvent(sigma)), steps)
+
+
+def epsilon(segments, delta):
+    """ε at `delta` after the (q, σ, steps) segments, by dp_accounting's RDP accountant."""
+    dp = _library()
+    accountant = dp.rdp.RdpAccountant()
+    for q, sigma, steps in segments:
+        if steps:
+            accountant.compose(_event(q, sigma, int(steps)))
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate(q, steps, delta, target):
+    """The smallest σ (to dp_accounting's tolerance) whose `steps` steps at rate q spend at most
+    `target` ε at `delta`."""
+    dp = _library()
+    sigma = dp.calibrate_dp_mechanism(dp.rdp.RdpAccountant, lambda s: _event(q, s, steps),
+                                      target, delta,
+                                      bracket_interval=dp.LowerEndpointAndGuess(1e-3, 1.0),
+                                      tol=1e-4)
+    return float(sigma)
+
+
+class Plan:
+    """One fit's DP-SGD: q, σ, B and the step count of an epoch for n training rows, the steps
+    spent before (segments), and what each step needs from here (rows, noise)."""
+
+    def __init__(self, dp, n, batch_size, seed, spent=()):
+        self.dp, self.n, self.seed = dp, n, seed
+        self.q = min(1.0, batch_size / n)
+        self.expected = self.q * n  # B: the divisor of every step's sum
+        self.steps_per_epoch = max(1, round(n / self.expected))  # an epoch: N rows on average
+        self.spent = [list(s) for s in spent]  # [[q, σ, steps], ...] before this fit
+        self.sigma = dp.noise_multiplier
+
+    def resolve(self, total_epochs):
+        """σ calibrated to target_epsilon over `total_epochs` (when not given); the DP settings
+        with σ filled in."""
+        if self.sigma is None:
+            steps = total_epochs * self.steps_per_epoch
+            self.sigma = calibrate(self.q, steps, self.dp.delta, self.dp.target_epsilon)
+        return dataclasses.replace(self.dp, noise_multiplier=self.sigma)
+
+    def segments(self, steps_now):
+        """The spent segments plus `steps_now` steps of this fit (merged with the last if alike)."""
+        segs = [list(s) for s in self.spent]
+        if segs and segs[-1][:2] == [self.q, self.sigma]:
+            segs[-1][2] += steps_now
+        elif steps_now:
+            segs.append([self.q, self.sigma, steps_now])
+        return segs
+
+    def epsilon(self, steps_now):
+        return epsilon(self.segments(steps_now), self.dp.delta)
+
+    def check_budget(self, steps_now, steps_planned):
+        """PrivacyBudgetError, before any step, if the planned steps would spend more than
+        target_epsilon."""
+        budget = self.dp.target_epsilon
+        if budget is None or steps_planned <= steps_now:
+            return
+        eps = self.epsilon(steps_planned)
+        if eps > budget * (1 + 1e-9):
+            raise PrivacyBudgetError(
+                f"privacy budget: {steps_planned} steps would spend ε = {eps:.4g} (δ = "
+                f"{self.dp.delta:g}), over target_epsilon = {budget:g} (at step {steps_now} it "
+                f"is {self.epsilon(steps_now):.4g}); train fewer epochs or raise the budget")
+
+    def rows(self, step):
+        return members(self.seed, step, self.n, self.q)
+
+    def noise(self, step):
+        """grad, start -> grad + the step's noise, σC / B per unit, on grad's parameters."""
+        std = self.sigma * self.dp.max_grad_norm / self.expected
+        scratch = np.empty(0)
+
+        def add(grad, start=0):
+            nonlocal scratch
+            if len(scratch) != min(BLOCK, start + len(grad)) or scratch.dtype != grad.dtype:
+                scratch = np.empty(min(BLOCK, start + len(grad)), grad.dtype)
+            return add_noise(grad, std, self.seed, step, start, scratch)
+        return add
+
+    def record(self, steps_now):
+        """What done.json and `distnn info` say of the run's privacy."""
+        return {"epsilon": self.epsilon(steps_now), "delta": self.dp.delta,
+                "noise_multiplier": self.sigma, "max_grad_norm": self.dp.max_grad_norm,
+                "sample_rate": self.q, "expected_batch_size": self.expected,
+                "steps": sum(s[2] for s in self.segments(steps_now)),
+                "target_epsilon": self.dp.target_epsilon}
