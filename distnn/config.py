@@ -94,15 +94,36 @@ class TrainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """DP-SGD (privacy.py): on when noise_multiplier or target_epsilon is set. train.batch_size is
+    then the expected batch size of Poisson sampling."""
+    noise_multiplier: float = 0.0   # σ, noise std over max_grad_norm; 0 = calibrate from target_epsilon
+    max_grad_norm: float = 1.0      # C: each sample's gradient is clipped to this L2 norm
+    delta: float = 1e-5             # δ of (ε, δ); keep it well below 1 / training rows
+    target_epsilon: float = 0.0     # ε to calibrate σ for over train.epochs, and a budget; 0 = none
+
+    def dp(self):
+        """The trainer's distnn.DP, or None when privacy is off."""
+        if not (self.noise_multiplier or self.target_epsilon):
+            return None
+        from .privacy import DP
+
+        return DP(self.noise_multiplier or None, self.max_grad_norm, self.delta,
+                  self.target_epsilon or None)
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/run"       # run directory; load_config defaults it to runs/<config stem>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+            "privacy": PrivacyConfig}
 TOP_LEVEL = ("out_dir",)
 
 
@@ -130,6 +151,10 @@ def _between(lo, hi):
 
 def _unit(v):
     return None if 0 <= v < 1 else f"expected 0 <= value < 1, got {v!r}"
+
+
+def _open_unit(v):
+    return None if 0 < v < 1 else f"expected a value in (0, 1), got {v!r}"
 
 
 def _nonempty(v):
@@ -174,6 +199,8 @@ CHECKS = {
     "train.watchdog": _between(0, MAX_WATCHDOG_S), "train.bucket_mb": _bucket_mb,
     "train.threads": _between(0, MAX_THREADS),
     "train.check_every": _at_least(0),
+    "privacy.noise_multiplier": _above(0), "privacy.max_grad_norm": _above(0),
+    "privacy.delta": _open_unit, "privacy.target_epsilon": _above(0),
 }
 
 
@@ -187,6 +214,9 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("optim.nesterov: needs optim.momentum > 0")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr: expected <= optim.lr ({o.lr}), got {o.min_lr}")
+    if cfg.privacy.dp() is not None and o.clip_norm > 0:
+        raise ConfigError("optim.clip_norm: expected 0 with [privacy] (DP-SGD clips each "
+                          "sample's gradient to privacy.max_grad_norm instead)")
 
 
 # ---------------------------------------------------------------------------- type checks
@@ -365,6 +395,9 @@ def parse_config(d: dict, overrides=()) -> Config:
         raise ConfigError("data.source: required key is missing "
                           "(a data file, 'sklearn:NAME' or 'synthetic:KIND')")
     sections = {name: _build(cls, d.get(name, {}), f"{name}.") for name, cls in SECTIONS.items()}
+    if "privacy" in d and sections["privacy"].dp() is None:
+        raise ConfigError("privacy: give privacy.noise_multiplier or privacy.target_epsilon (a "
+                          "[privacy] section turns DP-SGD on)")
     top = {k: d[k] for k in TOP_LEVEL if k in d}
     cfg = _build(Config, {**top, **sections}, "")
     _cross_checks(cfg)

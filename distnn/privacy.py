@@ -24,7 +24,9 @@ the sampled rows without noise); only the parameters (and so the model) carry th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 
@@ -32,6 +34,9 @@ import numpy as np
 
 BLOCK = 1 << 16  # parameters per noise stream: a stream's set-up (~30 us) is ~3% of its draws
 _MEMBERS, _NOISE = 1, 2  # the purpose word of a generator key: streams never overlap
+# RDP orders (TF Privacy's classic grid); dp_accounting drops an order whose series does not
+# converge (1.1-1.4 at large q), with a warning per order and call that we keep quiet
+ORDERS = tuple([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)))
 INSTALL = "pip install 'dp-accounting>=0.6' (or distnn[privacy])"
 
 
@@ -116,7 +121,7 @@ def add_noise(grad, std, seed, step, start=0, scratch=None):
     if len(grad) == 0:
         return grad
     stop = start + len(grad)
-    if scratch is None or len(scratch) < BLOCK or scratch.dtype != grad.dtype:
+    if scratch is None or len(scratch) < min(BLOCK, stop) or scratch.dtype != grad.dtype:
         scratch = np.empty(min(BLOCK, stop), grad.dtype)
     std = grad.dtype.type(std)
     for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
@@ -132,11 +137,15 @@ def add_noise(grad, std, seed, step, start=0, scratch=None):
 
 # ---------------------------------------------------------------------------------- accountant
 
+class MissingLibrary(ValueError):
+    """dp-accounting is not installed (a ValueError: the command line says it in one line)."""
+
+
 def _library():
     try:
         import dp_accounting
     except ImportError:
-        raise ImportError(f"privacy needs the dp-accounting library: {INSTALL}") from None
+        raise MissingLibrary(f"privacy needs the dp-accounting library: {INSTALL}") from None
     return dp_accounting
 
 
@@ -145,91 +154,94 @@ def _event(q, sigma, steps):
     return dp.SelfComposedDpEvent(dp.PoissonSampledDpEvent(q, dp.GaussianDpEvent(sigma)), steps)
 
 
+@contextlib.contextmanager
+def _quiet():
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def epsilon(segments, delta):
     """ε at `delta` after the (q, σ, steps) segments, by dp_accounting's RDP accountant."""
     dp = _library()
-    accountant = dp.rdp.RdpAccountant()
-    for q, sigma, steps in segments:
-        if steps:
-            accountant.compose(_event(q, sigma, int(steps)))
-    return float(accountant.get_epsilon(delta))
+    accountant = dp.rdp.RdpAccountant(list(ORDERS))
+    with _quiet():
+        for q, sigma, steps in segments:
+            if steps:
+                accountant.compose(_event(q, sigma, int(steps)))
+        return float(accountant.get_epsilon(delta))
 
 
 def calibrate(q, steps, delta, target):
     """The smallest σ (to dp_accounting's tolerance) whose `steps` steps at rate q spend at most
     `target` ε at `delta`."""
     dp = _library()
-    sigma = dp.calibrate_dp_mechanism(dp.rdp.RdpAccountant, lambda s: _event(q, s, steps),
-                                      target, delta,
-                                      bracket_interval=dp.LowerEndpointAndGuess(1e-3, 1.0),
-                                      tol=1e-4)
+    with _quiet():
+        sigma = dp.calibrate_dp_mechanism(lambda: dp.rdp.RdpAccountant(list(ORDERS)),
+                                          lambda s: _event(q, s, steps), target, delta,
+                                          bracket_interval=dp.LowerEndpointAndGuess(1e-3, 1.0),
+                                          tol=1e-4)
     return float(sigma)
 
 
-class Plan:
-    """One fit's DP-SGD: q, σ, B and the step count of an epoch for n training rows, the steps
-    spent before (segments), and what each step needs from here (rows, noise)."""
+def spend(segments, q, sigma, steps=1):
+    """Record `steps` steps at rate q and noise σ in the accountant's segments (in place)."""
+    if segments and segments[-1][0] == q and segments[-1][1] == sigma:
+        segments[-1][2] += steps
+    else:
+        segments.append([q, sigma, steps])
+    return segments
 
-    def __init__(self, dp, n, batch_size, seed, spent=()):
+
+class Plan:
+    """One fit's DP-SGD for n training rows: q, B, σ and the steps of an epoch, and what each step
+    needs (its rows, its noise)."""
+
+    def __init__(self, dp, n, batch_size, seed):
         self.dp, self.n, self.seed = dp, n, seed
         self.q = min(1.0, batch_size / n)
         self.expected = self.q * n  # B: the divisor of every step's sum
         self.steps_per_epoch = max(1, round(n / self.expected))  # an epoch: N rows on average
-        self.spent = [list(s) for s in spent]  # [[q, σ, steps], ...] before this fit
         self.sigma = dp.noise_multiplier
+        self._scratch = np.empty(0)
 
-    def resolve(self, total_epochs):
-        """σ calibrated to target_epsilon over `total_epochs` (when not given); the DP settings
-        with σ filled in."""
+    def resolve(self, total_epochs, spent=()):
+        """The DP settings with σ: given, or calibrated so that `total_epochs` epochs (after the
+        `spent` segments, which calibration leaves to the budget check) spend target_epsilon."""
         if self.sigma is None:
             steps = total_epochs * self.steps_per_epoch
             self.sigma = calibrate(self.q, steps, self.dp.delta, self.dp.target_epsilon)
         return dataclasses.replace(self.dp, noise_multiplier=self.sigma)
 
-    def segments(self, steps_now):
-        """The spent segments plus `steps_now` steps of this fit (merged with the last if alike)."""
-        segs = [list(s) for s in self.spent]
-        if segs and segs[-1][:2] == [self.q, self.sigma]:
-            segs[-1][2] += steps_now
-        elif steps_now:
-            segs.append([self.q, self.sigma, steps_now])
-        return segs
-
-    def epsilon(self, steps_now):
-        return epsilon(self.segments(steps_now), self.dp.delta)
-
-    def check_budget(self, steps_now, steps_planned):
-        """PrivacyBudgetError, before any step, if the planned steps would spend more than
-        target_epsilon."""
+    def check_budget(self, spent, steps):
+        """PrivacyBudgetError, before any step, if `steps` more steps after the `spent` segments
+        would spend more than target_epsilon."""
         budget = self.dp.target_epsilon
-        if budget is None or steps_planned <= steps_now:
+        if budget is None or steps == 0:
             return
-        eps = self.epsilon(steps_planned)
-        if eps > budget * (1 + 1e-9):
+        eps = epsilon(spend([list(s) for s in spent], self.q, self.sigma, steps), self.dp.delta)
+        if eps > budget * (1 + 1e-6):
+            now = epsilon(spent, self.dp.delta)
             raise PrivacyBudgetError(
-                f"privacy budget: {steps_planned} steps would spend ε = {eps:.4g} (δ = "
-                f"{self.dp.delta:g}), over target_epsilon = {budget:g} (at step {steps_now} it "
-                f"is {self.epsilon(steps_now):.4g}); train fewer epochs or raise the budget")
+                f"privacy budget: {steps} more steps would spend ε = {eps:.4g} (δ = "
+                f"{self.dp.delta:g}, {now:.4g} spent so far), over target_epsilon = {budget:g}; "
+                f"train fewer epochs or raise privacy.target_epsilon")
 
     def rows(self, step):
+        """The sorted global indices of step `step`'s batch."""
         return members(self.seed, step, self.n, self.q)
 
     def noise(self, step):
-        """grad, start -> grad + the step's noise, σC / B per unit, on grad's parameters."""
+        """add(grad, start=0): the step's noise, σC / B a unit, added to grad, the parameters
+        start:start + len(grad) (a sharded update's share)."""
         std = self.sigma * self.dp.max_grad_norm / self.expected
-        scratch = np.empty(0)
 
         def add(grad, start=0):
-            nonlocal scratch
-            if len(scratch) != min(BLOCK, start + len(grad)) or scratch.dtype != grad.dtype:
-                scratch = np.empty(min(BLOCK, start + len(grad)), grad.dtype)
-            return add_noise(grad, std, self.seed, step, start, scratch)
+            if len(self._scratch) < min(BLOCK, start + len(grad)) or self._scratch.dtype != grad.dtype:
+                self._scratch = np.empty(min(BLOCK, start + len(grad)), grad.dtype)
+            return add_noise(grad, std, self.seed, step, start, self._scratch)
         return add
-
-    def record(self, steps_now):
-        """What done.json and `distnn info` say of the run's privacy."""
-        return {"epsilon": self.epsilon(steps_now), "delta": self.dp.delta,
-                "noise_multiplier": self.sigma, "max_grad_norm": self.dp.max_grad_norm,
-                "sample_rate": self.q, "expected_batch_size": self.expected,
-                "steps": sum(s[2] for s in self.segments(steps_now)),
-                "target_epsilon": self.dp.target_epsilon}

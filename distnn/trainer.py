@@ -22,6 +22,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import checkpoint, data, exactsum, families, optim, step
+from .privacy import DP, Plan
+from .privacy import epsilon as dp_epsilon
+from .privacy import spend as dp_spend
 from .comm import connect
 from .network import Network
 from .stopping import DivergenceError, EarlyStopping, Interrupted, StopRequest, diverged
@@ -44,10 +47,16 @@ class Trainer:
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
                  keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=600.0,
                  bucket_bytes=4 << 20, check_every=100, threads=None, callback=None,
-                 update="auto", stop=None, shuffle=True):
+                 update="auto", stop=None, shuffle=True, privacy=None):
         if not isinstance(net, Network):
             raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
         update = step.checked_update(update)
+        # DP-SGD (privacy.py): Poisson batches of expected size batch_size, per-sample clipping,
+        # noise; global-norm clipping on top would be a second, different clip: refused
+        self.privacy = DP.of(privacy)
+        if self.privacy is not None and float(clip_norm) > 0:
+            raise ValueError("clip_norm with privacy: DP-SGD clips each sample's gradient to "
+                             "privacy.max_grad_norm; leave clip_norm at 0")
         self.net = net
         self.optimizer = optimizer if optimizer is not None else optim.SGD(lr=0.01)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -78,10 +87,13 @@ class Trainer:
         self.step = 0  # completed optimizer steps
         self.history = []  # one record per completed epoch, identical on every rank
         self.partial = [0.0, 0.0]  # loss and correct sums of the current epoch so far
+        self.privacy_spent = []  # [[q, σ, steps], ...]: what the accountant composes
+        self._plan = None  # fit's privacy.Plan
         self.optimizer.init(net.params)
         self.stepper = step.make(net, self.optimizer, self.comm, clip_norm=self.clip_norm,
                                  update=update, deterministic=self.deterministic,
-                                 chunk_size=self.chunk_size, batch_size=self.batch_size)
+                                 chunk_size=self.chunk_size,
+                                 batch_size=_most_rows(self.batch_size, self.privacy))
         # stop: a StopRequest whose signal handlers the caller installed for longer than a fit
         # (the command line's, from launch to exit); None: fit handles SIGTERM/SIGINT itself
         self.stop = stop if stop is not None else StopRequest()
@@ -122,22 +134,26 @@ class Trainer:
                                catch=(ValueError,))
         self._loss_divisor = len(X) if W is None else float(W.sum(dtype=np.float64))
         self._transform = transform
+        plan = self._plan = self._private_plan(len(X), W)
+        n_rows = len(X) if plan is None else plan.steps_per_epoch * plan.expected  # per epoch
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
+        n_batches = len(batches) if plan is None else plan.steps_per_epoch
         # total_steps follows this fit's epochs (a resumed run may be given more), unless set
-        self._lr_args = {"total_steps": max(1, self.epochs * len(batches))} | self.schedule
+        self._lr_args = {"total_steps": max(1, self.epochs * n_batches)} | self.schedule
         blas = _blas_threads(self.deterministic, self.threads, self.comm)
         self.optimizer.threads = blas or threads_in_force()  # the update uses the GEMMs' cores
         with self.stop.watching(), threadpool_limits(blas, user_api="blas"), self._whole_state():
             while self.epoch < self.epochs and not self.early.stopped:
                 started = time.perf_counter()
-                perm = (data.epoch_permutation(self.seed, self.epoch, len(X)) if self.shuffle
-                        else np.arange(len(X)))
-                while self.batch < len(batches):
-                    lo, hi = batches[self.batch]
+                perm = (data.epoch_permutation(self.seed, self.epoch, len(X))
+                        if self.shuffle and plan is None else np.arange(len(X)))
+                while self.batch < n_batches:
+                    lo, hi = batches[self.batch] if plan is None else (0, 0)
+                    rows = perm[lo:hi] if plan is None else plan.rows(self.step)  # Poisson
                     step_started = time.perf_counter()
                     with self.comm.urgent():  # after a stop request, a stalled peer ends the job
-                        self.train_batch(X, Y, perm[lo:hi], transform, W)
+                        self.train_batch(X, Y, rows, transform, W)
                     self.stop.step_s = time.perf_counter() - step_started
                     self.batch += 1
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0:
@@ -145,7 +161,7 @@ class Trainer:
                     if self.stop.agreed:
                         raise self.stop.interrupted(f"epoch {self.epoch + 1}, step {self.step}",
                                                     self.save_checkpoint())
-                if self._end_epoch(len(X), val, time.perf_counter() - started):
+                if self._end_epoch(n_rows, val, time.perf_counter() - started):
                     break
         if self.early.patience and self.early.params is not None:
             self.net.params[...] = self.early.params  # early stopping keeps the best model
@@ -158,10 +174,19 @@ class Trainer:
         returns the step's Verdict."""
         lr = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
         batch = step.Batch(X, Y, rows, self.net.dtype, transform, weights)
+        plan = self._plan
+        if self.privacy is not None:  # the step's DP pieces, for the stepper's seams
+            if plan is None:
+                raise RuntimeError("a private trainer takes its steps in fit (which draws each "
+                                   "step's Poisson batch), not train_batch alone")
+            batch.expected, batch.clip = plan.expected, self.privacy.max_grad_norm
+            batch.noise = plan.noise(self.step)
         verdict = self.stepper(batch, lr, self.stop.signum, what=f"step {self.step + 1}")
         if not verdict.finite:
             raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", self._checkpoints(),
                            self.history)
+        if plan is not None:
+            dp_spend(self.privacy_spent, plan.q, plan.sigma)
         self.partial[0] += verdict.loss
         self.partial[1] += verdict.correct
         self.stop.agree(verdict.stop)  # a stop asked on any rank, seen by all at this same step
@@ -242,6 +267,8 @@ class Trainer:
         # A given optimizer (e.g. a new learning rate) takes over the saved state; else the saved one.
         opt = overrides.pop("optimizer", None) or optim.make_optimizer(**meta["optimizer"])
         settings = meta["trainer"] | {k: v for k, v in overrides.items() if k != "watchdog"}
+        settings["privacy"] = _resumed_privacy(meta["trainer"].get("privacy"),
+                                               settings.get("privacy"))
         trainer = cls(net, opt, comm=comm, **settings)
         # e.g. the state of another kind of optimizer: only rank 0, which holds the arrays, sees it
         comm.together(trainer._restore, arrays, meta["progress"], catch=(ValueError,))
@@ -251,6 +278,7 @@ class Trainer:
         """Rank 0 holds the arrays; `_sync_start` in fit broadcasts them to the others."""
         for key in ("epoch", "batch", "step", "history", "partial"):
             setattr(self, key, progress[key])
+        self.privacy_spent = progress.get("privacy_spent", [])
         self.early.best = progress["best"]
         if self.early.best["val_loss"] < float("inf"):  # a best model was kept: every rank needs room
             self.early.params = self.net.params.copy()
@@ -259,6 +287,34 @@ class Trainer:
             self.optimizer.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
             if "best_params" in arrays:
                 self.early.params[...] = arrays["best_params"]
+
+    def _private_plan(self, n, weights):
+        """fit's privacy.Plan for n training rows (None without privacy): σ calibrated when
+        target_epsilon alone is given (kept by the settings, so a resumed run keeps it), and the
+        budget checked for every step this fit would take, before the first."""
+        if self.privacy is None:
+            return None
+        if weights is not None:
+            raise ValueError("sample_weight with privacy: a weighted sample's gradient could "
+                             "exceed max_grad_norm, so the noise would not cover it; drop one")
+        plan = Plan(self.privacy, n, self.batch_size, self.seed)
+        self.privacy = plan.resolve(self.epochs, self.privacy_spent)
+        planned = self.epochs * plan.steps_per_epoch - (self.epoch * plan.steps_per_epoch
+                                                        + self.batch)
+        plan.check_budget(self.privacy_spent, max(planned, 0))
+        self._loss_divisor = plan.steps_per_epoch * plan.expected  # the rows of an epoch, expected
+        return plan
+
+    def privacy_record(self):
+        """The run's privacy as done.json and `distnn info` state it (None without privacy)."""
+        if self.privacy is None:
+            return None
+        dp = self.privacy
+        return {"epsilon": dp_epsilon(self.privacy_spent, dp.delta), "delta": dp.delta,
+                "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm,
+                "target_epsilon": dp.target_epsilon,
+                "steps": sum(int(s[2]) for s in self.privacy_spent),
+                "sample_rate": self.privacy_spent[-1][0] if self.privacy_spent else None}
 
     def _checkpoints(self):
         return checkpoint.list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
@@ -273,6 +329,8 @@ class Trainer:
                   "loss": self.partial[0] / (self._loss_divisor or n_train) + self.net.penalty()}
         if self.net.is_classifier:
             record["accuracy"] = self.partial[1] / (n_train * self.net.decisions)
+        if self.privacy is not None:  # ε spent so far at the configured δ (the metrics are not private)
+            record["epsilon"] = dp_epsilon(self.privacy_spent, self.privacy.delta)
         self.partial = [0.0, 0.0]
         stop = False
         if val is not None:
@@ -410,12 +468,29 @@ def _meta(trainer):
         "network": trainer.net.spec(),
         "optimizer": trainer.optimizer.config(),
         "trainer": {key: getattr(trainer, key) for key in SETTINGS}
+                   | {"privacy": None if trainer.privacy is None else trainer.privacy.to_dict()}
                    | {"patience": trainer.early.patience,
                       "checkpoint_dir": _str(trainer.checkpoint_dir)},
         "progress": {"epoch": trainer.epoch, "batch": trainer.batch, "step": trainer.step,
                      "history": trainer.history, "partial": trainer.partial,
-                     "best": trainer.early.best, "ranks": trainer.comm.size},
+                     "best": trainer.early.best, "ranks": trainer.comm.size,
+                     "privacy_spent": trainer.privacy_spent},
     }
+
+
+def _most_rows(batch_size, dp):
+    """The rows a step's buffers are sized for: a Poisson batch (mean B) exceeds B + 6√B + 16 with
+    probability < 1e-9 (the deterministic step grows its buffers for one that does)."""
+    return batch_size if dp is None else int(batch_size + 6 * np.sqrt(batch_size) + 16)
+
+
+def _resumed_privacy(saved, given):
+    """A resumed run's privacy: the given settings, keeping the saved σ where they leave it to
+    target_epsilon (σ was calibrated once, for the whole run: the accounting continues with it)."""
+    given = DP.of(given)
+    if given is None or given.noise_multiplier is not None or not saved:
+        return given
+    return DP(**(given.to_dict() | {"noise_multiplier": saved["noise_multiplier"]}))
 
 
 def _checked(net, X, y, what, batch_size, comm, scan):
