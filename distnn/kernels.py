@@ -342,6 +342,13 @@ def scale_cols(pt, c, gb):
 
 
 @jit
+def add_scaled(g, z, a):
+    """g += a z (DP noise onto a gradient share), one pass.   g, z (n,), a in their dtype."""
+    for i in range(g.shape[0]):
+        g[i] += a * z[i]
+
+
+@jit
 def colsum_rows(pt, gb):
     """gb[k] = Σ_n pt[k, n], in order of n: a class-major bias gradient.   pt (K, N), gb (K,)."""
     k, n = pt.shape

@@ -12,7 +12,7 @@ Each step t of a private run:
    c_n = min(1, C / ‖g_n‖), exactly, in the same backward (network.py says how);
 3. after the one sum across ranks: noise N(0, σ²C²) per parameter, then the division by B (not by
    the realized batch size: the sum's sensitivity is C whatever the batch holds). The noise of
-   parameter j is position j mod BLOCK of a Philox stream keyed by (seed, t, j div BLOCK), never
+   parameter j is position j mod BLOCK of a stream keyed by (seed, t, j div BLOCK), never
    by rank, so a sharded update draws its own blocks and the vector is the same for any P;
 4. the regularization penalty (a function of the parameters only), then the optimizer.
 
@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK = 1 << 16  # parameters per noise stream: a stream's set-up (~30 us) is ~3% of its draws
+from . import kernels
+
+BLOCK = 1 << 16  # parameters per noise stream: a stream's set-up (~15 us) is ~2% of its draws
 _MEMBERS, _NOISE = 1, 2  # the purpose word of a generator key: streams never overlap
 # RDP orders (TF Privacy's classic grid); dp_accounting drops an order whose series does not
 # converge (1.1-1.4 at large q), with a warning per order and call that we keep quiet
@@ -92,9 +94,11 @@ def _check(name, value, ok, expected, optional=False):
 # ---------------------------------------------------------------------- counter-based streams
 
 def _generator(seed, purpose, step, block=0):
-    """A Philox generator keyed by (seed, purpose, step); `block` starts it 2^128 draws along."""
-    key = np.array([seed & (2**64 - 1), (purpose << 56) | step], np.uint64)
-    return np.random.Generator(np.random.Philox(key=key, counter=[0, 0, block, 0]))
+    """The stream keyed by (seed, purpose, step, block): numpy's SeedSequence hashes the key into
+    an SFC64 state (its way to independent parallel streams; SFC64 draws normals ~1.5x faster
+    than Philox here)."""
+    key = np.random.SeedSequence([seed & (2**64 - 1), purpose, step, block])
+    return np.random.Generator(np.random.SFC64(key))
 
 
 def members(seed, step, n, q):
@@ -129,9 +133,7 @@ def add_noise(grad, std, seed, step, start=0, scratch=None):
         lo, hi = max(start, first) - first, min(stop, first + BLOCK) - first
         z = scratch[:hi]  # a stream's prefix: what this rank needs of the block, from its start
         _generator(seed, _NOISE, step, block).standard_normal(out=z, dtype=grad.dtype)
-        z = z[lo:]
-        z *= std
-        grad[first + lo - start:first + hi - start] += z
+        kernels.add_scaled(grad[first + lo - start:first + hi - start], z[lo:], std)
     return grad
 
 
