@@ -204,6 +204,7 @@ class Plan:
     needs (its rows, its noise)."""
 
     def __init__(self, dp, n, batch_size, seed):
+        _library()  # a missing accountant is said before any step
         self.dp, self.n, self.seed = dp, n, seed
         self.q = min(1.0, batch_size / n)
         self.expected = self.q * n  # B: the divisor of every step's sum

@@ -53,6 +53,10 @@ def train(args, comm, stop) -> int:
     n_threads, pinned = _blas_threads(args.threads, cfg.train, comm)
     for line in _wasteful(comm, cfg.train, n_threads):
         warn(line)
+    if cfg.privacy.dp() is not None and cfg.data.standardize and comm.is_root:
+        warn("data.standardize with [privacy]: the training rows' per-feature mean and std are "
+             "not private (the model file keeps them); set data.standardize = false where the "
+             "features' ranges are known")
     job = _stage(comm, stop, "while loading the data", prepare, cfg, comm.rank, comm.size)
     comm.allreduce(job.crcs, what="data checksum")  # every block's crc32, on every rank
     fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
