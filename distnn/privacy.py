@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
+from . import threads as threads_module
 
 BLOCK = 1 << 16  # parameters per noise stream: a stream's set-up (~15 us) is ~2% of its draws
 _MEMBERS, _NOISE = 1, 2  # the purpose word of a generator key: streams never overlap
@@ -119,21 +120,30 @@ def members(seed, step, n, q):
     return rows[:np.searchsorted(rows, n)]
 
 
-def add_noise(grad, std, seed, step, start=0, scratch=None):
+def add_noise(grad, std, seed, step, start=0, threads=1):
     """grad += std * z[start:start + len(grad)], z the step's standard-normal vector over all
-    parameters (block b of it from its own stream); in grad's dtype."""
+    parameters (block b of it from its own stream), in grad's dtype; the blocks shared out among
+    `threads` threads (numpy draws without the GIL), the same values for any count."""
     if len(grad) == 0:
         return grad
     stop = start + len(grad)
-    if scratch is None or len(scratch) < min(BLOCK, stop) or scratch.dtype != grad.dtype:
-        scratch = np.empty(min(BLOCK, stop), grad.dtype)
+    blocks = range(start // BLOCK, (stop - 1) // BLOCK + 1)
     std = grad.dtype.type(std)
-    for block in range(start // BLOCK, (stop - 1) // BLOCK + 1):
-        first = block * BLOCK
-        lo, hi = max(start, first) - first, min(stop, first + BLOCK) - first
-        z = scratch[:hi]  # a stream's prefix: what this rank needs of the block, from its start
-        _generator(seed, _NOISE, step, block).standard_normal(out=z, dtype=grad.dtype)
-        kernels.add_scaled(grad[first + lo - start:first + hi - start], z[lo:], std)
+
+    def draw(part):
+        scratch = np.empty(min(BLOCK, stop), grad.dtype)
+        for block in part:
+            first = block * BLOCK
+            lo, hi = max(start, first) - first, min(stop, first + BLOCK) - first
+            z = scratch[:hi]  # the prefix of the block's stream this share needs
+            _generator(seed, _NOISE, step, block).standard_normal(out=z, dtype=grad.dtype)
+            kernels.add_scaled(grad[first + lo - start:first + hi - start], z[lo:], std)
+
+    n = max(1, min(int(threads or 1), len(blocks)))
+    if n == 1:
+        draw(blocks)
+    else:
+        threads_module.run_parallel(draw, [blocks[i::n] for i in range(n)])
     return grad
 
 
@@ -210,7 +220,6 @@ class Plan:
         self.expected = self.q * n  # B: the divisor of every step's sum
         self.steps_per_epoch = max(1, round(n / self.expected))  # an epoch: N rows on average
         self.sigma = dp.noise_multiplier
-        self._scratch = np.empty(0)
 
     def resolve(self, total_epochs, spent=()):
         """The DP settings with σ: given, or calibrated so that `total_epochs` epochs (after the
@@ -239,12 +248,8 @@ class Plan:
         return members(self.seed, step, self.n, self.q)
 
     def noise(self, step):
-        """add(grad, start=0): the step's noise, σC / B a unit, added to grad, the parameters
-        start:start + len(grad) (a sharded update's share)."""
+        """add(grad, start=0, threads=1): the step's noise, σC / B a unit, added to grad, the
+        parameters start:start + len(grad) (a sharded update's share)."""
         std = self.sigma * self.dp.max_grad_norm / self.expected
-
-        def add(grad, start=0):
-            if len(self._scratch) < min(BLOCK, start + len(grad)) or self._scratch.dtype != grad.dtype:
-                self._scratch = np.empty(min(BLOCK, start + len(grad)), grad.dtype)
-            return add_noise(grad, std, self.seed, step, start, self._scratch)
-        return add
+        seed = self.seed
+        return lambda grad, start=0, threads=1: add_noise(grad, std, seed, step, start, threads)

@@ -140,7 +140,7 @@ class Allreduce:
         finite = bool(kernels.all_finite(self.buf))  # the same verdict on every rank
         if finite:
             if self.noise is not None:  # DP: the same noise on every rank, before the penalty
-                self.noise(self.grad)
+                self.noise(self.grad, 0, self.optimizer.threads)
             self.net.add_penalty_grad(self.grad)
             if self.clip_norm > 0:
                 optim.clip_by_global_norm(self.grad, self.clip_norm)
@@ -186,7 +186,7 @@ class _ShardedUpdate:
         finite = bool(kernels.all_finite(window.slot[lo:hi]))
         if finite:
             if self.noise is not None:  # DP: this rank's share of the step's noise only
-                self.noise(grad, mine.start)
+                self.noise(grad, mine.start, self.optimizer.threads)
             net.add_penalty_grad(grad, start=mine.start)
         window.post(finite, optim.global_norm(grad) if finite and clip > 0 else 0.0)
         window.fence(what)  # every rank's verdict and norm are posted

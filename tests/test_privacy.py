@@ -107,14 +107,17 @@ def test_membership_of_a_large_set_costs_its_batch_not_its_rows():
 # --------------------------------------------------------------------------------- noise
 
 def test_noise_of_a_share_is_the_slice_of_the_whole_vector():
-    """Any cut of the parameters draws the same noise for each parameter: blocks are keyed by
-    (seed, step, block), not by who draws them."""
+    """Any cut of the parameters, and any thread count, draws the same noise for each parameter:
+    blocks are keyed by (seed, step, block), not by who draws them."""
     n = 3 * privacy.BLOCK + 123
     whole = privacy.add_noise(np.zeros(n), 1.0, 5, 9)
     for cuts in ([0, n], [0, 100, n], [0, privacy.BLOCK - 1, 2 * privacy.BLOCK + 7, n]):
         parts = [privacy.add_noise(np.zeros(b - a), 1.0, 5, 9, start=a)
                  for a, b in zip(cuts, cuts[1:])]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
+    for threads in (2, 3):  # blocks shared out among threads: the same values
+        np.testing.assert_array_equal(privacy.add_noise(np.zeros(n), 1.0, 5, 9, threads=threads),
+                                      whole)
     assert not np.array_equal(whole, privacy.add_noise(np.zeros(n), 1.0, 5, 10))
 
 
