@@ -199,8 +199,8 @@ CHECKS = {
     "train.watchdog": _between(0, MAX_WATCHDOG_S), "train.bucket_mb": _bucket_mb,
     "train.threads": _between(0, MAX_THREADS),
     "train.check_every": _at_least(0),
-    "privacy.noise_multiplier": _above(0), "privacy.max_grad_norm": _above(0),
-    "privacy.delta": _open_unit, "privacy.target_epsilon": _above(0),
+    "privacy.noise_multiplier": _at_least(0), "privacy.max_grad_norm": _above(0),
+    "privacy.delta": _open_unit, "privacy.target_epsilon": _at_least(0),
 }
 
 

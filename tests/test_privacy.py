@@ -293,7 +293,7 @@ def test_bad_privacy_settings_are_one_line_errors(settings, message):
 
 @pytest.mark.parametrize("section, message", [
     ({"max_grad_norm": 1.0}, "privacy: give privacy.noise_multiplier or privacy.target_epsilon"),
-    ({"noise_multiplier": -1.0}, r"privacy.noise_multiplier: expected a finite value > 0"),
+    ({"noise_multiplier": -1.0}, r"privacy.noise_multiplier: expected a finite value >= 0"),
     ({"noise_multiplier": 1.0, "delta": 2.0}, r"privacy.delta: expected a value in \(0, 1\)"),
     ({"noise_multiplier": 1.0, "sigma": 2.0}, r"privacy.sigma: unknown key"),
 ])
