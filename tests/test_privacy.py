@@ -311,3 +311,50 @@ def test_a_config_with_privacy_gives_the_trainer_dp_and_refuses_clip_norm():
     with pytest.raises(ConfigError, match="optim.clip_norm: .*privacy"):
         parse_config({"data": {"source": "sklearn:digits"}, "optim": {"clip_norm": 1.0},
                       "privacy": {"noise_multiplier": 1.0}})
+
+
+# ------------------------------------------------------------------------------- estimators
+
+def test_a_private_classifier_reports_epsilon_and_partial_fit_continues_the_accounting():
+    from distnn import MLPClassifier
+
+    X, y = problems.problem("multinomial", 120, 5, 3, seed=0)
+    dp = DP(noise_multiplier=1.2, max_grad_norm=0.5)
+    clf = MLPClassifier((8,), max_iter=3, batch_size=20, random_state=0, privacy=dp,
+                        comm=SELF).fit(X, y)
+    assert clf.n_iter_ == 3  # no stop on the (non-private) training loss
+    assert clf.epsilon_ == privacy.epsilon([[20 / 120, 1.2, 18]], 1e-5)
+    first = clf.coefs_[0].copy()
+    clf.partial_fit(X, y)  # fresh batches and noise (steps 18..23), the accounting continued
+    assert clf.epsilon_ == privacy.epsilon([[20 / 120, 1.2, 24]], 1e-5)
+    assert not np.array_equal(first, clf.coefs_[0])
+    with pytest.raises(ValueError, match="sample_weight with privacy"):
+        MLPClassifier((8,), max_iter=1, privacy=dp, comm=SELF).fit(X, y, sample_weight=np.ones(120))
+
+
+def test_a_private_regressor_starts_its_output_bias_at_zero_not_at_the_targets_mean():
+    from distnn import MLPRegressor
+
+    X, y = problems.problem("gaussian", 60, 5, 1, seed=0)
+    y = y.ravel() + 100.0
+    reg = MLPRegressor((4,), max_iter=1, batch_size=10, random_state=0, learning_rate_init=1e-9,
+                       privacy={"noise_multiplier": 1.0}, comm=SELF).fit(X, y)
+    assert abs(reg.intercepts_[-1][0]) < 1e-3
+    plain = MLPRegressor((4,), max_iter=1, batch_size=10, random_state=0,
+                         learning_rate_init=1e-9, comm=SELF).fit(X, y)
+    assert plain.intercepts_[-1][0] == pytest.approx(y.mean())
+
+
+def test_the_deterministic_step_grows_its_chunk_rows_for_a_batch_above_the_expected_size():
+    """A Poisson batch may exceed the rows the exact sum was sized for; the step makes room (every
+    rank alike) and the result still equals the default mode's."""
+    t = Trainer(Network([5, 8, 3], activation="tanh", l2=1e-3, seed=1),
+                optim.SGD(lr=0.2, momentum=0.5),
+                batch_size=20, epochs=2, seed=4, comm=SELF, deterministic=True, chunk_size=4,
+                privacy=DP(noise_multiplier=1.0, max_grad_norm=0.5))
+    t.stepper.rows = t.stepper.rows[:2]  # room for 8 rows only
+    t.stepper.stats = t.stepper.stats[:2]
+    t.fit(*problems.problem("multinomial", 120, 5, 3, seed=0))
+    assert len(t.stepper.rows) > 2
+    ref = fit(epochs=2)
+    np.testing.assert_allclose(t.net.params, ref.net.params, rtol=1e-10, atol=1e-12)
