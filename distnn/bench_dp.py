@@ -6,8 +6,9 @@ training rows, the clipped `grad_sum` (one backward), the noise on every paramet
 Both take the same X (the realized batch is B rows in both, so only DP's own work differs), with
 one BLAS thread; each figure is the best of many calls (bench_workers.timeit). The parts (draw,
 clipped gradient, noise) are timed alone too. Extra memory is the peak that tracemalloc (numpy's
-allocations) sees during a private step minus during a plain one: O(batch) by construction, the
-(N,) norms and factors, plus the noise's one-block scratch (privacy.BLOCK values).
+allocations) sees during a private step minus during a plain one (after a warm-up step), and the
+memory held from step to step: the (B,) norms and clip factors and one noise block's scratch per
+thread (privacy.BLOCK values): O(batch) plus a constant, never O(batch x parameters).
 """
 import tracemalloc
 
@@ -65,7 +66,9 @@ def measure(c, min_s):
                clipped_grad_s=timeit(lambda: net.grad_sum(X, Y, grad, divisor=B, clip=1.0), min_s / 2),
                grad_s=timeit(lambda: net.grad_sum(X, Y, grad, divisor=B), min_s / 2),
                noise_s=timeit(lambda: plan.noise(7)(grad), min_s / 2))
-    out["extra_bytes"] = _peak(private) - _peak(plain)
+    out["extra_bytes"] = _peak(private) - _peak(plain)  # allocated per step
+    itemsize = net.dtype.itemsize  # held: the (B,) norms and factors, a noise block's scratch
+    out["held_bytes"] = B * (8 + itemsize) + min(privacy.BLOCK, net.n_params) * itemsize
     out["ratio"] = out["dp_s"] / out["plain_s"]
     return out
 
@@ -87,12 +90,12 @@ def print_dp(res):
         return
     print(f"\n== DP-SGD step (1 thread, Poisson draw over {ROWS:,} rows; target <= {TARGET}x plain)")
     print(f"{'net':<6} {'batch':>5} {'plain ms':>9} {'dp ms':>8} {'ratio':>6}  {'draw':>7} "
-          f"{'grad':>7} {'clipped':>8} {'noise':>7}  {'extra KiB':>9}")
+          f"{'grad':>7} {'clipped':>8} {'noise':>7}  {'per step KiB':>12} {'held KiB':>8}")
     for r in rows:
         ms = {k: 1e3 * r[k] for k in ("plain_s", "dp_s", "draw_s", "grad_s", "clipped_grad_s",
                                       "noise_s")}
         verdict = "PASS" if r["ratio"] <= TARGET else "MISS"
         print(f"{r['net']:<6} {r['batch']:>5} {ms['plain_s']:>9.3f} {ms['dp_s']:>8.3f} "
               f"{r['ratio']:>5.2f}x  {ms['draw_s']:>7.3f} {ms['grad_s']:>7.3f} "
-              f"{ms['clipped_grad_s']:>8.3f} {ms['noise_s']:>7.3f}  {r['extra_bytes'] / 1024:>9.1f}"
-              f"  {verdict}")
+              f"{ms['clipped_grad_s']:>8.3f} {ms['noise_s']:>7.3f}  {r['extra_bytes'] / 1024:>12.1f}"
+              f" {r['held_bytes'] / 1024:>8.1f}  {verdict}")

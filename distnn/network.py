@@ -21,6 +21,8 @@ batch (`grad_sum` divided by a given count, the global batch size) so that data-
 can add them across ranks.
 """
 
+import math
+
 import numpy as np
 
 from . import activations, families, kernels
@@ -212,14 +214,12 @@ class Network:
 
     def clipped_grad_sum(self, X, Y, out, clip, divisor=1):
         """Σ_n c_n g_n / divisor into `out`, g_n sample n's data-loss gradient and c_n = min(1,
-        clip / ‖g_n‖) (biases included in the norm); returns the (unclipped) loss sum.
-
-        One backward, exactly: the recursion P_l = (P_{l+1} W_{l+1}) ∘ A'(O_l) is linear in P_L
-        row by row and A'(O_l) does not depend on P, so scaling row n of P_L by c_n scales row n
-        of every P_l by c_n. The unscaled P_l of every layer (the buffers hold them all anyway)
-        give ‖g_n‖² = Σ_l ‖P_l[n]‖² (‖I_l[n]‖² + 1); then each P_l's rows are scaled, fused with
-        its bias sum, before the weight GEMM (c ∘ P_l)ᵀ I_l. The GEMMs are a plain step's; the
-        extra work is one pass over each P_l and I_l, the extra memory two (N,) vectors."""
+        clip / ‖g_n‖) (biases in the norm); returns the (unclipped) loss sum. One backward,
+        exactly: P_l = (P_{l+1} W_{l+1}) ∘ A'(O_l) is linear in P_L row by row and A'(O_l) does
+        not depend on P, so scaling row n of P_L by c_n scales row n of every P_l by c_n. The
+        unscaled P_l (all kept) give ‖g_n‖² = Σ_l ‖P_l[n]‖² (‖I_l[n]‖² + 1); then each P_l's rows
+        are scaled (with its bias sum) before its weight GEMM (c ∘ P_l)ᵀ I_l: a plain step's
+        GEMMs, one more pass over each P_l and I_l, two (N,) vectors of memory."""
         buf = self._forward(X, mean=False)
         n = len(X)
         if buf.sq is None:
@@ -325,18 +325,11 @@ class Network:
         return self.add_penalty_grad(g)
 
     def sample_grad_norms(self, X, y):
-        """Per-sample L2 norms of the data-loss gradient, (N,), without forming any gradient.
-
-        ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer contributes ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
+        """Per-sample L2 norms of the data-loss gradient, (N,), without forming any gradient:
+        ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer adds ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
         X, Y = self._checked(X, y)
-        buf = self._forward(X, mean=False)
-        self._output_pass(buf, Y, 1, buf.bias_sum)  # P_L = O_L - Y
-        self._backward(X, buf, self.grad_buffer())
-        sq = np.zeros(len(X), np.float64)
-        for l, p in enumerate(buf.delta):
-            inp = X if l == 0 else buf.z[l - 1]
-            sq += np.einsum("ij,ij->i", p, p) * (np.einsum("ij,ij->i", inp, inp) + 1)
-        return np.sqrt(sq).astype(self.dtype)
+        self.clipped_grad_sum(X, Y, self.grad_buffer(), math.inf)  # the norms, nothing clipped
+        return np.sqrt(self._buffers[len(X)].sq).astype(self.dtype)
 
     # ---- Jacobians ---------------------------------------------------------------------------
     def _jacobian_walk(self, X):

@@ -209,6 +209,29 @@ def spend(segments, q, sigma, steps=1):
     return segments
 
 
+def record(dp, spent):
+    """What done.json and `distnn info` say of a run's privacy: ε spent at δ, and how."""
+    return {"epsilon": epsilon(spent, dp.delta), "delta": dp.delta,
+            "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm,
+            "target_epsilon": dp.target_epsilon, "steps": sum(int(s[2]) for s in spent),
+            "sample_rate": spent[-1][0] if spent else None}
+
+
+def resumed(saved, given):
+    """A resumed run's privacy: the given settings, keeping the saved σ where they leave it to
+    target_epsilon (σ was calibrated once, for the whole run: the accounting continues with it)."""
+    given = DP.of(given)
+    if given is None or given.noise_multiplier is not None or not saved:
+        return given
+    return dataclasses.replace(given, noise_multiplier=saved["noise_multiplier"])
+
+
+def most_rows(batch_size, dp):
+    """The rows a step's buffers are sized for: a Poisson batch (mean B) exceeds B + 6√B + 16 with
+    probability < 1e-9 (the deterministic step grows its buffers for one that does)."""
+    return batch_size if dp is None else int(batch_size + 6 * math.sqrt(batch_size) + 16)
+
+
 class Plan:
     """One fit's DP-SGD for n training rows: q, B, σ and the steps of an epoch, and what each step
     needs (its rows, its noise)."""

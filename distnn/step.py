@@ -19,6 +19,11 @@ one vector, the gradient followed by STATS numbers (loss sum, correct count, sto
 in the same sum. Each rank divides its output proxy errors by the global batch size (with sample
 weights: scales row n by w_n / Σw of the global batch, a number every rank computes alike) before
 back-propagating (the gradient is linear in them), so the sum is the (weighted) mean gradient.
+
+DP-SGD (privacy.py) enters at two seams, from the Batch: `grad_sum(..., clip=batch.clip)` clips
+each sample (divided by the expected batch size, batch.divisor), and after the sum, before the
+penalty, `batch.noise(grad, start, threads)` adds the step's noise to the parameters this rank
+updates (all of them, or its share in a sharded update).
 """
 import math
 from dataclasses import dataclass

@@ -12,6 +12,10 @@ to the order of floating-point additions, or to the bit with `deterministic=True
 The data order comes from `data.epoch_permutation(seed, epoch)`, so a checkpoint needs only
 (epoch, batch, step) and the parameters and optimizer state to continue bit-identically.
 Only rank 0 writes files; every rank returns the same `history`.
+
+With `privacy=DP(...)` (privacy.py) each step's rows are a Poisson sample keyed by the step count
+instead (an epoch is N / batch_size steps), clipped per sample and noised in the stepper; the
+accountant's segments (`privacy_spent`) ride in the checkpoint, and ε in each epoch's record.
 """
 import contextlib
 import signal
@@ -22,8 +26,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import checkpoint, data, exactsum, families, optim, step
-from .privacy import DP, Plan
+from .privacy import DP, Plan, most_rows, resumed
 from .privacy import epsilon as dp_epsilon
+from .privacy import record as dp_record
 from .privacy import spend as dp_spend
 from .comm import connect
 from .network import Network
@@ -93,7 +98,7 @@ class Trainer:
         self.stepper = step.make(net, self.optimizer, self.comm, clip_norm=self.clip_norm,
                                  update=update, deterministic=self.deterministic,
                                  chunk_size=self.chunk_size,
-                                 batch_size=_most_rows(self.batch_size, self.privacy))
+                                 batch_size=most_rows(self.batch_size, self.privacy))
         # stop: a StopRequest whose signal handlers the caller installed for longer than a fit
         # (the command line's, from launch to exit); None: fit handles SIGTERM/SIGINT itself
         self.stop = stop if stop is not None else StopRequest()
@@ -267,8 +272,7 @@ class Trainer:
         # A given optimizer (e.g. a new learning rate) takes over the saved state; else the saved one.
         opt = overrides.pop("optimizer", None) or optim.make_optimizer(**meta["optimizer"])
         settings = meta["trainer"] | {k: v for k, v in overrides.items() if k != "watchdog"}
-        settings["privacy"] = _resumed_privacy(meta["trainer"].get("privacy"),
-                                               settings.get("privacy"))
+        settings["privacy"] = resumed(meta["trainer"].get("privacy"), settings.get("privacy"))
         trainer = cls(net, opt, comm=comm, **settings)
         # e.g. the state of another kind of optimizer: only rank 0, which holds the arrays, sees it
         comm.together(trainer._restore, arrays, meta["progress"], catch=(ValueError,))
@@ -307,14 +311,7 @@ class Trainer:
 
     def privacy_record(self):
         """The run's privacy as done.json and `distnn info` state it (None without privacy)."""
-        if self.privacy is None:
-            return None
-        dp = self.privacy
-        return {"epsilon": dp_epsilon(self.privacy_spent, dp.delta), "delta": dp.delta,
-                "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm,
-                "target_epsilon": dp.target_epsilon,
-                "steps": sum(int(s[2]) for s in self.privacy_spent),
-                "sample_rate": self.privacy_spent[-1][0] if self.privacy_spent else None}
+        return None if self.privacy is None else dp_record(self.privacy, self.privacy_spent)
 
     def _checkpoints(self):
         return checkpoint.list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
@@ -476,21 +473,6 @@ def _meta(trainer):
                      "best": trainer.early.best, "ranks": trainer.comm.size,
                      "privacy_spent": trainer.privacy_spent},
     }
-
-
-def _most_rows(batch_size, dp):
-    """The rows a step's buffers are sized for: a Poisson batch (mean B) exceeds B + 6√B + 16 with
-    probability < 1e-9 (the deterministic step grows its buffers for one that does)."""
-    return batch_size if dp is None else int(batch_size + 6 * np.sqrt(batch_size) + 16)
-
-
-def _resumed_privacy(saved, given):
-    """A resumed run's privacy: the given settings, keeping the saved σ where they leave it to
-    target_epsilon (σ was calibrated once, for the whole run: the accounting continues with it)."""
-    given = DP.of(given)
-    if given is None or given.noise_multiplier is not None or not saved:
-        return given
-    return DP(**(given.to_dict() | {"noise_multiplier": saved["noise_multiplier"]}))
 
 
 def _checked(net, X, y, what, batch_size, comm, scan):
