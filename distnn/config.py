@@ -328,7 +328,7 @@ SYNONYMS = {
     "validation_split": "val_fraction",
     "early_stopping": "patience", "n_iter_no_change": "patience",
     "scheduler": "schedule", "lr_schedule": "schedule", "warmup": "warmup_steps",
-    "grad_clip": "clip_norm", "max_grad_norm": "clip_norm", "clip_grad_norm": "clip_norm",
+    "grad_clip": "clip_norm", "clip_grad_norm": "clip_norm",  # max_grad_norm: privacy's key
     "loss": "family",
 }
 UNSUPPORTED = {"dropout": "distnn has no dropout; model.l2 or model.l1 regularize"}
@@ -430,8 +430,12 @@ def apply_override(d: dict, item: str) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
-    """Plain nested dict of the config (JSON- and TOML-able)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of the config (JSON- and TOML-able); without a [privacy] table when
+    privacy is off (a written [privacy] section turns it on)."""
+    d = dataclasses.asdict(cfg)
+    if cfg.privacy.dp() is None:
+        del d["privacy"]
+    return d
 
 
 def from_dict(d: dict) -> Config:
@@ -448,6 +452,6 @@ def to_toml(cfg: Config) -> str:
 
     d = to_dict(cfg)
     lines = [f"{k} = {value(d[k])}" for k in TOP_LEVEL]
-    for section in SECTIONS:
+    for section in (s for s in SECTIONS if s in d):
         lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in d[section].items()]
     return "\n".join(lines) + "\n"

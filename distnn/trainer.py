@@ -46,7 +46,8 @@ class Trainer:
 
     `update`: "auto" (each rank updates its share where the ranks share a node), "sharded" or
     "whole" (every rank updates everything); the same bits wherever the sum runs in node shared
-    memory (every rank adds in rank order there)."""
+    memory (every rank adds in rank order there). `privacy`: a distnn.DP (or a dict of its
+    fields) for DP-SGD, batch_size then the expected batch of Poisson sampling (privacy.py)."""
 
     def __init__(self, net, optimizer=None, batch_size=256, epochs=20, seed=0, comm=None, *,
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,

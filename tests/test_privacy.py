@@ -358,3 +358,14 @@ def test_the_deterministic_step_grows_its_chunk_rows_for_a_batch_above_the_expec
     assert len(t.stepper.rows) > 2
     ref = fit(epochs=2)
     np.testing.assert_allclose(t.net.params, ref.net.params, rtol=1e-10, atol=1e-12)
+
+
+def test_a_config_round_trips_through_toml_with_and_without_privacy():
+    from distnn.config import from_dict, to_dict, to_toml
+
+    for extra in ({}, {"privacy": {"target_epsilon": 2.0, "delta": 1e-6}}):
+        cfg = parse_config({"data": {"source": "sklearn:digits"}, **extra})
+        assert from_dict(to_dict(cfg)) == cfg
+        import tomllib
+        assert parse_config(tomllib.loads(to_toml(cfg))) == cfg
+        assert ("[privacy]" in to_toml(cfg)) == bool(extra)
