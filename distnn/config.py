@@ -101,6 +101,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0      # C: each sample's gradient is clipped to this L2 norm
     delta: float = 1e-5             # δ of (ε, δ); keep it well below 1 / training rows
     target_epsilon: float = 0.0     # ε to calibrate σ for over train.epochs, and a budget; 0 = none
+    noise_seed: int = -1            # -1: a secret key per run; else reproducible, private while secret
 
     def dp(self):
         """The trainer's distnn.DP, or None when privacy is off."""
@@ -109,7 +110,7 @@ class PrivacyConfig:
         from .privacy import DP
 
         return DP(self.noise_multiplier or None, self.max_grad_norm, self.delta,
-                  self.target_epsilon or None)
+                  self.target_epsilon or None, None if self.noise_seed < 0 else self.noise_seed)
 
 
 @dataclass
@@ -201,6 +202,7 @@ CHECKS = {
     "train.check_every": _at_least(0),
     "privacy.noise_multiplier": _at_least(0), "privacy.max_grad_norm": _above(0),
     "privacy.delta": _open_unit, "privacy.target_epsilon": _at_least(0),
+    "privacy.noise_seed": _at_least(-1),
 }
 
 

@@ -16,6 +16,11 @@ Each step t of a private run:
    by rank, so a sharded update draws its own blocks and the vector is the same for any P;
 4. the regularization penalty (a function of the parameters only), then the optimizer.
 
+Batches and noise are keyed by a secret 128-bit key per run (os CSPRNG; `DP.noise_seed` fixes it
+for reproducible runs), not by the training seed, which the config and model file show: anyone
+who can regenerate the noise can subtract it, and anyone who knows the batches loses the
+subsampling's amplification. The key rides in checkpoints (keep them as private as the data).
+
 The accountant is `dp_accounting`'s RDP accountant for the Poisson-subsampled Gaussian, composed
 over the steps taken; it is imported only when privacy is on (its import costs a second). What a
 run spent is a list of (q, σ, steps) segments, kept in checkpoints: a resumed run composes them.
@@ -28,6 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +63,10 @@ class DP:
     max_grad_norm: float = 1.0  # C: each sample's gradient is clipped to this L2 norm
     delta: float = 1e-5  # δ of (ε, δ)-DP; well below 1 / training rows
     target_epsilon: float | None = None  # ε to calibrate σ for, and the budget
+    # the key of the batches' and the noise's streams; None: a secret one per run (kept in its
+    # checkpoints, never in the model). Given, the run is reproducible, and private only while
+    # this number is secret: whoever knows it can subtract the noise
+    noise_seed: int | None = None
 
     def __post_init__(self):
         sigma, eps = self.noise_multiplier, self.target_epsilon
@@ -66,6 +76,10 @@ class DP:
         _check("max_grad_norm", self.max_grad_norm, lambda v: v > 0, "> 0")
         _check("delta", self.delta, lambda v: 0 < v < 1, "in (0, 1)")
         _check("target_epsilon", eps, lambda v: v > 0, "> 0", optional=True)
+        seed = self.noise_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or not 0 <= seed < 2**128):
+            raise ValueError(f"privacy.noise_seed: expected an integer in [0, 2**128), got {seed!r}")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -94,11 +108,16 @@ def _check(name, value, ok, expected, optional=False):
 
 # ---------------------------------------------------------------------- counter-based streams
 
+def secret_key():
+    """A fresh 128-bit key from the operating system's CSPRNG, for a run's batches and noise."""
+    return secrets.randbits(128)
+
+
 def _generator(seed, purpose, step, block=0):
     """The stream keyed by (seed, purpose, step, block): numpy's SeedSequence hashes the key into
     an SFC64 state (its way to independent parallel streams; SFC64 draws normals ~1.5x faster
     than Philox here)."""
-    key = np.random.SeedSequence([seed & (2**64 - 1), purpose, step, block])
+    key = np.random.SeedSequence([seed, purpose, step, block])
     return np.random.Generator(np.random.SFC64(key))
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import checkpoint, data, exactsum, families, optim, step
-from .privacy import DP, Plan, most_rows, resumed
+from .privacy import DP, Plan, most_rows, resumed, secret_key
 from .privacy import epsilon as dp_epsilon
 from .privacy import record as dp_record
 from .privacy import spend as dp_spend
@@ -94,6 +94,7 @@ class Trainer:
         self.history = []  # one record per completed epoch, identical on every rank
         self.partial = [0.0, 0.0]  # loss and correct sums of the current epoch so far
         self.privacy_spent = []  # [[q, σ, steps], ...]: what the accountant composes
+        self.noise_key = None  # the run's secret key of batches and noise (privacy.py)
         self._plan = None  # fit's privacy.Plan
         self.optimizer.init(net.params)
         self.stepper = step.make(net, self.optimizer, self.comm, clip_norm=self.clip_norm,
@@ -284,6 +285,8 @@ class Trainer:
         for key in ("epoch", "batch", "step", "history", "partial"):
             setattr(self, key, progress[key])
         self.privacy_spent = progress.get("privacy_spent", [])
+        key = progress.get("noise_key")
+        self.noise_key = None if key is None else int(key)
         self.early.best = progress["best"]
         if self.early.best["val_loss"] < float("inf"):  # a best model was kept: every rank needs room
             self.early.params = self.net.params.copy()
@@ -302,7 +305,11 @@ class Trainer:
         if weights is not None:
             raise ValueError("sample_weight with privacy: a weighted sample's gradient could "
                              "exceed max_grad_norm, so the noise would not cover it; drop one")
-        plan = Plan(self.privacy, n, self.batch_size, self.seed)
+        if self.noise_key is None:  # rank 0's secret, or the given noise_seed, on every rank
+            key = self.privacy.noise_seed
+            self.noise_key = int(self.comm.bcast_json(
+                str(secret_key() if key is None else key) if self.comm.is_root else None))
+        plan = Plan(self.privacy, n, self.batch_size, self.noise_key)
         self.privacy = plan.resolve(self.epochs, self.privacy_spent)
         planned = self.epochs * plan.steps_per_epoch - (self.epoch * plan.steps_per_epoch
                                                         + self.batch)
@@ -472,7 +479,9 @@ def _meta(trainer):
         "progress": {"epoch": trainer.epoch, "batch": trainer.batch, "step": trainer.step,
                      "history": trainer.history, "partial": trainer.partial,
                      "best": trainer.early.best, "ranks": trainer.comm.size,
-                     "privacy_spent": trainer.privacy_spent},
+                     "privacy_spent": trainer.privacy_spent,
+                     # the secret key of batches and noise: checkpoints only, never the model
+                     "noise_key": None if trainer.noise_key is None else str(trainer.noise_key)},
     }
 
 

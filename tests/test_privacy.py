@@ -174,7 +174,7 @@ def test_target_epsilon_calibrates_sigma_that_spends_it():
 def fit(epochs=3, comm=SELF, seed=4, X_y=None, **kw):
     X, y = X_y or problems.problem("multinomial", 120, 5, 3, seed=0)
     net = Network([5, 8, 3], activation="tanh", family="multinomial", l2=1e-3, seed=1)
-    kw.setdefault("privacy", DP(noise_multiplier=1.0, max_grad_norm=0.5, delta=1e-5))
+    kw.setdefault("privacy", DP(noise_multiplier=1.0, max_grad_norm=0.5, delta=1e-5, noise_seed=4))
     trainer = Trainer(net, optim.SGD(lr=0.2, momentum=0.5), batch_size=20, epochs=epochs,
                       seed=seed, comm=comm, **kw)
     trainer.fit(X, y)
@@ -196,7 +196,7 @@ def test_one_private_step_is_the_clipped_sum_over_b_plus_noise_then_penalty_then
     net = Network([5, 8, 3], activation="tanh", family="multinomial", l2=1e-3, seed=1)
     ref = Network(**net.spec(), seed=1)
     trainer = Trainer(net, optim.SGD(lr=0.2), batch_size=20, epochs=1, seed=4, comm=SELF,
-                      privacy=DP(noise_multiplier=1.3, max_grad_norm=0.5))
+                      privacy=DP(noise_multiplier=1.3, max_grad_norm=0.5, noise_seed=4))
     trainer._plan = trainer._private_plan(120, None)
     rows = trainer._plan.rows(0)
     Y = net.check_targets(y)
@@ -215,9 +215,32 @@ def test_deterministic_private_training_equals_the_default_mode_to_round_off():
     np.testing.assert_allclose(b.net.params, a.net.params, rtol=1e-10, atol=1e-12)
 
 
-def test_resume_continues_parameters_and_accounting_bit_identically(tmp_path):
-    whole = fit(epochs=3)
-    part = fit(epochs=2, checkpoint_dir=tmp_path)
+def test_without_a_noise_seed_each_run_draws_a_secret_key_that_checkpoints_keep(tmp_path):
+    """The training seed (public: config, model file) keys neither batches nor noise: two runs
+    of the same seed differ; the secret key rides in the checkpoint (resume continues it), not
+    in the model."""
+    from distnn import checkpoint
+    from distnn.model import Model, save_model
+
+    dp = DP(noise_multiplier=1.0, max_grad_norm=0.5)
+    a, b = fit(epochs=1, privacy=dp, checkpoint_dir=tmp_path / "a"), fit(epochs=1, privacy=dp)
+    assert a.noise_key != b.noise_key and a.noise_key.bit_length() > 64
+    assert not np.array_equal(a.net.params, b.net.params)
+    _, meta = checkpoint.load(sorted((tmp_path / "a").iterdir())[-1])
+    assert int(meta["progress"]["noise_key"]) == a.noise_key
+    save_model(Model(a.net, None, np.arange(3)), tmp_path / "m.npz")
+    assert str(a.noise_key) not in (tmp_path / "m.npz").read_bytes().decode("latin-1")
+
+
+@pytest.mark.parametrize("noise_seed", [4, None])
+def test_resume_continues_parameters_and_accounting_bit_identically(tmp_path, noise_seed):
+    """Resumed after epoch 2 or after epoch 1, to epoch 3: the same bits and accounting (the
+    secret key, if drawn, comes from the checkpoint)."""
+    part = fit(epochs=2, checkpoint_dir=tmp_path,
+               privacy=DP(noise_multiplier=1.0, max_grad_norm=0.5, noise_seed=noise_seed))
+    whole = Trainer.resume(sorted(tmp_path.iterdir())[0], comm=SELF, epochs=3,
+                           checkpoint_dir=None)  # from epoch 1: the same key, by the checkpoint
+    whole.fit(*problems.problem("multinomial", 120, 5, 3, seed=0))
     path = sorted(tmp_path.iterdir())[-1]
     resumed = Trainer.resume(path, comm=SELF, epochs=3)
     assert resumed.privacy_spent == part.privacy_spent
@@ -226,11 +249,13 @@ def test_resume_continues_parameters_and_accounting_bit_identically(tmp_path):
     np.testing.assert_array_equal(resumed.net.params, whole.net.params)
     assert resumed.privacy_spent == whole.privacy_spent
     assert resumed.history[-1]["epsilon"] == whole.history[-1]["epsilon"]
+    if noise_seed is not None:  # and as a run never interrupted
+        np.testing.assert_array_equal(fit(epochs=3).net.params, whole.net.params)
 
 
 def test_target_epsilon_alone_spends_it_and_more_epochs_on_resume_are_refused(tmp_path):
     trainer = fit(epochs=2, checkpoint_dir=tmp_path,
-                  privacy=DP(target_epsilon=3.0, max_grad_norm=0.5))
+                  privacy=DP(target_epsilon=3.0, max_grad_norm=0.5, noise_seed=4))
     assert trainer.history[-1]["epsilon"] <= 3.0 * (1 + 1e-6)
     assert trainer.history[-1]["epsilon"] > 2.9  # calibrated for these 12 steps, not fewer
     sigma = trainer.privacy.noise_multiplier
@@ -249,9 +274,9 @@ def test_target_epsilon_alone_spends_it_and_more_epochs_on_resume_are_refused(tm
 def test_an_empty_poisson_batch_is_a_step_of_noise_alone():
     """At q = 1/120 many steps sample no row: the step still runs (noise and penalty)."""
     t = fit(epochs=1, X_y=problems.problem("multinomial", 120, 5, 3, seed=0),
-            privacy=DP(noise_multiplier=1.0, max_grad_norm=0.5))
+            privacy=DP(noise_multiplier=1.0, max_grad_norm=0.5, noise_seed=4))
     t2 = Trainer(Network([5, 8, 3], activation="tanh", seed=1), optim.SGD(lr=0.2), batch_size=1,
-                 epochs=1, seed=4, comm=SELF, privacy=DP(noise_multiplier=1.0))
+                 epochs=1, seed=4, comm=SELF, privacy=DP(noise_multiplier=1.0, noise_seed=4))
     X, y = problems.problem("multinomial", 120, 5, 3, seed=0)
     sizes = [len(privacy.members(4, s, 120, 1 / 120)) for s in range(120)]
     assert 0 in sizes
@@ -307,6 +332,9 @@ def test_a_config_with_privacy_gives_the_trainer_dp_and_refuses_clip_norm():
     cfg = parse_config({"data": {"source": "sklearn:digits"},
                         "privacy": {"noise_multiplier": 1.2, "max_grad_norm": 0.5}})
     assert cfg.privacy.dp() == DP(noise_multiplier=1.2, max_grad_norm=0.5, delta=1e-5)
+    cfg = parse_config({"data": {"source": "sklearn:digits"},
+                        "privacy": {"target_epsilon": 2.0, "noise_seed": 0}})
+    assert cfg.privacy.dp() == DP(target_epsilon=2.0, noise_seed=0)
     assert parse_config({"data": {"source": "sklearn:digits"}}).privacy.dp() is None
     with pytest.raises(ConfigError, match="optim.clip_norm: .*privacy"):
         parse_config({"data": {"source": "sklearn:digits"}, "optim": {"clip_norm": 1.0},
@@ -351,7 +379,7 @@ def test_the_deterministic_step_grows_its_chunk_rows_for_a_batch_above_the_expec
     t = Trainer(Network([5, 8, 3], activation="tanh", l2=1e-3, seed=1),
                 optim.SGD(lr=0.2, momentum=0.5),
                 batch_size=20, epochs=2, seed=4, comm=SELF, deterministic=True, chunk_size=4,
-                privacy=DP(noise_multiplier=1.0, max_grad_norm=0.5))
+                privacy=DP(noise_multiplier=1.0, max_grad_norm=0.5, noise_seed=4))
     t.stepper.rows = t.stepper.rows[:2]  # room for 8 rows only
     t.stepper.stats = t.stepper.stats[:2]
     t.fit(*problems.problem("multinomial", 120, 5, 3, seed=0))

@@ -30,7 +30,7 @@ def fit(comm, family="multinomial", epochs=3, batch_size=9, **kw):
     X, y = problems.problem(family, 90, 5, 3, seed=0)
     net = Network([5, 8, 3], activation="tanh", family=family, l1=1e-3, l2=1e-3, seed=1)
     trainer = Trainer(net, optim.Adam(lr=0.01), batch_size=batch_size, epochs=epochs, seed=2, comm=comm,
-                      privacy=DP(noise_multiplier=0.8, max_grad_norm=0.3), **kw)
+                      privacy=DP(noise_multiplier=0.8, max_grad_norm=0.3, noise_seed=7), **kw)
     trainer.fit(X, y)
     return trainer
 
@@ -55,6 +55,17 @@ def test_deterministic_private_training_is_bit_identical_for_any_rank_count():
     one = fit(MPI.COMM_SELF, deterministic=True, chunk_size=2)
     many = fit(WORLD, deterministic=True, chunk_size=2)
     assert all_ranks(np.array_equal(many.net.params, one.net.params))
+
+
+def test_without_a_noise_seed_the_ranks_share_rank_zeros_secret_key():
+    """The secret key is drawn once, on rank 0, and broadcast: every rank draws the same batches
+    and noise (the parameters agree, checked by the trainer too)."""
+    X, y = problems.problem("multinomial", 90, 5, 3, seed=0)
+    t = Trainer(Network([5, 8, 3], seed=1), optim.SGD(lr=0.1), batch_size=9, epochs=1, seed=2,
+                comm=WORLD, privacy=DP(noise_multiplier=1.0))
+    t.fit(X, y)
+    assert same_on_every_rank(np.array([t.noise_key % 2**63, t.noise_key >> 64], np.int64))
+    assert same_on_every_rank(t.net.params)
 
 
 def test_membership_and_noise_are_the_same_on_every_rank_and_shares_draw_their_slice():
