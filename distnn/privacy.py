@@ -263,9 +263,9 @@ class Plan:
         self.steps_per_epoch = max(1, round(n / self.expected))  # an epoch: N rows on average
         self.sigma = dp.noise_multiplier
 
-    def resolve(self, total_epochs, spent=()):
-        """The DP settings with σ: given, or calibrated so that `total_epochs` epochs (after the
-        `spent` segments, which calibration leaves to the budget check) spend target_epsilon."""
+    def resolve(self, total_epochs):
+        """The DP settings with σ: given, or calibrated so that `total_epochs` epochs spend
+        target_epsilon (steps spent before are the budget check's business)."""
         if self.sigma is None:
             steps = total_epochs * self.steps_per_epoch
             self.sigma = calibrate(self.q, steps, self.dp.delta, self.dp.target_epsilon)

@@ -310,7 +310,11 @@ class Trainer:
             self.noise_key = int(self.comm.bcast_json(
                 str(secret_key() if key is None else key) if self.comm.is_root else None))
         plan = Plan(self.privacy, n, self.batch_size, self.noise_key)
-        self.privacy = plan.resolve(self.epochs, self.privacy_spent)
+        # σ calibrated on rank 0 alone (a bisection whose last bits could differ elsewhere)
+        resolved = self.comm.together(plan.resolve, self.epochs, root_only=True,
+                                      catch=(ValueError,))
+        plan.sigma = float(self.comm.bcast_json(resolved and resolved.noise_multiplier))
+        self.privacy = plan.resolve(self.epochs)
         planned = self.epochs * plan.steps_per_epoch - (self.epoch * plan.steps_per_epoch
                                                         + self.batch)
         plan.check_budget(self.privacy_spent, max(planned, 0))

@@ -64,7 +64,7 @@ def test_without_a_noise_seed_the_ranks_share_rank_zeros_secret_key():
     t = Trainer(Network([5, 8, 3], seed=1), optim.SGD(lr=0.1), batch_size=9, epochs=1, seed=2,
                 comm=WORLD, privacy=DP(noise_multiplier=1.0))
     t.fit(X, y)
-    assert same_on_every_rank(np.array([t.noise_key % 2**63, t.noise_key >> 64], np.int64))
+    assert same_on_every_rank(np.array([t.noise_key % 2**62, t.noise_key >> 66], np.int64))
     assert same_on_every_rank(t.net.params)
 
 
