@@ -154,6 +154,12 @@ def _unit(v):
     return None if 0 <= v < 1 else f"expected 0 <= value < 1, got {v!r}"
 
 
+def _zero_or(lo, hi):
+    # privacy's σ and ε: 0 (unset) or a value in [lo, hi] (privacy.SIGMA, MAX_EPSILON)
+    ok = lambda v: v == 0 or lo <= v <= hi  # noqa: E731
+    return lambda v: None if ok(v) else f"expected 0 (unset) or a value in [{lo:g}, {hi:g}], got {v!r}"
+
+
 def _open_unit(v):
     return None if 0 < v < 1 else f"expected a value in (0, 1), got {v!r}"
 
@@ -200,8 +206,8 @@ CHECKS = {
     "train.watchdog": _between(0, MAX_WATCHDOG_S), "train.bucket_mb": _bucket_mb,
     "train.threads": _between(0, MAX_THREADS),
     "train.check_every": _at_least(0),
-    "privacy.noise_multiplier": _at_least(0), "privacy.max_grad_norm": _above(0),
-    "privacy.delta": _open_unit, "privacy.target_epsilon": _at_least(0),
+    "privacy.noise_multiplier": _zero_or(0.01, 1e6), "privacy.max_grad_norm": _above(0),
+    "privacy.delta": _open_unit, "privacy.target_epsilon": _zero_or(1e-300, 100),
     "privacy.noise_seed": _at_least(-1),
 }
 
@@ -398,8 +404,9 @@ def parse_config(d: dict, overrides=()) -> Config:
                           "(a data file, 'sklearn:NAME' or 'synthetic:KIND')")
     sections = {name: _build(cls, d.get(name, {}), f"{name}.") for name, cls in SECTIONS.items()}
     if "privacy" in d and sections["privacy"].dp() is None:
-        raise ConfigError("privacy: give privacy.noise_multiplier or privacy.target_epsilon (a "
-                          "[privacy] section turns DP-SGD on)")
+        key = f"privacy.{next(iter(d['privacy']))}" if d["privacy"] else "privacy"
+        raise ConfigError(f"{key}: a [privacy] section turns DP-SGD on, and needs "
+                          f"privacy.noise_multiplier or privacy.target_epsilon")
     top = {k: d[k] for k in TOP_LEVEL if k in d}
     cfg = _build(Config, {**top, **sections}, "")
     _cross_checks(cfg)

@@ -46,6 +46,10 @@ _MEMBERS, _NOISE = 1, 2  # the purpose word of a generator key: streams never ov
 # RDP orders (TF Privacy's classic grid); dp_accounting drops an order whose series does not
 # converge (1.1-1.4 at large q), with a warning per order and call that we keep quiet
 ORDERS = tuple([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)))
+# σ beyond these makes no sense and breaks the accountant's arithmetic (σ = 1e-300 divides by 0,
+# 1e308 overflows); an ε budget past 100 protects nothing (e^100 odds)
+SIGMA = (0.01, 1e6)
+MAX_EPSILON = 100.0
 INSTALL = "pip install 'dp-accounting>=0.6' (or distnn[privacy])"
 
 
@@ -72,10 +76,12 @@ class DP:
         sigma, eps = self.noise_multiplier, self.target_epsilon
         if sigma is None and eps is None:
             raise ValueError("privacy: give noise_multiplier or target_epsilon (or both)")
-        _check("noise_multiplier", sigma, lambda v: v > 0, "> 0", optional=True)
+        _check("noise_multiplier", sigma, lambda v: SIGMA[0] <= v <= SIGMA[1],
+               f"in [{SIGMA[0]:g}, {SIGMA[1]:g}]", optional=True)
         _check("max_grad_norm", self.max_grad_norm, lambda v: v > 0, "> 0")
         _check("delta", self.delta, lambda v: 0 < v < 1, "in (0, 1)")
-        _check("target_epsilon", eps, lambda v: v > 0, "> 0", optional=True)
+        _check("target_epsilon", eps, lambda v: 0 < v <= MAX_EPSILON, f"in (0, {MAX_EPSILON:g}]",
+               optional=True)
         seed = self.noise_seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                                  or not 0 <= seed < 2**128):
@@ -212,10 +218,14 @@ def calibrate(q, steps, delta, target):
     `target` ε at `delta`."""
     dp = _library()
     with _quiet():
-        sigma = dp.calibrate_dp_mechanism(lambda: dp.rdp.RdpAccountant(list(ORDERS)),
-                                          lambda s: _event(q, s, steps), target, delta,
-                                          bracket_interval=dp.LowerEndpointAndGuess(1e-3, 1.0),
-                                          tol=1e-4)
+        try:
+            sigma = dp.calibrate_dp_mechanism(
+                lambda: dp.rdp.RdpAccountant(list(ORDERS)), lambda s: _event(q, s, steps),
+                target, delta, bracket_interval=dp.ExplicitBracketInterval(*SIGMA), tol=1e-4)
+        except Exception as e:  # no σ in range spends exactly target: the library's own errors
+            raise ValueError(f"privacy.target_epsilon: no noise_multiplier in [{SIGMA[0]:g}, "
+                             f"{SIGMA[1]:g}] spends ε = {target:g} at δ = {delta:g} over {steps} "
+                             f"steps at rate {q:.4g} ({type(e).__name__})") from None
     return float(sigma)
 
 

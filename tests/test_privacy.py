@@ -163,7 +163,11 @@ def test_epsilon_is_within_one_percent_of_prv_accountants_rdp(q, sigma, steps):
     assert privacy.epsilon([[q, sigma, steps]], 1e-5) == pytest.approx(eps, rel=0.01)
 
 
-def test_target_epsilon_calibrates_sigma_that_spends_it():
+def test_target_epsilon_calibrates_sigma_that_spends_it(monkeypatch):
+    with monkeypatch.context() as m:  # no σ in a range that cannot reach the target: one line
+        m.setattr(privacy, "SIGMA", (1.0, 1.1))
+        with pytest.raises(ValueError, match=r"privacy.target_epsilon: no noise_multiplier in "):
+            privacy.calibrate(0.05, 400, 1e-5, 0.01)
     sigma = privacy.calibrate(0.05, 400, 1e-5, 2.0)
     assert privacy.epsilon([[0.05, sigma, 400]], 1e-5) <= 2.0
     assert privacy.epsilon([[0.05, sigma * 0.99, 400]], 1e-5) > 2.0  # and no more noise than that
@@ -304,7 +308,9 @@ def test_sample_weights_with_privacy_are_refused():
 
 @pytest.mark.parametrize("settings, message", [
     ({}, "give noise_multiplier or target_epsilon"),
-    ({"noise_multiplier": 0.0}, r"privacy.noise_multiplier: expected a finite number > 0"),
+    ({"noise_multiplier": 0.0}, r"privacy.noise_multiplier: expected a finite number in \[0.01, 1e\+06\]"),
+    ({"noise_multiplier": 1e308}, r"privacy.noise_multiplier"),
+    ({"target_epsilon": 1e3}, r"privacy.target_epsilon: expected a finite number in \(0, 100\]"),
     ({"noise_multiplier": 1.0, "max_grad_norm": -1.0}, r"privacy.max_grad_norm"),
     ({"noise_multiplier": 1.0, "delta": 1.0}, r"privacy.delta: expected a finite number in"),
     ({"target_epsilon": float("inf")}, r"privacy.target_epsilon"),
@@ -317,8 +323,12 @@ def test_bad_privacy_settings_are_one_line_errors(settings, message):
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"max_grad_norm": 1.0}, "privacy: give privacy.noise_multiplier or privacy.target_epsilon"),
-    ({"noise_multiplier": -1.0}, r"privacy.noise_multiplier: expected a finite value >= 0"),
+    ({"max_grad_norm": 1.0}, "privacy.max_grad_norm: a \\[privacy\\] section turns DP-SGD on, and "
+                             "needs privacy.noise_multiplier or privacy.target_epsilon"),
+    ({}, "privacy: a \\[privacy\\] section turns DP-SGD on"),
+    ({"noise_multiplier": -1.0}, r"privacy.noise_multiplier: expected 0 \(unset\) or a value in "
+                                 r"\[0.01, 1e\+06\]"),
+    ({"target_epsilon": 1e308}, r"privacy.target_epsilon: expected 0 \(unset\) or a value in"),
     ({"noise_multiplier": 1.0, "delta": 2.0}, r"privacy.delta: expected a value in \(0, 1\)"),
     ({"noise_multiplier": 1.0, "sigma": 2.0}, r"privacy.sigma: unknown key"),
 ])
