@@ -20,8 +20,8 @@ in the same sum. Each rank divides its output proxy errors by the global batch s
 weights: scales row n by w_n / Σw of the global batch, a number every rank computes alike) before
 back-propagating (the gradient is linear in them), so the sum is the (weighted) mean gradient.
 
-DP-SGD (privacy.py) enters at two seams, from the Batch: `grad_sum(..., clip=batch.clip)` clips
-each sample (divided by the expected batch size, batch.divisor), and after the sum, before the
+DP-SGD (privacy.py) enters at two seams, from the Batch: `clipped_grad_sum` for `grad_sum` clips
+each sample to batch.clip (divided by the expected batch size, batch.divisor), and after the sum, before the
 penalty, `batch.noise(grad, start, threads)` adds the step's noise to the parameters this rank
 updates (all of them, or its share in a sharded update).
 """
@@ -98,6 +98,13 @@ def fetch(X, idx, dtype, transform=None):
     return rows if transform is None else transform(rows)
 
 
+def _grad_sum(net, batch, X, Y, w, out, divisor):
+    """The part's gradient sum into out: each sample clipped under DP-SGD (batch.clip)."""
+    if batch.clip:
+        return net.clipped_grad_sum(X, Y, out, batch.clip, divisor)
+    return net.grad_sum(X, Y, out, divisor=divisor, weights=w)
+
+
 def make(net, optimizer, comm, *, clip_norm=0.0, update="auto", deterministic=False,
          chunk_size=64, batch_size=256):
     """The step for these settings. `update`: "sharded" where node shared memory allows (and,
@@ -135,8 +142,7 @@ class Allreduce:
         a, b = data.shard(0, len(batch), self.comm.size, self.comm.rank)
         X, Y, w = batch.part(a, b)
         self.noise = batch.noise
-        self.buf[n] = self.net.grad_sum(X, Y, self.grad, divisor=batch.divisor, weights=w,
-                                        clip=batch.clip)
+        self.buf[n] = _grad_sum(self.net, batch, X, Y, w, self.grad, batch.divisor)
         self.buf[n + 1] = self.net.last_correct(Y) or 0
         self.buf[n + 2] = 1.0 if stop else 0.0
 
@@ -289,7 +295,7 @@ class Exact(_ShardedUpdate, Allreduce):
         divisor, self.noise = batch.divisor, batch.noise
         for i, j in enumerate(range(first, last)):
             X, Y, w = batch.part(j * c, min((j + 1) * c, len(batch)))
-            stats[i] = (net.grad_sum(X, Y, rows[i], divisor=divisor, weights=w, clip=batch.clip),
+            stats[i] = (_grad_sum(net, batch, X, Y, w, rows[i], divisor),
                         net.last_correct(Y) or 0)
             np.maximum(signals, net.last_signal_maxabs(X), out=signals)  # propagates NaN
         bounds[-2:] = exactsum.local_maxabs(stats)
