@@ -1,10 +1,10 @@
 """distnn: data-parallel training of dense feed-forward and recurrent networks over MPI."""
 
 __all__ = ["Network", "Recurrent", "Trainer", "SGD", "Adam", "AdamW", "MLPClassifier", "MLPRegressor",
-           "Model", "save_model", "load_model"]
+           "Model", "save_model", "load_model", "DP"]
 _WHERE = {"Network": "network", "Recurrent": "recurrent", "Trainer": "trainer", "SGD": "optim", "Adam": "optim",
           "AdamW": "optim", "MLPClassifier": "estimators", "MLPRegressor": "estimators",
-          "Model": "model", "save_model": "model", "load_model": "model"}
+          "Model": "model", "save_model": "model", "load_model": "model", "DP": "privacy"}
 
 
 def __getattr__(name):

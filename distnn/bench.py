@@ -12,6 +12,7 @@ One run measures, prints a table and writes DIR/bench.json and DIR/bench.png (th
    deterministic mode's step-time overhead;
 4. communication: allreduce time and bus bandwidth 2(P-1)/P * bytes / time against buffer size;
 5. memory: peak RSS per rank when training from a memory-mapped .npy much larger than a shard;
+   and a DP-SGD step's time over a plain step's and its extra memory (bench_dp.py);
 6. start-up: import + first training step of a fresh process, on an empty and a warm kernel cache;
    and, when `import torch` works, PyTorch DDP (gloo) at 2 processes x 1 thread, whole epochs,
    against Trainer.fit at 2 ranks x 1 thread.
@@ -43,6 +44,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from . import bench_dp
 from .bench_report import ddp_rows, report, roofline_rows, scaling_results, step_rows
 from .bench_workers import LARGE, SMALL, WORKERS, mpi_worker, worker_main
 from .errors import ArgumentParser
@@ -342,6 +344,8 @@ def run_all(args, argv):
     if not args.scaling:
         res["memory"] = run_memory(p, args, mpiexec)
         res["startup"] = run_startup(p, args)
+        res["dp"] = launch("dp", bench_dp.plan(args.quick), worker_env(args.keep_blas_env, 1),
+                           args.timeout)
     ddp = run_ddp(p, args) if 2 in p["ranks"] and usable_cpus() >= 2 else None
     if ddp is not None:
         res["scaling"]["ddp"] = ddp_rows(ddp["runs"], res["scaling"]["deterministic"])

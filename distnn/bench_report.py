@@ -434,6 +434,12 @@ def finite_or_none(obj):
     return obj
 
 
+def print_dp(res):
+    from .bench_dp import print_dp as dp_section  # its worker's module: imported when printed
+
+    dp_section(res)
+
+
 def report(res, out):
     """Print the tables and targets; write bench.json and bench.png into out."""
     res["targets"] = targets(res)
@@ -443,6 +449,7 @@ def report(res, out):
     print_scaling(res)
     print_memory(res)
     print_startup(res)
+    print_dp(res)
     print_targets(res)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.json"), "w") as f:

@@ -468,8 +468,15 @@ def ddp_worker(spec):
 
 # ============================================================================ the worker entry
 
+def dp_worker(spec):
+    """The DP-SGD section's worker (bench_dp.py)."""
+    from .bench_dp import dp_worker as worker
+
+    return worker(spec)
+
+
 WORKERS = {"single": single_worker, "mpi": mpi_worker, "memory": memory_worker,
-           "startup": startup_worker, "ddp": ddp_worker}
+           "startup": startup_worker, "ddp": ddp_worker, "dp": dp_worker}
 
 
 def worker_main(kind, spec):

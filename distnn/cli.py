@@ -317,6 +317,11 @@ def info(args) -> int:
     if m:
         lines.append(("trained", f"{meta.get('source', '?')}: {m.get('epochs')} epochs, "
                                  f"{m.get('steps')} steps on {m.get('ranks')} ranks"))
+    dp = m.get("privacy")
+    if dp:
+        lines.append(("privacy", f"(ε {dp['epsilon']:.4g}, δ {dp['delta']:g})-DP by DP-SGD: σ "
+                                 f"{dp['noise_multiplier']:.4g}, clip {dp['max_grad_norm']:g}, "
+                                 f"q {dp['sample_rate']:.4g}, {dp['steps']} steps"))
     for split in ("val", "test"):
         if split in m:
             lines.append((split, "  ".join(f"{k} {v:.4g}" for k, v in m[split].items())))

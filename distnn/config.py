@@ -94,15 +94,37 @@ class TrainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """DP-SGD (privacy.py): on when noise_multiplier or target_epsilon is set. train.batch_size is
+    then the expected batch size of Poisson sampling."""
+    noise_multiplier: float = 0.0   # σ, noise std over max_grad_norm; 0 = calibrate from target_epsilon
+    max_grad_norm: float = 1.0      # C: each sample's gradient is clipped to this L2 norm
+    delta: float = 1e-5             # δ of (ε, δ); keep it well below 1 / training rows
+    target_epsilon: float = 0.0     # ε to calibrate σ for over train.epochs, and a budget; 0 = none
+    noise_seed: int = -1            # -1: a secret key per run; else reproducible, private while secret
+
+    def dp(self):
+        """The trainer's distnn.DP, or None when privacy is off."""
+        if not (self.noise_multiplier or self.target_epsilon):
+            return None
+        from .privacy import DP
+
+        return DP(self.noise_multiplier or None, self.max_grad_norm, self.delta,
+                  self.target_epsilon or None, None if self.noise_seed < 0 else self.noise_seed)
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/run"       # run directory; load_config defaults it to runs/<config stem>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+            "privacy": PrivacyConfig}
 TOP_LEVEL = ("out_dir",)
 
 
@@ -130,6 +152,16 @@ def _between(lo, hi):
 
 def _unit(v):
     return None if 0 <= v < 1 else f"expected 0 <= value < 1, got {v!r}"
+
+
+def _zero_or(lo, hi):
+    # privacy's σ and ε: 0 (unset) or a value in [lo, hi] (privacy.SIGMA, MAX_EPSILON)
+    ok = lambda v: v == 0 or lo <= v <= hi  # noqa: E731
+    return lambda v: None if ok(v) else f"expected 0 (unset) or a value in [{lo:g}, {hi:g}], got {v!r}"
+
+
+def _open_unit(v):
+    return None if 0 < v < 1 else f"expected a value in (0, 1), got {v!r}"
 
 
 def _nonempty(v):
@@ -174,6 +206,9 @@ CHECKS = {
     "train.watchdog": _between(0, MAX_WATCHDOG_S), "train.bucket_mb": _bucket_mb,
     "train.threads": _between(0, MAX_THREADS),
     "train.check_every": _at_least(0),
+    "privacy.noise_multiplier": _zero_or(0.01, 1e6), "privacy.max_grad_norm": _above(0),
+    "privacy.delta": _open_unit, "privacy.target_epsilon": _zero_or(1e-300, 100),
+    "privacy.noise_seed": _at_least(-1),
 }
 
 
@@ -187,6 +222,9 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("optim.nesterov: needs optim.momentum > 0")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr: expected <= optim.lr ({o.lr}), got {o.min_lr}")
+    if cfg.privacy.dp() is not None and o.clip_norm > 0:
+        raise ConfigError("optim.clip_norm: expected 0 with [privacy] (DP-SGD clips each "
+                          "sample's gradient to privacy.max_grad_norm instead)")
 
 
 # ---------------------------------------------------------------------------- type checks
@@ -298,7 +336,7 @@ SYNONYMS = {
     "validation_split": "val_fraction",
     "early_stopping": "patience", "n_iter_no_change": "patience",
     "scheduler": "schedule", "lr_schedule": "schedule", "warmup": "warmup_steps",
-    "grad_clip": "clip_norm", "max_grad_norm": "clip_norm", "clip_grad_norm": "clip_norm",
+    "grad_clip": "clip_norm", "clip_grad_norm": "clip_norm",  # max_grad_norm: privacy's key
     "loss": "family",
 }
 UNSUPPORTED = {"dropout": "distnn has no dropout; model.l2 or model.l1 regularize"}
@@ -365,6 +403,10 @@ def parse_config(d: dict, overrides=()) -> Config:
         raise ConfigError("data.source: required key is missing "
                           "(a data file, 'sklearn:NAME' or 'synthetic:KIND')")
     sections = {name: _build(cls, d.get(name, {}), f"{name}.") for name, cls in SECTIONS.items()}
+    if "privacy" in d and sections["privacy"].dp() is None:
+        key = f"privacy.{next(iter(d['privacy']))}" if d["privacy"] else "privacy"
+        raise ConfigError(f"{key}: a [privacy] section turns DP-SGD on, and needs "
+                          f"privacy.noise_multiplier or privacy.target_epsilon")
     top = {k: d[k] for k in TOP_LEVEL if k in d}
     cfg = _build(Config, {**top, **sections}, "")
     _cross_checks(cfg)
@@ -397,8 +439,12 @@ def apply_override(d: dict, item: str) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
-    """Plain nested dict of the config (JSON- and TOML-able)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of the config (JSON- and TOML-able); without a [privacy] table when
+    privacy is off (a written [privacy] section turns it on)."""
+    d = dataclasses.asdict(cfg)
+    if cfg.privacy.dp() is None:
+        del d["privacy"]
+    return d
 
 
 def from_dict(d: dict) -> Config:
@@ -415,6 +461,6 @@ def to_toml(cfg: Config) -> str:
 
     d = to_dict(cfg)
     lines = [f"{k} = {value(d[k])}" for k in TOP_LEVEL]
-    for section in SECTIONS:
+    for section in (s for s in SECTIONS if s in d):
         lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in d[section].items()]
     return "\n".join(lines) + "\n"

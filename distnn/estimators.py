@@ -14,6 +14,13 @@ warns (ConvergenceWarning).
 scikit-learn's names mean what they mean there, except that `alpha` is not offered (distnn's
 `l2` is a penalty on the mean loss; scikit-learn's alpha is divided by each batch's size) and
 `learning_rate`/`power_t`/`max_fun` and the lbfgs solver are not offered.
+
+`privacy=distnn.DP(...)` trains by DP-SGD (privacy.py; batch_size is then the expected batch of
+Poisson sampling): the fitted parameters are (epsilon_, privacy.delta)-DP for the training rows.
+Not private: the class labels, the validation rows that early_stopping holds out and every score
+or loss; so a private fit does not stop on its training loss (it runs max_iter epochs), the
+regressor's output biases start at 0 rather than at the targets' mean, and sample weights are
+refused. Warm starts and partial_fit continue the steps and the accounting.
 """
 import numbers
 import warnings
@@ -48,7 +55,7 @@ class _MLP(BaseEstimator):
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, l1=0.0, l2=0.0,
                  family="auto", dtype="float64", deterministic=False, chunk_size=64,
-                 clip_norm=0.0, comm=None):
+                 clip_norm=0.0, privacy=None, comm=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -75,6 +82,7 @@ class _MLP(BaseEstimator):
         self.deterministic = deterministic
         self.chunk_size = chunk_size
         self.clip_norm = clip_norm
+        self.privacy = privacy  # a distnn.DP (or a dict of its fields): DP-SGD, see privacy.py
         self.comm = comm
 
     # ---- the public surface ------------------------------------------------------------------
@@ -140,7 +148,8 @@ class _MLP(BaseEstimator):
             if first:
                 self._run_seed = self._agree_seed(comm)
                 self._start(X.shape[1], n_out)
-                self._start_bias(Y, sample_weight)
+                if self.privacy is None:  # the targets' mean is not private: DP starts at 0
+                    self._start_bias(Y, sample_weight)
             if first or not incremental:
                 self._reset_progress(incremental)
             self._train(comm, X, Y, sample_weight, incremental)
@@ -194,6 +203,7 @@ class _MLP(BaseEstimator):
         self.out_activation_ = OUT_ACTIVATION[self._family_]
         self.loss_curve_ = []
         self.t_ = 0
+        self._dp, self._dp_steps, self._dp_spent = None, 0, []  # see _train
         self._optimizer = None
 
     def _start_bias(self, Y, w):
@@ -241,14 +251,22 @@ class _MLP(BaseEstimator):
         trainer = Trainer(net, self._optimizer, batch_size=batch, epochs=self.n_iter_ + epochs,
                           seed=self._run_seed, comm=comm, clip_norm=self.clip_norm,
                           deterministic=self.deterministic, chunk_size=self.chunk_size,
-                          shuffle=self.shuffle, callback=lambda r: self._end_epoch(r, n, val, comm))
+                          shuffle=self.shuffle, privacy=self._dp or self.privacy,
+                          callback=lambda r: self._end_epoch(r, n, val, comm))
         trainer.epoch = self.n_iter_  # each partial_fit its own epoch's order
+        # a private model's later fits (warm start, partial_fit) continue its steps (fresh
+        # batches and noise), its σ and its accounting
+        if self.privacy is not None:
+            trainer.step, trainer.privacy_spent = self._dp_steps, self._dp_spent
         with trainer, np.errstate(all="ignore"):
             trainer.fit(X, Y, sample_weight=w, scan=False)  # validate_data checked X
+        self._dp_steps, self._dp = trainer.step, trainer.privacy
+        if self._dp is not None:
+            self.epsilon_ = trainer.privacy_record()["epsilon"]  # spent at privacy.delta
         if self.early_stopping:
             net.params[...] = self._best_params
         stopped = self._no_improvement_count > self.n_iter_no_change
-        if not incremental and not stopped and comm.is_root:
+        if not incremental and not stopped and comm.is_root and self.privacy is None:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached "
                           f"and the optimization hasn't converged yet.", ConvergenceWarning,
                           stacklevel=4)
@@ -270,6 +288,8 @@ class _MLP(BaseEstimator):
             if score > self.best_validation_score_:
                 self.best_validation_score_ = score
                 self._best_params = self._net.params.copy()
+        elif self.privacy is not None:  # the training loss is not private: no stop on it
+            worse = False
         else:
             worse = self.loss_ > self.best_loss_ - self.tol
             self.best_loss_ = min(self.best_loss_, self.loss_)
@@ -424,7 +444,7 @@ class MLPRegressor(RegressorMixin, _MLP):
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, l1=0.0, l2=0.0,
                  family="gaussian", dtype="float64", deterministic=False, chunk_size=64,
-                 clip_norm=0.0, comm=None):
+                 clip_norm=0.0, privacy=None, comm=None):
         super().__init__(
             hidden_layer_sizes, activation, solver=solver, batch_size=batch_size,
             learning_rate_init=learning_rate_init, max_iter=max_iter, shuffle=shuffle,
@@ -433,7 +453,7 @@ class MLPRegressor(RegressorMixin, _MLP):
             early_stopping=early_stopping, validation_fraction=validation_fraction,
             beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, n_iter_no_change=n_iter_no_change,
             l1=l1, l2=l2, family=family, dtype=dtype, deterministic=deterministic,
-            chunk_size=chunk_size, clip_norm=clip_norm, comm=comm)
+            chunk_size=chunk_size, clip_norm=clip_norm, privacy=privacy, comm=comm)
 
     def partial_fit(self, X, y, sample_weight=None):
         """One epoch over X, y."""

@@ -286,6 +286,68 @@ def exp_output(zt, y, pt, divisor, gb):
     return loss, 0
 
 
+# ============================================================================ DP-SGD: per-sample clipping
+
+@jit
+def add_sample_sq_norms(p, inp, sq):
+    """sq[n] += ‖P[n]‖² (‖I[n]‖² + 1): sample n's squared gradient norm of one layer (weights and
+    bias; ‖P ⊗ I‖ = ‖P‖ ‖I‖), in float64.   p (N, H) any layout, inp (N, D), sq (N,) float64."""
+    n, h = p.shape
+    d = inp.shape[1]
+    for i in range(n):
+        sp = 0.0
+        for j in range(h):
+            sp += np.float64(p[i, j]) * np.float64(p[i, j])
+        si = 1.0
+        for k in range(d):
+            si += np.float64(inp[i, k]) * np.float64(inp[i, k])
+        sq[i] += sp * si
+
+
+@jit
+def clip_scales(sq, clip, divisor, out):
+    """out[n] = min(1, C / ‖g_n‖) / divisor from sq[n] = ‖g_n‖² (float64; NaN stays NaN's
+    business: the factor is then 1/divisor and the NaN in P propagates).   sq, out (N,)."""
+    c2 = clip * clip
+    for i in range(sq.shape[0]):
+        s = sq[i]
+        out[i] = (clip / math.sqrt(s) if s > c2 else 1.0) / divisor
+
+
+@jit
+def scale_rows(p, c, gb):
+    """P[n] *= c[n], gb = Σ_n P[n] (in order of n).   p (N, H), c (N,), gb (H,)."""
+    n, h = p.shape
+    gb[:] = 0
+    for i in range(n):
+        ci = c[i]
+        for j in range(h):
+            v = p[i, j] * ci
+            p[i, j] = v
+            gb[j] += v
+
+
+@jit
+def scale_cols(pt, c, gb):
+    """Class-major P: pt[k, n] *= c[n], gb[k] = Σ_n pt[k, n] (in order of n).   pt (K, N), c (N,),
+    gb (K,)."""
+    k, n = pt.shape
+    for j in range(k):
+        s = pt.dtype.type(0)
+        for i in range(n):
+            v = pt[j, i] * c[i]
+            pt[j, i] = v
+            s += v
+        gb[j] = s
+
+
+@jit
+def add_scaled(g, z, a):
+    """g += a z (DP noise onto a gradient share), one pass.   g, z (n,), a in their dtype."""
+    for i in range(g.shape[0]):
+        g[i] += a * z[i]
+
+
 @jit
 def colsum_rows(pt, gb):
     """gb[k] = Σ_n pt[k, n], in order of n: a class-major bias gradient.   pt (K, N), gb (K,)."""

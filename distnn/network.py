@@ -21,6 +21,8 @@ batch (`grad_sum` divided by a given count, the global batch size) so that data-
 can add them across ranks.
 """
 
+import math
+
 import numpy as np
 
 from . import activations, families, kernels
@@ -45,6 +47,7 @@ class _Buffers:
         self.delta = [np.empty((n, h), dtype) for h in hidden] + [output()]  # proxy errors P_l
         self.bias_sum = np.empty(k, dtype)  # the output pass's Σ_n P_L where no gradient wants it
         self.correct = None  # the last output pass's correct count (None: regression)
+        self.sq = self.scale = None  # DP-SGD: per-sample squared norms, clip factors (N,)
 
 
 class Network:
@@ -179,7 +182,7 @@ class Network:
             self._views_of, self._views = out, _layer_views(out, self.shapes)
         return self._views
 
-    def grad_sum(self, X, Y, out, divisor=1, weights=None):
+    def grad_sum(self, X, Y, out, divisor=1, weights=None, clip=0.0):
         """Hot path: the data-loss gradient summed over the batch, divided by `divisor`, into `out`;
         returns the loss sum (not divided). With `weights` (N,), sample n's loss and gradient count
         w_n times: its row of P_L is scaled by w_n / divisor after the output pass (divisor then
@@ -189,7 +192,13 @@ class Network:
         every rank its share of the mean gradient at the cost of a pass over P_L instead of one over
         the whole gradient; ranks' shares add up to the mean with no division after the allreduce.
         X is (N, n_in) in the network dtype and Y comes from `check_targets`: no validation here.
-        An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part."""
+        An empty batch writes zeros and returns 0.0, so a rank with no rows still takes part.
+        `clip` > 0: each sample's gradient clipped to that L2 norm first (DP-SGD; see
+        clipped_grad_sum)."""
+        if clip:
+            if weights is not None:
+                raise ValueError("per-sample clipping takes no sample weights")
+            return self.clipped_grad_sum(X, Y, out, clip, divisor)
         buf = self._forward(X, mean=False)
         gb = self._grad_views(out)[1][-1]  # the output layer's bias gradient
         if weights is None:
@@ -201,6 +210,39 @@ class Network:
             np.multiply(p, (weights / divisor).astype(p.dtype)[:, None], out=p)
             np.sum(p, axis=0, out=gb)  # Σ_n w_n P_L[n] / divisor
         self._backward(X, buf, out)
+        return loss
+
+    def clipped_grad_sum(self, X, Y, out, clip, divisor=1):
+        """Σ_n c_n g_n / divisor into `out`, g_n sample n's data-loss gradient and c_n = min(1,
+        clip / ‖g_n‖) (biases in the norm); returns the (unclipped) loss sum. One backward,
+        exactly: P_l = (P_{l+1} W_{l+1}) ∘ A'(O_l) is linear in P_L row by row and A'(O_l) does
+        not depend on P, so scaling row n of P_L by c_n scales row n of every P_l by c_n. The
+        unscaled P_l (all kept) give ‖g_n‖² = Σ_l ‖P_l[n]‖² (‖I_l[n]‖² + 1); then each P_l's rows
+        are scaled (with its bias sum) before its weight GEMM (c ∘ P_l)ᵀ I_l: a plain step's
+        GEMMs, one more pass over each P_l and I_l, two (N,) vectors of memory."""
+        buf = self._forward(X, mean=False)
+        n = len(X)
+        if buf.sq is None:
+            buf.sq, buf.scale = np.empty(n, np.float64), np.empty(n, self.dtype)
+        g_w, g_b = self._grad_views(out)
+        loss = self._output_pass(buf, Y, 1, g_b[-1])  # P_L = O_L - Y, unscaled
+        sq = buf.sq
+        sq[:] = 0
+        last = len(self.weights) - 1
+        for l in range(last, -1, -1):
+            inp = X if l == 0 else buf.z[l - 1]  # I_l, (N, |I_l|)
+            kernels.add_sample_sq_norms(buf.delta[l], inp, sq)
+            if l > 0:  # P_{l-1}, unscaled (the bias sums written here are rewritten below)
+                np.matmul(buf.delta[l], self.weights[l], out=buf.delta[l - 1])
+                self._act.backward(buf.delta[l - 1], buf.z[l - 1], g_b[l - 1])
+        kernels.clip_scales(sq, float(clip), float(divisor), buf.scale)
+        for l in range(last, -1, -1):
+            p = buf.delta[l]
+            if l == last:
+                kernels.scale_cols(p.T, buf.scale, g_b[l])  # class-major (|O_L|, N)
+            else:
+                kernels.scale_rows(p, buf.scale, g_b[l])
+            np.matmul(p.T, X if l == 0 else buf.z[l - 1], out=g_w[l])  # Σ_n c_n P_l[n] ⊗ I_l[n]
         return loss
 
     def last_signal_maxabs(self, X):
@@ -283,18 +325,11 @@ class Network:
         return self.add_penalty_grad(g)
 
     def sample_grad_norms(self, X, y):
-        """Per-sample L2 norms of the data-loss gradient, (N,), without forming any gradient.
-
-        ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer contributes ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
+        """Per-sample L2 norms of the data-loss gradient, (N,), without forming any gradient:
+        ‖P ⊗ I‖ = ‖P‖ ‖I‖, so each layer adds ‖P_l[n]‖² (‖I_l[n]‖² + 1), the 1 for the bias."""
         X, Y = self._checked(X, y)
-        buf = self._forward(X, mean=False)
-        self._output_pass(buf, Y, 1, buf.bias_sum)  # P_L = O_L - Y
-        self._backward(X, buf, self.grad_buffer())
-        sq = np.zeros(len(X), np.float64)
-        for l, p in enumerate(buf.delta):
-            inp = X if l == 0 else buf.z[l - 1]
-            sq += np.einsum("ij,ij->i", p, p) * (np.einsum("ij,ij->i", inp, inp) + 1)
-        return np.sqrt(sq).astype(self.dtype)
+        self.clipped_grad_sum(X, Y, self.grad_buffer(), math.inf)  # the norms, nothing clipped
+        return np.sqrt(self._buffers[len(X)].sq).astype(self.dtype)
 
     # ---- Jacobians ---------------------------------------------------------------------------
     def _jacobian_walk(self, X):

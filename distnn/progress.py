@@ -69,7 +69,8 @@ def is_terminal(stream) -> bool:
 
 def epoch_line(r, epochs) -> str:
     """One concise line per epoch: epoch, losses, accuracies, seconds."""
-    names = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc"}
+    names = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc",
+             "epsilon": "ε"}
     parts = [f"epoch {r['epoch']}/{epochs}"]
     parts += [f"{short} {r[key]:.4g}" for key, short in names.items() if key in r]
     return "  ".join(parts + [f"{r['seconds']:.2f}s"])

@@ -53,6 +53,10 @@ def train(args, comm, stop) -> int:
     n_threads, pinned = _blas_threads(args.threads, cfg.train, comm)
     for line in _wasteful(comm, cfg.train, n_threads):
         warn(line)
+    if cfg.privacy.dp() is not None and cfg.data.standardize and comm.is_root:
+        warn("data.standardize with [privacy]: the training rows' per-feature mean and std are "
+             "not private (the model file keeps them); set data.standardize = false where the "
+             "features' ranges are known")
     job = _stage(comm, stop, "while loading the data", prepare, cfg, comm.rank, comm.size)
     comm.allreduce(job.crcs, what="data checksum")  # every block's crc32, on every rank
     fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
@@ -87,6 +91,8 @@ def train(args, comm, stop) -> int:
         done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
                 "threads": trainer.threads or 1 if cfg.train.deterministic else n_threads,
                 "last": trainer.history[-1] if trainer.history else None}
+        if trainer.privacy is not None:  # ε spent, at δ: only the model is private
+            done["privacy"] = trainer.privacy_record()
         run.finish(Model(trainer.net, scaler, job.classes, job.meta(cfg)), done, started,
                    job.scores)
         if stop.signum and comm.is_root:
@@ -326,4 +332,4 @@ def trainer_settings(cfg, checkpoint_dir, log) -> dict:
             "clip_norm": o.clip_norm, "patience": t.patience, "checkpoint_dir": str(checkpoint_dir),
             "checkpoint_every": t.checkpoint_every, "keep_checkpoints": t.keep_checkpoints,
             "deterministic": t.deterministic, "chunk_size": t.chunk_size,
-            "check_every": t.check_every, "callback": log}
+            "check_every": t.check_every, "callback": log, "privacy": cfg.privacy.dp()}

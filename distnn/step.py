@@ -19,6 +19,11 @@ one vector, the gradient followed by STATS numbers (loss sum, correct count, sto
 in the same sum. Each rank divides its output proxy errors by the global batch size (with sample
 weights: scales row n by w_n / Σw of the global batch, a number every rank computes alike) before
 back-propagating (the gradient is linear in them), so the sum is the (weighted) mean gradient.
+
+DP-SGD (privacy.py) enters at two seams, from the Batch: `clipped_grad_sum` for `grad_sum` clips
+each sample to batch.clip (divided by the expected batch size, batch.divisor), and after the sum, before the
+penalty, `batch.noise(grad, start, threads)` adds the step's noise to the parameters this rank
+updates (all of them, or its share in a sharded update).
 """
 import math
 from dataclasses import dataclass
@@ -58,6 +63,11 @@ class Batch:
     dtype: np.dtype
     transform: object = None  # rows -> rows, e.g. standardization
     weights: np.ndarray | None = None  # (N,) sample weights in dtype, or None: each counts 1
+    # DP-SGD (privacy.Plan): the expected batch size B that divides the sum whatever the rows
+    # are, each sample's clip norm C, and noise(grad, start), the step's noise on grad's share
+    expected: float | None = None
+    clip: float = 0.0
+    noise: object = None
 
     def __len__(self):
         return len(self.rows)
@@ -66,7 +76,10 @@ class Batch:
     def divisor(self):
         """What the summed gradient is divided by: the batch's count of targets (its size, or a
         sequence model's Σ targets: Y.counts), or their Σw (computed alike on every rank from the
-        whole batch; 1 if every weight is 0, whose gradient is 0)."""
+        whole batch; 1 if every weight is 0, whose gradient is 0); with privacy, the expected
+        batch size."""
+        if self.expected is not None:
+            return self.expected
         counts = self.Y.counts(np.sort(self.rows)) if hasattr(self.Y, "counts") else None
         if self.weights is None:
             return len(self.rows) if counts is None else int(counts.sum())
@@ -93,6 +106,13 @@ def fetch(X, idx, dtype, transform=None):
     return rows if transform is None else transform(rows)
 
 
+def _grad_sum(net, batch, X, Y, w, out, divisor):
+    """The part's gradient sum into out: each sample clipped under DP-SGD (batch.clip)."""
+    if batch.clip:
+        return net.clipped_grad_sum(X, Y, out, batch.clip, divisor)
+    return net.grad_sum(X, Y, out, divisor=divisor, weights=w)
+
+
 def make(net, optimizer, comm, *, clip_norm=0.0, update="auto", deterministic=False,
          chunk_size=64, batch_size=256):
     """The step for these settings. `update`: "sharded" where node shared memory allows (and,
@@ -117,6 +137,7 @@ class Allreduce:
         n = net.n_params
         self.buf = comm.buffer(n + STATS, net.dtype) if buf is None else buf
         self.grad = self.buf[:n]  # a view: the gradient is summed where it is computed
+        self.noise = None  # the current step's DP noise (batch.noise), added after the sum
 
     def __call__(self, batch, lr, stop, what) -> Verdict:
         self._local_sum(batch, stop)
@@ -128,7 +149,8 @@ class Allreduce:
         n = self.net.n_params
         a, b = data.shard(0, len(batch), self.comm.size, self.comm.rank)
         X, Y, w = batch.part(a, b)
-        self.buf[n] = self.net.grad_sum(X, Y, self.grad, divisor=batch.divisor, weights=w)
+        self.noise = batch.noise
+        self.buf[n] = _grad_sum(self.net, batch, X, Y, w, self.grad, batch.divisor)
         self.buf[n + 1] = self.net.last_correct(Y) or 0
         self.buf[n + 2] = 1.0 if stop else 0.0
 
@@ -136,6 +158,8 @@ class Allreduce:
         """The whole update from the summed buffer, after its checks and penalty."""
         finite = bool(kernels.all_finite(self.buf))  # the same verdict on every rank
         if finite:
+            if self.noise is not None:  # DP: the same noise on every rank, before the penalty
+                self.noise(self.grad, 0, self.optimizer.threads)
             self.net.add_penalty_grad(self.grad)
             if self.clip_norm > 0:
                 optim.clip_by_global_norm(self.grad, self.clip_norm)
@@ -180,6 +204,8 @@ class _ShardedUpdate:
         grad = window.slot[mine]
         finite = bool(kernels.all_finite(window.slot[lo:hi]))
         if finite:
+            if self.noise is not None:  # DP: this rank's share of the step's noise only
+                self.noise(grad, mine.start, self.optimizer.threads)
             net.add_penalty_grad(grad, start=mine.start)
         window.post(finite, optim.global_norm(grad) if finite and clip > 0 else 0.0)
         window.fence(what)  # every rank's verdict and norm are posted
@@ -269,14 +295,15 @@ class Exact(_ShardedUpdate, Allreduce):
         rank's chunk count."""
         net, c, size = self.net, self.chunk_size, self.comm.size
         n_chunks = -(-len(batch) // c)
+        self._room_for(n_chunks)
         first, last = data.chunk_range(n_chunks, size, self.comm.rank)
         rows, stats, bounds = self.rows[:last - first], self.stats[:last - first], self.bounds
         signals = bounds[:-2]
         bounds[...] = 0
-        divisor = batch.divisor
+        divisor, self.noise = batch.divisor, batch.noise
         for i, j in enumerate(range(first, last)):
             X, Y, w = batch.part(j * c, min((j + 1) * c, len(batch)))
-            stats[i] = (net.grad_sum(X, Y, rows[i], divisor=divisor, weights=w),
+            stats[i] = (_grad_sum(net, batch, X, Y, w, rows[i], divisor),
                         net.last_correct(Y) or 0)
             np.maximum(signals, net.last_signal_maxabs(X), out=signals)  # propagates NaN
         bounds[-2:] = exactsum.local_maxabs(stats)
@@ -288,6 +315,20 @@ class Exact(_ShardedUpdate, Allreduce):
         self.flags[2] = 1.0 if stop else 0.0  # flags add exactly too
         counts = [b - a for a, b in (data.chunk_range(n_chunks, size, p) for p in range(size))]
         return grid, counts
+
+    def _room_for(self, n_chunks):
+        """Chunk rows for n_chunks (collective: every rank sees the same batch). Only a Poisson
+        batch (DP-SGD) can outgrow the batch size the rows were made for."""
+        most = -(-n_chunks // self.comm.size)
+        if most > len(self.rows):
+            n, in_window = self.net.n_params, self.window is not None
+            self.comm.release(self.rows)
+            self.rows = self.comm.buffer(n, self.net.dtype, rows=most)
+            self.window = self.comm.window(self.rows)
+            if (self.window is not None) != in_window:  # no room in shared memory: MPI's sum
+                raise MemoryError(f"a batch of {n_chunks} chunks has no room in node shared "
+                                  f"memory; lower train.chunk_size's count or the batch size")
+            self.stats = np.empty((most, 2))
 
     def _mpi_sum(self, grid, mine, lr, what) -> Verdict:
         """Ranks on several nodes: each rounds its `mine` chunks in float64, one MPI SUM adds them."""

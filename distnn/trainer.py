@@ -16,6 +16,10 @@ Only rank 0 writes files; every rank returns the same `history`.
 A `Recurrent` trains alike, on X (N, T, d) with `lengths`: its targets are `recurrent.Targets`, the
 encoded targets with the lengths, so that the batches' rows pick both; the loss divisor counts
 targets (Σ lengths for targets="every"), and the deterministic grid a chunk's c T rows.
+
+With `privacy=DP(...)` (privacy.py) each step's rows are a Poisson sample keyed by the step count
+instead (an epoch is N / batch_size steps), clipped per sample and noised in the stepper; the
+accountant's segments (`privacy_spent`) ride in the checkpoint, and ε in each epoch's record.
 """
 import contextlib
 import signal
@@ -27,6 +31,10 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint, data, exactsum, families, optim, step
 from .model import build
+from .privacy import DP, Plan, most_rows, resumed, secret_key
+from .privacy import epsilon as dp_epsilon
+from .privacy import record as dp_record
+from .privacy import spend as dp_spend
 from .comm import connect
 from .network import Network
 from .recurrent import Recurrent, check_finite_steps
@@ -45,13 +53,14 @@ class Trainer:
 
     `update`: "auto" (each rank updates its share where the ranks share a node), "sharded" or
     "whole" (every rank updates everything); the same bits wherever the sum runs in node shared
-    memory (every rank adds in rank order there)."""
+    memory (every rank adds in rank order there). `privacy`: a distnn.DP (or a dict of its
+    fields) for DP-SGD, batch_size then the expected batch of Poisson sampling (privacy.py)."""
 
     def __init__(self, net, optimizer=None, batch_size=256, epochs=20, seed=0, comm=None, *,
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
                  keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=600.0,
                  bucket_bytes=4 << 20, check_every=100, threads=None, callback=None,
-                 update="auto", stop=None, shuffle=True, bptt=None):
+                 update="auto", stop=None, shuffle=True, bptt=None, privacy=None):
         if not isinstance(net, (Network, Recurrent)):
             raise TypeError(f"net must be a distnn.Network or Recurrent, got {type(net).__name__}")
         update = step.checked_update(update)
@@ -62,6 +71,15 @@ class Trainer:
                 raise ValueError(f"bptt is for a Recurrent network; a Network has no time steps, "
                                  f"got bptt={bptt!r}")
             net.bptt = _positive_int("bptt", bptt, low=0)
+        # DP-SGD (privacy.py): Poisson batches of expected size batch_size, per-sample clipping,
+        # noise; global-norm clipping on top would be a second, different clip: refused
+        self.privacy = DP.of(privacy)
+        if self.privacy is not None and float(clip_norm) > 0:
+            raise ValueError("clip_norm with privacy: DP-SGD clips each sample's gradient to "
+                             "privacy.max_grad_norm; leave clip_norm at 0")
+        if self.privacy is not None and isinstance(net, Recurrent):
+            raise ValueError("privacy is for a Network: a Recurrent's per-sample gradient norms "
+                             "through time are not built yet")
         self.net = net
         self.optimizer = optimizer if optimizer is not None else optim.SGD(lr=0.01)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -92,10 +110,14 @@ class Trainer:
         self.step = 0  # completed optimizer steps
         self.history = []  # one record per completed epoch, identical on every rank
         self.partial = [0.0, 0.0]  # loss and correct sums of the current epoch so far
+        self.privacy_spent = []  # [[q, σ, steps], ...]: what the accountant composes
+        self.noise_key = None  # the run's secret key of batches and noise (privacy.py)
+        self._plan = None  # fit's privacy.Plan
         self.optimizer.init(net.params)
         self.stepper = step.make(net, self.optimizer, self.comm, clip_norm=self.clip_norm,
                                  update=update, deterministic=self.deterministic,
-                                 chunk_size=self.chunk_size, batch_size=self.batch_size)
+                                 chunk_size=self.chunk_size,
+                                 batch_size=most_rows(self.batch_size, self.privacy))
         # stop: a StopRequest whose signal handlers the caller installed for longer than a fit
         # (the command line's, from launch to exit); None: fit handles SIGTERM/SIGINT itself
         self.stop = stop if stop is not None else StopRequest()
@@ -147,22 +169,26 @@ class Trainer:
         self._loss_divisor = (_n_targets(Y) if W is None else float(W.sum(dtype=np.float64))
                               if counts is None else float(W.astype(np.float64) @ counts))
         self._transform = transform
+        plan = self._plan = self._private_plan(len(X), W)
+        n_rows = _n_targets(Y) if plan is None else plan.steps_per_epoch * plan.expected  # per epoch
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
+        n_batches = len(batches) if plan is None else plan.steps_per_epoch
         # total_steps follows this fit's epochs (a resumed run may be given more), unless set
-        self._lr_args = {"total_steps": max(1, self.epochs * len(batches))} | self.schedule
+        self._lr_args = {"total_steps": max(1, self.epochs * n_batches)} | self.schedule
         blas = _blas_threads(self.deterministic, self.threads, self.comm)
         self.optimizer.threads = blas or threads_in_force()  # the update uses the GEMMs' cores
         with self.stop.watching(), threadpool_limits(blas, user_api="blas"), self._whole_state():
             while self.epoch < self.epochs and not self.early.stopped:
                 started = time.perf_counter()
-                perm = (data.epoch_permutation(self.seed, self.epoch, len(X)) if self.shuffle
-                        else np.arange(len(X)))
-                while self.batch < len(batches):
-                    lo, hi = batches[self.batch]
+                perm = (data.epoch_permutation(self.seed, self.epoch, len(X))
+                        if self.shuffle and plan is None else np.arange(len(X)))
+                while self.batch < n_batches:
+                    lo, hi = batches[self.batch] if plan is None else (0, 0)
+                    rows = perm[lo:hi] if plan is None else plan.rows(self.step)  # Poisson
                     step_started = time.perf_counter()
                     with self.comm.urgent():  # after a stop request, a stalled peer ends the job
-                        self.train_batch(X, Y, perm[lo:hi], transform, W)
+                        self.train_batch(X, Y, rows, transform, W)
                     self.stop.step_s = time.perf_counter() - step_started
                     self.batch += 1
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0:
@@ -170,7 +196,7 @@ class Trainer:
                     if self.stop.agreed:
                         raise self.stop.interrupted(f"epoch {self.epoch + 1}, step {self.step}",
                                                     self.save_checkpoint())
-                if self._end_epoch(_n_targets(Y), val, time.perf_counter() - started):
+                if self._end_epoch(n_rows, val, time.perf_counter() - started):
                     break
         if self.early.patience and self.early.params is not None:
             self.net.params[...] = self.early.params  # early stopping keeps the best model
@@ -183,10 +209,19 @@ class Trainer:
         returns the step's Verdict."""
         lr = optim.lr_at(self.step, self.optimizer.lr, **self._lr_args)
         batch = step.Batch(X, Y, rows, self.net.dtype, transform, weights)
+        plan = self._plan
+        if self.privacy is not None:  # the step's DP pieces, for the stepper's seams
+            if plan is None:
+                raise RuntimeError("a private trainer takes its steps in fit (which draws each "
+                                   "step's Poisson batch), not train_batch alone")
+            batch.expected, batch.clip = plan.expected, self.privacy.max_grad_norm
+            batch.noise = plan.noise(self.step)
         verdict = self.stepper(batch, lr, self.stop.signum, what=f"step {self.step + 1}")
         if not verdict.finite:
             raise diverged(f"epoch {self.epoch + 1}, step {self.step + 1}", self._checkpoints(),
                            self.history)
+        if plan is not None:
+            dp_spend(self.privacy_spent, plan.q, plan.sigma)
         self.partial[0] += verdict.loss
         self.partial[1] += verdict.correct
         self.stop.agree(verdict.stop)  # a stop asked on any rank, seen by all at this same step
@@ -268,6 +303,7 @@ class Trainer:
         # A given optimizer (e.g. a new learning rate) takes over the saved state; else the saved one.
         opt = overrides.pop("optimizer", None) or optim.make_optimizer(**meta["optimizer"])
         settings = meta["trainer"] | {k: v for k, v in overrides.items() if k != "watchdog"}
+        settings["privacy"] = resumed(meta["trainer"].get("privacy"), settings.get("privacy"))
         trainer = cls(net, opt, comm=comm, **settings)
         # e.g. the state of another kind of optimizer: only rank 0, which holds the arrays, sees it
         comm.together(trainer._restore, arrays, meta["progress"], catch=(ValueError,))
@@ -277,6 +313,9 @@ class Trainer:
         """Rank 0 holds the arrays; `_sync_start` in fit broadcasts them to the others."""
         for key in ("epoch", "batch", "step", "history", "partial"):
             setattr(self, key, progress[key])
+        self.privacy_spent = progress.get("privacy_spent", [])
+        key = progress.get("noise_key")
+        self.noise_key = None if key is None else int(key)
         self.early.best = progress["best"]
         if self.early.best["val_loss"] < float("inf"):  # a best model was kept: every rank needs room
             self.early.params = self.net.params.copy()
@@ -285,6 +324,35 @@ class Trainer:
             self.optimizer.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
             if "best_params" in arrays:
                 self.early.params[...] = arrays["best_params"]
+
+    def _private_plan(self, n, weights):
+        """fit's privacy.Plan for n training rows (None without privacy): σ calibrated when
+        target_epsilon alone is given (kept by the settings, so a resumed run keeps it), and the
+        budget checked for every step this fit would take, before the first."""
+        if self.privacy is None:
+            return None
+        if weights is not None:
+            raise ValueError("sample_weight with privacy: a weighted sample's gradient could "
+                             "exceed max_grad_norm, so the noise would not cover it; drop one")
+        if self.noise_key is None:  # rank 0's secret, or the given noise_seed, on every rank
+            key = self.privacy.noise_seed
+            self.noise_key = int(self.comm.bcast_json(
+                str(secret_key() if key is None else key) if self.comm.is_root else None))
+        plan = Plan(self.privacy, n, self.batch_size, self.noise_key)
+        # σ calibrated on rank 0 alone (a bisection whose last bits could differ elsewhere)
+        resolved = self.comm.together(plan.resolve, self.epochs, root_only=True,
+                                      catch=(ValueError,))
+        plan.sigma = float(self.comm.bcast_json(resolved and resolved.noise_multiplier))
+        self.privacy = plan.resolve(self.epochs)
+        planned = self.epochs * plan.steps_per_epoch - (self.epoch * plan.steps_per_epoch
+                                                        + self.batch)
+        plan.check_budget(self.privacy_spent, max(planned, 0))
+        self._loss_divisor = plan.steps_per_epoch * plan.expected  # the rows of an epoch, expected
+        return plan
+
+    def privacy_record(self):
+        """The run's privacy as done.json and `distnn info` state it (None without privacy)."""
+        return None if self.privacy is None else dp_record(self.privacy, self.privacy_spent)
 
     def _checkpoints(self):
         return checkpoint.list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
@@ -299,6 +367,8 @@ class Trainer:
                   "loss": self.partial[0] / (self._loss_divisor or n_train) + self.net.penalty()}
         if self.net.is_classifier:
             record["accuracy"] = self.partial[1] / (n_train * self.net.decisions)
+        if self.privacy is not None:  # ε spent so far at the configured δ (the metrics are not private)
+            record["epsilon"] = dp_epsilon(self.privacy_spent, self.privacy.delta)
         self.partial = [0.0, 0.0]
         stop = False
         if val is not None:
@@ -440,11 +510,15 @@ def _meta(trainer):
         "network": trainer.net.spec(),
         "optimizer": trainer.optimizer.config(),
         "trainer": {key: getattr(trainer, key) for key in SETTINGS}
+                   | {"privacy": None if trainer.privacy is None else trainer.privacy.to_dict()}
                    | {"patience": trainer.early.patience,
                       "checkpoint_dir": _str(trainer.checkpoint_dir)},
         "progress": {"epoch": trainer.epoch, "batch": trainer.batch, "step": trainer.step,
                      "history": trainer.history, "partial": trainer.partial,
-                     "best": trainer.early.best, "ranks": trainer.comm.size},
+                     "best": trainer.early.best, "ranks": trainer.comm.size,
+                     "privacy_spent": trainer.privacy_spent,
+                     # the secret key of batches and noise: checkpoints only, never the model
+                     "noise_key": None if trainer.noise_key is None else str(trainer.noise_key)},
     }
 
 

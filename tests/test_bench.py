@@ -185,3 +185,20 @@ def test_ddp_rows_compare_with_the_trainer_at_the_same_ranks_net_dtype_and_batch
            {"net": "large", "dtype": "float32", "batch": 512, "ranks": 2, "ddp_step_s": 1.0}]
     (row,) = bench_report.ddp_rows(ddp, trainer)
     assert row["distnn_step_s"] == 0.4 and row["vs_ddp"] == 2.5
+
+
+def test_the_dp_step_is_timed_against_a_plain_one_with_its_extra_memory(quick):
+    """bench_dp: both nets, every time positive, the ratio the quotient of its times, and the
+    memory held O(batch) plus one noise block, far below batch x parameters."""
+    from distnn import bench_dp, privacy
+
+    rows = quick[2]["dp"]["configs"]
+    assert {r["net"] for r in rows} == {"large", "small"}
+    for r in rows:
+        assert all(positive(r[k]) for k in ("plain_s", "dp_s", "draw_s", "grad_s", "clipped_grad_s",
+                                             "noise_s"))
+        assert r["ratio"] == pytest.approx(r["dp_s"] / r["plain_s"])
+        held = r["batch"] * (8 + 4) + min(privacy.BLOCK, r["params"]) * 4
+        assert r["held_bytes"] == held < r["batch"] * r["params"] * 4 / 10
+        assert r["extra_bytes"] < r["batch"] * r["params"] * 4 / 10
+    assert bench_dp.plan(True)["configs"] and bench_dp.plan(False)["configs"]
