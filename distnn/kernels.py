@@ -12,6 +12,8 @@ arrays are class-major (K, N) (see network._Buffers), hidden ones (N, H), all C-
   P_L = (mean(Z_L) − Y) / divisor, the loss sum (float64), the correct count and the output bias
   gradient Σ_n P_L[:, n], in one pass over the logits;
 - the optimizers' updates as one pass over the parameter vector (`sgd_update`, `adam_update`);
+- DP-SGD: per-sample squared gradient norms (`add_sample_sq_norms`, and through time
+  `add_sequence_sq_norms`), clip factors, rows scaled with their bias sum (`scale_rows`);
 - the gradient's squared norm and finiteness (`sum_squares`, `all_finite`);
 - deterministic mode: column maxima |P|, |I| (`colmax_abs` on the float bits, `rowmax_abs`) and the rounding onto
   the grid plus the exact float64 sum, one pass per chunk array (`grid_magic`, `grid_add`).
@@ -302,6 +304,28 @@ def add_sample_sq_norms(p, inp, sq):
         for k in range(d):
             si += np.float64(inp[i, k]) * np.float64(inp[i, k])
         sq[i] += sp * si
+
+
+@jit
+def add_sequence_sq_norms(p, inp, lengths, sq):
+    """sq[n] += Σ_{t,s < len_n} (P[t,n]·P[s,n]) (I[t,n]·I[s,n] + 1): sequence n's squared gradient
+    norm of one layer shared through time, whose weight gradient Σ_t P[t,n] ⊗ I[t,n] has the
+    squared norm Σ_{t,s} (P_t·P_s)(I_t·I_s) and bias gradient Σ_t P[t,n] the Σ_{t,s} P_t·P_s; the
+    T×T Gram products, each pair once (t > s counted twice), in float64 and in order of (t, s).
+    p (T, N, H), inp (T, N, D), lengths (N,) ints, sq (N,) float64."""
+    h, d = p.shape[2], inp.shape[2]
+    for i in range(p.shape[1]):
+        total = 0.0
+        for t in range(lengths[i]):
+            for s in range(t + 1):
+                pp = 0.0
+                for j in range(h):
+                    pp += np.float64(p[t, i, j]) * np.float64(p[s, i, j])
+                ii = 1.0
+                for k in range(d):
+                    ii += np.float64(inp[t, i, k]) * np.float64(inp[s, i, k])
+                total += pp * ii if s == t else 2.0 * (pp * ii)
+        sq[i] += total
 
 
 @jit

@@ -28,6 +28,7 @@ dz(t)/dw = ∂f/∂w + ∂f/∂r · dr(t)/dw, built from a Network's `param_jaco
 Pure math: no MPI, no I/O. The targets a sequence model trains on are `Targets` (encoded targets with
 the sequences' lengths), so that whatever picks rows of Y (the trainer's batches) picks both.
 """
+import math
 import re
 
 import numpy as np
@@ -82,6 +83,7 @@ class _Buffers:
         self.gb = np.empty(max(sizes[1:]), dtype)  # a backward kernel's per-step bias sum
         self.lengths = None  # of the last forward pass
         self.correct = None
+        self.sq = self.scale = None  # DP-SGD: per-sequence squared norms, clip factors (N,)
 
 
 class Recurrent:
@@ -329,9 +331,19 @@ class Recurrent:
     def _backward(self, buf, out, bptt):
         """BPTT from the prediction part of P_L in buf.dout: the batch- and time-summed gradient
         into `out` (laid out like params)."""
-        weights = self.net.weights
         g_w, g_b = self.net._grad_views(out)
+        self._bptt(buf, g_b, bptt)
         t_all, n, k = buf.out.shape
+        kernels.colsum(buf.dout.reshape(t_all * n, k), g_b[-1])
+        self._weight_grads(buf, g_w)
+        return out
+
+    def _bptt(self, buf, g_b, bptt):
+        """The proxy errors P_l(t) of every step into buf.dout's state part and buf.dhid, from the
+        prediction part of buf.dout, and the hidden layers' bias gradients g_b[:-1] (summed over
+        N, then t, from T-1 down). Linear in the prediction part, row by row."""
+        weights = self.net.weights
+        t_all = buf.out.shape[0]
         n_in, n_out, last = self.n_in, self.n_out, len(weights) - 1
         w_state = weights[0][:, n_in:]  # (|O_0|, S): the state columns of the first layer
         for b in g_b[:-1]:
@@ -353,13 +365,18 @@ class Recurrent:
                     state[...] = 0  # a window starts at t: its state is carried, not trained through
                 else:
                     np.matmul(p, w_state, out=state)  # (N, S)
-        rows = t_all * n
-        for l in range(last + 1):
-            p = (buf.dout if l == last else buf.dhid[l]).reshape(rows, -1)
-            inp = (buf.inp if l == 0 else buf.hid[l - 1]).reshape(rows, -1)
-            np.matmul(p.T, inp, out=g_w[l])  # Σ_t Σ_n P_l ⊗ I_l, one GEMM over T·N rows
-        kernels.colsum(buf.dout.reshape(rows, k), g_b[last])
-        return out
+
+    def _stacked(self, buf):
+        """Each layer's (P_l, I_l) at every step: (T, N, |O_l|) and (T, N, |I_l|)."""
+        last = len(self.net.weights) - 1
+        return [((buf.dout if l == last else buf.dhid[l]),
+                 (buf.inp if l == 0 else buf.hid[l - 1])) for l in range(last + 1)]
+
+    def _weight_grads(self, buf, g_w):
+        rows = buf.out.shape[0] * buf.out.shape[1]
+        for l, (p, inp) in enumerate(self._stacked(buf)):
+            # Σ_t Σ_n P_l ⊗ I_l, one GEMM over T·N rows
+            np.matmul(p.reshape(rows, -1).T, inp.reshape(rows, -1), out=g_w[l])
 
     def grad_sum(self, X, Y, out, divisor=1, weights=None, lengths=None, bptt=None):
         """Hot path: the data-loss gradient summed over the sequences and their steps, divided by
@@ -376,6 +393,53 @@ class Recurrent:
         loss = self._output_pass(buf, Y, divisor, weights)
         self._backward(buf, out, self.bptt if bptt is None else bptt)
         return loss
+
+    def clipped_grad_sum(self, X, Y, out, clip, divisor=1, lengths=None, bptt=None):
+        """Σ_n c_n g_n / divisor into `out`, g_n sequence n's data-loss gradient (of the sum of its
+        targets' losses: a sample is a sequence) and c_n = min(1, clip / ‖g_n‖), biases in the
+        norm; returns the (unclipped) loss sum. Arguments as grad_sum's.
+
+        One BPTT, exactly, as Network.clipped_grad_sum: the recursion (the state's proxy error
+        and its truncation included) is linear in P_L row by row and A', s' do not depend on P,
+        so scaling sequence n's rows of P_L at every step by c_n scales its P_l(t) by c_n. The
+        weights are shared through time, so g_n of layer l is Σ_t P_l[t,n] ⊗ I_l[t,n] and its
+        norm does not factor: ‖g_n‖² = Σ_l Σ_{t,s} (P_l[t,n]·P_l[s,n]) (I_l[t,n]·I_l[s,n] + 1), a
+        T×T Gram product per sequence and layer (the 1: the bias Σ_t P_l[t,n]), or, where T
+        is long, each g_n formed (_layer_sq_norms picks the cheaper). Then each layer's (T·N,
+        width) rows are scaled by c_n (with its bias sum) before the plain step's one weight
+        GEMM. Steps beyond a sequence's length have P = 0 (and are not visited)."""
+        Y = self._as_targets(Y, lengths, X)
+        if len(X) == 0:
+            out[...] = 0
+            self._correct = 0 if self.is_classifier else None
+            return 0.0
+        buf = self._forward(X, Y.lengths)
+        n = len(X)
+        loss = self._output_pass(buf, Y, 1)  # P_L's prediction part, unscaled
+        g_w, g_b = self.net._grad_views(out)
+        self._bptt(buf, g_b, self.bptt if bptt is None else bptt)  # biases rewritten below
+        if buf.sq is None:
+            buf.sq, buf.scale = np.empty(n, np.float64), np.empty(n, self.dtype)
+        buf.sq[:] = 0
+        stacked = self._stacked(buf)
+        for p, inp in stacked:
+            _layer_sq_norms(p, inp, Y.lengths, buf.sq)
+        kernels.clip_scales(buf.sq, float(clip), float(divisor), buf.scale)
+        t_all = buf.out.shape[0]
+        scale = np.tile(buf.scale, t_all)  # row t N + n of the stacked steps: c_n
+        for (p, _), gb in zip(stacked, g_b):
+            kernels.scale_rows(p.reshape(t_all * n, -1), scale, gb)  # P *= c, gb = Σ rows
+        self._weight_grads(buf, g_w)
+        return loss
+
+    def sample_grad_norms(self, X, y, lengths=None):
+        """Per-sequence L2 norms of the data-loss gradient (of the sum of a sequence's targets'
+        losses), (N,), without forming any gradient (see clipped_grad_sum)."""
+        X, Y = self._checked(X, y, lengths)
+        if len(X) == 0:
+            return np.zeros(0, self.dtype)
+        self.clipped_grad_sum(X, Y, self.grad_buffer(), math.inf)  # the norms, nothing clipped
+        return np.sqrt(self._buffers[X.shape[:2]].sq).astype(self.dtype)
 
     def _as_targets(self, Y, lengths, X):
         if isinstance(Y, Targets):
@@ -485,6 +549,30 @@ class Recurrent:
         if self.targets == "last":
             return jac[np.arange(n), lengths - 1]
         return jac
+
+
+def _layer_sq_norms(p, inp, lengths, sq):
+    """sq[n] += sequence n's squared gradient norm of the layer whose proxy errors and inputs at
+    every step are p (T, N, o) and inp (T, N, i), weights and bias. The T×T Gram products cost
+    L(L+1)/2 (o + i) multiply-adds per sequence of length L; forming g_n = P_nᵀ I_n costs L o i
+    and its norm o i more: the Gram products are the cheaper up to L ≈ 2 o i / (o + i) (128 for
+    o = i = 128; 46 for a 74 × 128 layer), beyond the usual T. Chosen per layer and batch."""
+    o, i = p.shape[2], inp.shape[2]
+    work = lengths.astype(np.float64)
+    if float(work @ (work + 1)) / 2 * (o + i) <= float((work + 1).sum()) * o * i:
+        kernels.add_sequence_sq_norms(p, inp, lengths, sq)
+    else:
+        _formed_sq_norms(p, inp, lengths, sq)
+
+
+def _formed_sq_norms(p, inp, lengths, sq):
+    """sq[n] += ‖Σ_t P[t,n] ⊗ I[t,n]‖² + ‖Σ_t P[t,n]‖², each sequence's gradient formed in float64
+    (o i memory, one sequence at a time)."""
+    for n, length in enumerate(lengths):
+        pn = p[:length, n].astype(np.float64)  # (L, o)
+        g = pn.T @ inp[:length, n].astype(np.float64)  # (o, i)
+        bias = pn.sum(axis=0)
+        sq[n] += float(np.einsum("ij,ij->", g, g)) + float(bias @ bias)
 
 
 def _tanh_forward(z, b):
