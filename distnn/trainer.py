@@ -20,6 +20,9 @@ targets (Σ lengths for targets="every"), and the deterministic grid a chunk's c
 With `privacy=DP(...)` (privacy.py) each step's rows are a Poisson sample keyed by the step count
 instead (an epoch is N / batch_size steps), clipped per sample and noised in the stepper; the
 accountant's segments (`privacy_spent`) ride in the checkpoint, and ε in each epoch's record.
+A Recurrent's sample is a sequence: it is clipped whole (the sum of its targets' gradients), and
+the sum divided by the expected batch of sequences, B = qN, as a Network's; the epoch's loss and
+accuracy stay per target (over the expected targets of an epoch, q Σ targets a step).
 """
 import contextlib
 import signal
@@ -77,9 +80,6 @@ class Trainer:
         if self.privacy is not None and float(clip_norm) > 0:
             raise ValueError("clip_norm with privacy: DP-SGD clips each sample's gradient to "
                              "privacy.max_grad_norm; leave clip_norm at 0")
-        if self.privacy is not None and isinstance(net, Recurrent):
-            raise ValueError("privacy is for a Network: a Recurrent's per-sample gradient norms "
-                             "through time are not built yet")
         self.net = net
         self.optimizer = optimizer if optimizer is not None else optim.SGD(lr=0.01)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -170,7 +170,9 @@ class Trainer:
                               if counts is None else float(W.astype(np.float64) @ counts))
         self._transform = transform
         plan = self._plan = self._private_plan(len(X), W)
-        n_rows = _n_targets(Y) if plan is None else plan.steps_per_epoch * plan.expected  # per epoch
+        if plan is not None:  # an epoch's targets, expected: each sequence brings its own count
+            self._loss_divisor = plan.steps_per_epoch * (plan.q * _n_targets(Y))
+        n_rows = _n_targets(Y) if plan is None else self._loss_divisor  # targets per epoch
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
         n_batches = len(batches) if plan is None else plan.steps_per_epoch
@@ -347,7 +349,6 @@ class Trainer:
         planned = self.epochs * plan.steps_per_epoch - (self.epoch * plan.steps_per_epoch
                                                         + self.batch)
         plan.check_budget(self.privacy_spent, max(planned, 0))
-        self._loss_divisor = plan.steps_per_epoch * plan.expected  # the rows of an epoch, expected
         return plan
 
     def privacy_record(self):
