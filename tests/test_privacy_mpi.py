@@ -1,5 +1,6 @@
 """DP-SGD over P ranks: what 1 rank computes, to round-off (default, sharded or whole update) and
-to the bit (deterministic mode); the batch and the noise alike on every rank.
+to the bit (deterministic mode); the batch and the noise alike on every rank; for a Network and a
+Recurrent.
 
 Run with `mpiexec -n 2 python -m pytest -q --only-mpi tests/test_privacy_mpi.py` (and -n 3). Each
 test computes its 1-rank reference on COMM_SELF; verdicts are combined across ranks first."""
@@ -8,6 +9,7 @@ import pytest
 from mpi4py import MPI
 
 from distnn import Network, optim, privacy
+from distnn.recurrent import Recurrent
 from distnn.privacy import DP
 from distnn.trainer import Trainer
 
@@ -78,3 +80,39 @@ def test_membership_and_noise_are_the_same_on_every_rank_and_shares_draw_their_s
     mine = privacy.add_noise(np.zeros(hi - lo), 1.0, 3, 17, start=lo)
     parts = WORLD.allgather(mine)
     assert all_ranks(np.array_equal(np.concatenate(parts), whole))
+
+
+def fit_recurrent(comm, targets, bptt=0, **kw):
+    """A private Recurrent on sequences of lengths 1..6 (NaN beyond them), ~8 sequences a step."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 6, 3))
+    lengths = rng.integers(1, 7, size=60)
+    y = (np.cumsum(X[:, :, 0], axis=1) > 0).astype(int)  # (N, T): the sign of a running sum
+    if targets == "last":
+        y = y[np.arange(60), lengths - 1]
+    X[np.arange(6)[None, :] >= lengths[:, None]] = np.nan
+    rnn = Recurrent([3, 5, 2], 4, activation="tanh", targets=targets, l2=1e-3, seed=1)
+    trainer = Trainer(rnn, optim.Adam(lr=0.02), batch_size=8, epochs=3, seed=2, comm=comm,
+                      bptt=bptt, privacy=DP(noise_multiplier=0.8, max_grad_norm=0.3, noise_seed=7),
+                      **kw)
+    trainer.fit(X, y, lengths=lengths)
+    return trainer
+
+
+@pytest.mark.parametrize("targets, bptt, update", [("every", 0, "sharded"), ("last", 2, "whole")])
+def test_a_private_recurrent_on_p_ranks_trains_the_parameters_of_one_to_1e_10(targets, bptt,
+                                                                             update):
+    one = fit_recurrent(MPI.COMM_SELF, targets, bptt)
+    many = fit_recurrent(WORLD, targets, bptt, update=update)
+    assert all_ranks(np.allclose(many.net.params, one.net.params, rtol=1e-10, atol=1e-12))
+    assert same_on_every_rank(many.net.params)
+    assert all_ranks(np.allclose([r["loss"] for r in many.history],
+                                 [r["loss"] for r in one.history], rtol=1e-10))
+    assert all_ranks(many.history[-1]["epsilon"] == one.history[-1]["epsilon"])
+
+
+@pytest.mark.parametrize("targets", ["last", "every"])
+def test_deterministic_private_recurrent_training_is_bit_identical_for_any_rank_count(targets):
+    one = fit_recurrent(MPI.COMM_SELF, targets, deterministic=True, chunk_size=2)
+    many = fit_recurrent(WORLD, targets, deterministic=True, chunk_size=2)
+    assert all_ranks(np.array_equal(many.net.params, one.net.params))
