@@ -308,24 +308,54 @@ def add_sample_sq_norms(p, inp, sq):
 
 @jit
 def add_sequence_sq_norms(p, inp, lengths, sq):
-    """sq[n] += Σ_{t,s < len_n} (P[t,n]·P[s,n]) (I[t,n]·I[s,n] + 1): sequence n's squared gradient
+    """sq[n] += Σ_{t,s < len_n} (P[t,n]·P[s,n]) (1 + I[t,n]·I[s,n]): sequence n's squared gradient
     norm of one layer shared through time, whose weight gradient Σ_t P[t,n] ⊗ I[t,n] has the
-    squared norm Σ_{t,s} (P_t·P_s)(I_t·I_s) and bias gradient Σ_t P[t,n] the Σ_{t,s} P_t·P_s; the
-    T×T Gram products, each pair once (t > s counted twice), in float64 and in order of (t, s).
-    p (T, N, H), inp (T, N, D), lengths (N,) ints, sq (N,) float64."""
-    h, d = p.shape[2], inp.shape[2]
-    for i in range(p.shape[1]):
-        total = 0.0
-        for t in range(lengths[i]):
-            for s in range(t + 1):
-                pp = 0.0
+    squared norm Σ_{t,s} (P_t·P_s)(I_t·I_s) and bias gradient Σ_t P[t,n] the Σ_{t,s} P_t·P_s.
+    p (T, N, H), inp (T, N, D), lengths (N,) ints, sq (N,) float64.
+
+    The T×T Gram products in float64, each pair once (t > s counted twice): every dot product
+    in order of its index, from 0 (P) or 1 (I), then the pairs in order of (t, s): the bits of
+    the plain loops. Blocks of up to 64 sequences are copied to float64 (T, width, block)
+    scratch, steps beyond a length as 0, so that the innermost loop runs over the block's
+    sequences: independent sums, contiguous (0.21 against 0.40 ms for 64 sequences of 8 steps
+    at widths 128 and 72). Scratch: T (H + D + 2T) block values."""
+    t_all, n, h = p.shape
+    d = inp.shape[2]
+    blk = max(1, min(n, 64, (1 << 20) // (t_all * t_all)))  # Gram scratch <= 16 MiB
+    xp, xi = np.empty((t_all, h, blk)), np.empty((t_all, d, blk))
+    gp, gi = np.empty((t_all, t_all, blk)), np.empty((t_all, t_all, blk))
+    for i0 in range(0, n, blk):
+        nb = min(blk, n - i0)
+        m = 0
+        for b in range(nb):
+            m = max(m, lengths[i0 + b])
+        for t in range(m):
+            for b in range(nb):
+                alive = t < lengths[i0 + b]
                 for j in range(h):
-                    pp += np.float64(p[t, i, j]) * np.float64(p[s, i, j])
-                ii = 1.0
+                    xp[t, j, b] = p[t, i0 + b, j] if alive else 0.0
                 for k in range(d):
-                    ii += np.float64(inp[t, i, k]) * np.float64(inp[s, i, k])
-                total += pp * ii if s == t else 2.0 * (pp * ii)
-        sq[i] += total
+                    xi[t, k, b] = inp[t, i0 + b, k] if alive else 0.0
+        for t in range(m):
+            for s in range(t + 1):
+                pp, ii = gp[t, s], gi[t, s]  # (block,)
+                pt, ps, it, is_ = xp[t], xp[s], xi[t], xi[s]
+                for b in range(nb):
+                    pp[b] = 0.0
+                    ii[b] = 1.0
+                for j in range(h):
+                    for b in range(nb):
+                        pp[b] += pt[j, b] * ps[j, b]
+                for k in range(d):
+                    for b in range(nb):
+                        ii[b] += it[k, b] * is_[k, b]
+        for b in range(nb):
+            total = 0.0
+            for t in range(lengths[i0 + b]):
+                for s in range(t + 1):
+                    v = gp[t, s, b] * gi[t, s, b]
+                    total += v if s == t else 2.0 * v
+            sq[i0 + b] += total
 
 
 @jit
