@@ -95,9 +95,10 @@ def test_sample_grad_norms_are_the_norms_of_each_sequences_gradient(targets):
     assert rnn.sample_grad_norms(X[:0], y[:0], lengths[:0]).shape == (0,)
 
 
-def test_the_gram_products_and_the_formed_gradients_agree_and_the_cost_picks_between_them():
+def test_the_gram_products_and_the_formed_gradients_agree_and_the_cost_picks_between_them(
+        monkeypatch):
     """The two ways to ‖Σ_t P_t ⊗ I_t‖² + ‖Σ_t P_t‖², on random signals with zero padding; short
-    sequences take the Gram products, long ones (L > 2 o i / (o + i)) the formed gradients."""
+    sequences take the Gram products (T² work), long ones the formed gradients (T o i, BLAS)."""
     rng = np.random.default_rng(0)
     t, n, o, i = 9, 5, 4, 6
     p, inp = rng.normal(size=(t, n, o)), rng.normal(size=(t, n, i))
@@ -110,16 +111,11 @@ def test_the_gram_products_and_the_formed_gradients_agree_and_the_cost_picks_bet
     np.testing.assert_allclose(gram, direct, rtol=1e-13)
     np.testing.assert_allclose(formed, direct, rtol=1e-13)
     calls = []
-    monkey = {"kernel": kernels.add_sequence_sq_norms, "formed": recurrent._formed_sq_norms}
-    try:
-        kernels.add_sequence_sq_norms = lambda *a: calls.append("gram")
-        recurrent._formed_sq_norms = lambda *a: calls.append("formed")
-        short, long_ = np.full(3, 4, np.intp), np.full(3, 9, np.intp)  # 2 o i / (o + i) = 4.8
-        recurrent._layer_sq_norms(p, inp, short, np.zeros(3))
-        recurrent._layer_sq_norms(p, inp, long_, np.zeros(3))
-    finally:
-        kernels.add_sequence_sq_norms = monkey["kernel"]
-        recurrent._formed_sq_norms = monkey["formed"]
+    monkeypatch.setattr(kernels, "add_sequence_sq_norms", lambda *a: calls.append("gram"))
+    monkeypatch.setattr(recurrent, "_formed_sq_norms", lambda *a: calls.append("formed"))
+    p, inp = np.zeros((128, 3, 16)), np.zeros((128, 3, 16))
+    recurrent._layer_sq_norms(p, inp, np.full(3, 8, np.intp), np.zeros(3))
+    recurrent._layer_sq_norms(p, inp, np.full(3, 128, np.intp), np.zeros(3))
     assert calls == ["gram", "formed"]
 
 
