@@ -23,6 +23,11 @@ start at t = 0 for every sequence, and the step's gradient still sums all window
 batch); k >= T is full BPTT. Gradients that explode through time are caught by the trainer's
 divergence stop; clipping (`Trainer(clip_norm=...)`) is the usual remedy.
 
+DP-SGD (`clipped_grad_sum`, `sample_grad_norms`): a sample is a sequence, its gradient the sum of
+its targets' gradients through time, clipped whole in the same BPTT: its norm per layer is a T×T
+Gram product, ‖Σ_t P(t) ⊗ I(t)‖² = Σ_{t,s} (P(t)·P(s)) (I(t)·I(s)), and the recursion is linear in
+each sequence's P_L rows, so its clip factor scales them before the weight GEMMs.
+
 `param_jacobian` is the independent check: the forward recursion of Jacobians
 dz(t)/dw = ∂f/∂w + ∂f/∂r · dr(t)/dw, built from a Network's `param_jacobian` and `input_jacobian`.
 Pure math: no MPI, no I/O. The targets a sequence model trains on are `Targets` (encoded targets with
