@@ -383,12 +383,17 @@ class Recurrent:
             # Σ_t Σ_n P_l ⊗ I_l, one GEMM over T·N rows
             np.matmul(p.reshape(rows, -1).T, inp.reshape(rows, -1), out=g_w[l])
 
-    def grad_sum(self, X, Y, out, divisor=1, weights=None, lengths=None, bptt=None):
+    def grad_sum(self, X, Y, out, divisor=1, weights=None, lengths=None, bptt=None, clip=0.0):
         """Hot path: the data-loss gradient summed over the sequences and their steps, divided by
         `divisor`, into `out`; returns the loss sum. X (N, T, n_in) in the network dtype, Y the
         Targets of check_targets (or encoded targets with `lengths`): no validation here. `weights`
         (N,): every target of sequence i counts w_i. `bptt`: the truncation window (None: self.bptt).
-        An empty batch writes zeros and returns 0.0."""
+        An empty batch writes zeros and returns 0.0. `clip` > 0: each sequence's gradient clipped
+        to that L2 norm first (DP-SGD; see clipped_grad_sum)."""
+        if clip:
+            if weights is not None:
+                raise ValueError("per-sample clipping takes no sample weights")
+            return self.clipped_grad_sum(X, Y, out, clip, divisor, lengths, bptt)
         Y = self._as_targets(Y, lengths, X)
         if len(X) == 0:
             out[...] = 0

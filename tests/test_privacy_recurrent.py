@@ -82,6 +82,22 @@ def test_clipped_sum_equals_each_sequence_clipped_by_brute_force(
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
     assert loss == pytest.approx(rnn.loss_sum(Xc, Y), rel=1e-12)  # the loss is not clipped
     np.testing.assert_allclose(rnn.sample_grad_norms(X, y, lengths), norms, rtol=1e-12)
+    again = rnn.grad_buffer()
+    rnn.grad_sum(Xc, Y, again, divisor=7.5, clip=clip)  # Network's spelling of the same
+    np.testing.assert_array_equal(again, out)
+
+
+def test_a_large_clip_changes_nothing_and_an_empty_batch_sums_zero():
+    X, y, lengths = sequences("multinomial", "every", 8, 5, 3, 3, seed=2)
+    rnn = Recurrent([3, 5, 3], 4, targets="every", seed=0)
+    Xc, Y = rnn._checked(X, y, lengths)
+    plain, clipped = rnn.grad_buffer(), rnn.grad_buffer()
+    rnn.grad_sum(Xc, Y, plain, divisor=4.0)
+    rnn.clipped_grad_sum(Xc, Y, clipped, 1e9, 4.0)
+    np.testing.assert_allclose(clipped, plain, rtol=1e-13, atol=1e-16)
+    out = rnn.grad_buffer() + 1
+    assert rnn.clipped_grad_sum(Xc[:0], Y[:0], out, 1.0, 4.0) == 0.0
+    assert not out.any()
 
 
 @pytest.mark.parametrize("targets", ["last", "every"])
