@@ -307,23 +307,38 @@ def add_sample_sq_norms(p, inp, sq):
 
 
 @jit
-def add_sequence_sq_norms(p, inp, lengths, sq):
+def gram_block(n, t):
+    """Sequences add_sequence_sq_norms takes at once for N sequences of T steps (its Gram
+    scratch, 2 T² of them, at most 16 MiB)."""
+    return max(1, min(n, 64, (1 << 20) // (t * t)))
+
+
+def sequence_scratch(n, t, h, d):
+    """add_sequence_sq_norms's float64 scratch for N sequences of T steps, widths H, D: four arrays
+    (one buffer cut in four is slower: the compiler cannot tell its parts apart)."""
+    b = gram_block(n, t)
+    return (np.empty((t, h, b)), np.empty((t, d, b)), np.empty((t, t, b)), np.empty((t, t, b)))
+
+
+@jit
+def add_sequence_sq_norms(p, inp, lengths, sq, scratch):
     """sq[n] += Σ_{t,s < len_n} (P[t,n]·P[s,n]) (1 + I[t,n]·I[s,n]): sequence n's squared gradient
     norm of one layer shared through time, whose weight gradient Σ_t P[t,n] ⊗ I[t,n] has the
     squared norm Σ_{t,s} (P_t·P_s)(I_t·I_s) and bias gradient Σ_t P[t,n] the Σ_{t,s} P_t·P_s.
-    p (T, N, H), inp (T, N, D), lengths (N,) ints, sq (N,) float64.
+    p (T, N, H), inp (T, N, D), lengths (N,) ints, sq (N,) float64, scratch
+    sequence_scratch(N, T, H, D) (the caller's, kept: fresh pages every call cost more than the
+    products at T = 32).
 
     The T×T Gram products in float64, each pair once (t > s counted twice): every dot product
     in order of its index, from 0 (P) or 1 (I), then the pairs in order of (t, s): the bits of
-    the plain loops. Blocks of up to 64 sequences are copied to float64 (T, width, block)
+    the plain loops. Blocks of gram_block sequences are copied to float64 (T, width, block)
     scratch, steps beyond a length as 0, so that the innermost loop runs over the block's
     sequences: independent sums, contiguous (0.21 against 0.40 ms for 64 sequences of 8 steps
-    at widths 128 and 72). Scratch: T (H + D + 2T) block values."""
+    at widths 128 and 72)."""
     t_all, n, h = p.shape
     d = inp.shape[2]
-    blk = max(1, min(n, 64, (1 << 20) // (t_all * t_all)))  # Gram scratch <= 16 MiB
-    xp, xi = np.empty((t_all, h, blk)), np.empty((t_all, d, blk))
-    gp, gi = np.empty((t_all, t_all, blk)), np.empty((t_all, t_all, blk))
+    blk = gram_block(n, t_all)
+    xp, xi, gp, gi = scratch  # (T, H, block), (T, D, block), (T, T, block) twice
     for i0 in range(0, n, blk):
         nb = min(blk, n - i0)
         m = 0

@@ -89,6 +89,7 @@ class _Buffers:
         self.lengths = None  # of the last forward pass
         self.correct = None
         self.sq = self.scale = None  # DP-SGD: per-sequence squared norms, clip factors (N,)
+        self.gram = {}  # DP-SGD: the Gram kernel's float64 scratch per layer shape, when needed
 
 
 class Recurrent:
@@ -432,10 +433,10 @@ class Recurrent:
             buf.sq, buf.scale = np.empty(n, np.float64), np.empty(n, self.dtype)
         buf.sq[:] = 0
         stacked = self._stacked(buf)
-        for p, inp in stacked:
-            _layer_sq_norms(p, inp, Y.lengths, buf.sq)
-        kernels.clip_scales(buf.sq, float(clip), float(divisor), buf.scale)
         t_all = buf.out.shape[0]
+        for p, inp in stacked:
+            _layer_sq_norms(p, inp, Y.lengths, buf.sq, buf)
+        kernels.clip_scales(buf.sq, float(clip), float(divisor), buf.scale)
         scale = np.tile(buf.scale, t_all)  # row t N + n of the stacked steps: c_n
         for (p, _), gb in zip(stacked, g_b):
             kernels.scale_rows(p.reshape(t_all * n, -1), scale, gb)  # P *= c, gb = Σ rows
@@ -561,7 +562,7 @@ class Recurrent:
         return jac
 
 
-def _layer_sq_norms(p, inp, lengths, sq):
+def _layer_sq_norms(p, inp, lengths, sq, buf):
     """sq[n] += sequence n's squared gradient norm of the layer whose proxy errors and inputs at
     every step are p (T, N, o) and inp (T, N, i), weights and bias, the cheaper way: the T×T Gram
     products cost L(L+1)/2 (o + i) multiply-adds for a sequence of length L, forming g_n = P_nᵀ I_n
@@ -574,7 +575,10 @@ def _layer_sq_norms(p, inp, lengths, sq):
     gram_ns = _GRAM_NS * float(length @ (length + 1)) / 2 * (o + i)
     formed_ns = _FORMED_NS * float((length + 1).sum()) * o * i + _CALL_NS * len(length)
     if gram_ns <= formed_ns:
-        kernels.add_sequence_sq_norms(p, inp, lengths, sq)
+        scratch = buf.gram.get((o, i))
+        if scratch is None:  # kept: fresh pages every step cost more than the products
+            scratch = buf.gram[o, i] = kernels.sequence_scratch(p.shape[1], p.shape[0], o, i)
+        kernels.add_sequence_sq_norms(p, inp, lengths, sq, scratch)
     else:
         _formed_sq_norms(p, inp, lengths, sq)
 
@@ -582,7 +586,7 @@ def _layer_sq_norms(p, inp, lengths, sq):
 _GRAM_NS, _FORMED_NS, _CALL_NS = 0.4, 0.16, 8000.0  # _layer_sq_norms's costs, measured
 
 
-def _formed_sq_norms(p, inp, lengths, sq):
+def _formed_sq_norms(p, inp, lengths, sq, buf=None):
     """sq[n] += ‖Σ_t P[t,n] ⊗ I[t,n]‖² + ‖Σ_t P[t,n]‖², each sequence's gradient formed in float64
     (o i memory, one sequence at a time)."""
     for n, length in enumerate(lengths):

@@ -2,6 +2,8 @@
 gradients) in one BPTT. The clipped sum and the norms against each sequence's gradient formed by
 `Recurrent.gradient` on that sequence alone; the trainer's private step and epoch by hand; resume.
 P ranks: tests/test_privacy_mpi.py."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -46,9 +48,11 @@ def per_sequence_gradients(rnn, X, y, lengths):
 
 def forced(path):
     """_layer_sq_norms taking one way whatever the cost: the Gram kernel, or each g_n formed."""
-    def norms(p, inp, lengths, sq):
+    def norms(p, inp, lengths, sq, buf):
         if path == "gram":
-            kernels.add_sequence_sq_norms(p, inp, lengths, sq)
+            t, n, o = p.shape
+            scratch = kernels.sequence_scratch(n, t, o, inp.shape[2])
+            kernels.add_sequence_sq_norms(p, inp, lengths, sq, scratch)
         else:
             recurrent._formed_sq_norms(p, inp, lengths, sq)
     return norms
@@ -120,7 +124,8 @@ def test_the_gram_products_and_the_formed_gradients_agree_and_the_cost_picks_bet
     p, inp = rng.normal(size=(t, n, o)), rng.normal(size=(t, n, i))
     lengths = np.array([9, 1, 4, 7, 2], np.intp)
     gram, formed = np.zeros(n), np.zeros(n)
-    kernels.add_sequence_sq_norms(p, inp, lengths, gram)
+    kernels.add_sequence_sq_norms(p, inp, lengths, gram,
+                                  kernels.sequence_scratch(n, t, o, i))
     recurrent._formed_sq_norms(p, inp, lengths, formed)
     direct = [np.sum((p[:m, j].T @ inp[:m, j]) ** 2) + np.sum(p[:m, j].sum(0) ** 2)
               for j, m in enumerate(lengths)]
@@ -130,8 +135,9 @@ def test_the_gram_products_and_the_formed_gradients_agree_and_the_cost_picks_bet
     monkeypatch.setattr(kernels, "add_sequence_sq_norms", lambda *a: calls.append("gram"))
     monkeypatch.setattr(recurrent, "_formed_sq_norms", lambda *a: calls.append("formed"))
     p, inp = np.zeros((128, 3, 16)), np.zeros((128, 3, 16))
-    recurrent._layer_sq_norms(p, inp, np.full(3, 8, np.intp), np.zeros(3))
-    recurrent._layer_sq_norms(p, inp, np.full(3, 128, np.intp), np.zeros(3))
+    buf = SimpleNamespace(gram={})  # the buffers' scratch
+    recurrent._layer_sq_norms(p, inp, np.full(3, 8, np.intp), np.zeros(3), buf)
+    recurrent._layer_sq_norms(p, inp, np.full(3, 128, np.intp), np.zeros(3), buf)
     assert calls == ["gram", "formed"]
 
 
