@@ -24,6 +24,8 @@ FAMILIES = families.NAMES
 DTYPES = tuple(network.DTYPES)
 OPTIMIZERS = tuple(optim.OPTIMIZERS)
 SCHEDULES = tuple(optim.SCHEDULES)
+KINDS = ("dense", "recurrent")  # model.kind: a Network, or a Recurrent (the same net through time)
+TARGETS = ("last", "every")     # recurrent: one target per sequence (at its last step), or per step
 MAX_THREADS = 4096  # BLAS threads per rank (the BLAS libraries take a C int)
 # Tables and lists one inside another, below the file's top level: a config needs two (a
 # [section] holding a list). tomllib recurses once per level and runs out of stack some hundreds
@@ -48,6 +50,10 @@ class ModelConfig:
     l1: float = 0.0                 # L1 penalty on weights
     l2: float = 0.0                 # L2 penalty on weights
     dtype: str = "float64"          # float32 | float64
+    kind: str = "dense"             # dense | recurrent: z(n+1) = [y, r](n+1) = f([x, r](n))
+    state: int = 0                  # recurrent: state units r (>= 1 there; 0 for dense)
+    state_activation: str = "tanh"  # recurrent: one of ACTIVATIONS, on the next state
+    targets: str = "last"           # recurrent: one of TARGETS
 
 
 @dataclass
@@ -58,6 +64,8 @@ class DataConfig:
     val_fraction: float = 0.2       # held out from the source for validation, 0 <= f < 1
     standardize: bool = True        # fit (x - mean) / std on the training split
     test_source: str = ""           # optional separate held-out set, same format as source
+    steps: int = 0                  # recurrent: read each row of (N, d) as `steps` steps of
+                                    # d/steps features, in order; 0 = as stored ((N, T, d) data)
 
 
 @dataclass
@@ -91,6 +99,7 @@ class TrainConfig:
     bucket_mb: float = 4.0          # allreduce bucket size, MiB (<= MAX_BUCKET_MB)
     threads: int = 0                # BLAS threads per rank; 0 = cores / local ranks (deterministic: 1)
     check_every: int = 100          # steps between cross-rank parameter checksums; 0 = start only
+    bptt: int = 0                   # recurrent: truncated BPTT, steps per window; 0 = whole sequence
 
 
 @dataclass
@@ -174,6 +183,9 @@ CHECKS = {
     "train.watchdog": _between(0, MAX_WATCHDOG_S), "train.bucket_mb": _bucket_mb,
     "train.threads": _between(0, MAX_THREADS),
     "train.check_every": _at_least(0),
+    "model.kind": _one_of(KINDS), "model.state": _at_least(0),
+    "model.state_activation": _one_of(ACTIVATIONS), "model.targets": _one_of(TARGETS),
+    "data.steps": _at_least(0), "train.bptt": _at_least(0),
 }
 
 
@@ -187,6 +199,28 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("optim.nesterov: needs optim.momentum > 0")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr: expected <= optim.lr ({o.lr}), got {o.min_lr}")
+    _recurrent_checks(cfg)
+
+
+# the keys only a recurrent model reads, and their dense values
+RECURRENT_ONLY = {"model.state": 0, "model.state_activation": "tanh", "model.targets": "last",
+                  "data.steps": 0, "train.bptt": 0}
+
+
+def _recurrent_checks(cfg: Config) -> None:
+    """model.kind = "recurrent" needs a state; a dense model refuses the recurrent-only keys (a
+    set key that nothing reads would be a silent mistake)."""
+    if cfg.model.kind == "recurrent":
+        if cfg.model.state < 1:
+            raise ConfigError(f"model.state: expected >= 1 with model.kind = 'recurrent', got "
+                              f"{cfg.model.state}")
+        return
+    for key, dense in RECURRENT_ONLY.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != dense:
+            raise ConfigError(f"{key}: only a recurrent model reads it (got {value!r}); set "
+                              f"model.kind = \"recurrent\" or remove it")
 
 
 # ---------------------------------------------------------------------------- type checks
@@ -300,8 +334,16 @@ SYNONYMS = {
     "scheduler": "schedule", "lr_schedule": "schedule", "warmup": "warmup_steps",
     "grad_clip": "clip_norm", "max_grad_norm": "clip_norm", "clip_grad_norm": "clip_norm",
     "loss": "family",
+    "model_type": "kind", "type": "kind", "architecture": "kind",
+    "state_size": "state", "hidden_state": "state", "recurrent_units": "state",
+    "state_units": "state",
+    "recurrent_activation": "state_activation",
+    "truncate": "bptt", "bptt_steps": "bptt", "truncated_bptt": "bptt", "tbptt": "bptt",
+    "timesteps": "steps", "time_steps": "steps", "seq_len": "steps", "sequence_length": "steps",
 }
-UNSUPPORTED = {"dropout": "distnn has no dropout; model.l2 or model.l1 regularize"}
+UNSUPPORTED = {"dropout": "distnn has no dropout; model.l2 or model.l1 regularize",
+               "cell": "distnn's recurrent model is a dense network applied through time "
+                       "(model.kind = \"recurrent\"); it has no LSTM or GRU cells"}
 
 
 def similar_keys(name: str, section: str = "") -> list[str]:
