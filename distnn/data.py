@@ -44,11 +44,15 @@ def check_finite(X, rows=None, *, name: str = "X", block: int | None = None) -> 
         _refuse_non_finite(part, index, name)
 
 
-def _refuse_non_finite(part, index, name) -> None:
-    """DataError naming the first NaN/Inf of the block `part`, whose row i is row index[i]."""
+def _refuse_non_finite(part, index, name, lengths=None) -> None:
+    """DataError naming the first NaN/Inf of the block `part`, whose row i is row index[i]; of
+    sequences (3-D) with `lengths` (those of index), only in the steps that exist (padding may
+    hold anything: nothing reads it)."""
     if part.dtype.kind != "f":
         return
     bad = ~np.isfinite(part)
+    if lengths is not None and part.ndim == 3:
+        bad &= alive(lengths, *part.shape[:2])[:, :, None]
     if bad.any():
         where = np.argwhere(bad)[0]
         value = part[tuple(where)]
@@ -58,8 +62,9 @@ def _refuse_non_finite(part, index, name) -> None:
         raise DataError(f"{name} row {int(index[where[0]])}{col} is {what}")
 
 
-def scan(X, rank=0, size=1, *, name: str = "X") -> np.ndarray:
-    """Check a rank's share of X is finite and checksum it in the same read, block by block.
+def scan(X, rank=0, size=1, *, name: str = "X", lengths=None) -> np.ndarray:
+    """Check a rank's share of X is finite and checksum it in the same read, block by block
+    (sequences with `lengths`: finite where their steps exist).
 
     Returns (blocks,) int64: the crc32 of each block this rank read and 0 for the others', so the
     SUM over ranks holds every block's crc32. Blocks depend on X alone, not on the rank count."""
@@ -69,7 +74,8 @@ def scan(X, rank=0, size=1, *, name: str = "X") -> np.ndarray:
     for j in range(first, last):
         lo, hi = j * block, min((j + 1) * block, X.shape[0])
         part = np.ascontiguousarray(X[lo:hi])
-        _refuse_non_finite(part, np.arange(lo, hi), name)
+        _refuse_non_finite(part, np.arange(lo, hi), name,
+                           None if lengths is None else lengths[lo:hi])
         crcs[j] = zlib.crc32(part)
     return crcs
 
