@@ -1,8 +1,8 @@
-"""distnn: data-parallel training of dense feed-forward networks over MPI."""
+"""distnn: data-parallel training of dense feed-forward and recurrent networks over MPI."""
 
-__all__ = ["Network", "Trainer", "SGD", "Adam", "AdamW", "MLPClassifier", "MLPRegressor",
+__all__ = ["Network", "Recurrent", "Trainer", "SGD", "Adam", "AdamW", "MLPClassifier", "MLPRegressor",
            "Model", "save_model", "load_model"]
-_WHERE = {"Network": "network", "Trainer": "trainer", "SGD": "optim", "Adam": "optim",
+_WHERE = {"Network": "network", "Recurrent": "recurrent", "Trainer": "trainer", "SGD": "optim", "Adam": "optim",
           "AdamW": "optim", "MLPClassifier": "estimators", "MLPRegressor": "estimators",
           "Model": "model", "save_model": "model", "load_model": "model"}
 

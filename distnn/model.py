@@ -24,6 +24,7 @@ from . import checkpoint, families, network
 from .checkpoint import CheckpointError
 from .data import DataError, Standardizer
 from .network import Network
+from .recurrent import Recurrent
 
 KIND = "model"
 FILE = "model.npz"  # a run directory's model (rundir.MODEL): where a run directory's path leads
@@ -169,7 +170,7 @@ def as_model(obj) -> Model:
     MLPClassifier or MLPRegressor)."""
     if isinstance(obj, Model):
         return obj
-    if isinstance(obj, Network):
+    if isinstance(obj, (Network, Recurrent)):
         return Model(obj)
     if hasattr(obj, "to_model"):
         return obj.to_model()
@@ -217,23 +218,51 @@ def load_model(path) -> Model:
                               f"(RUN_DIR/model.npz)")
     _check_meta(path, meta)
     params = arrays.get("params")
-    sizes = meta["network"].get("sizes")
-    if not _valid_sizes(sizes):
-        raise CheckpointError(f"{path}: bad network description in the model: sizes must be a "
-                              f"list of at least 2 positive integers")
-    n_params = network.n_params(sizes)
+    try:
+        n_params = spec_n_params(meta["network"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad network description in the model: {e}") from None
     if params is None or params.shape != (n_params,):  # checked before the network is allocated
         got = "none" if params is None else f"shape {params.shape}"
         raise CheckpointError(f"{path}: params are {got}, the network described needs "
                               f"({n_params},)")
     try:
-        net = Network(**meta["network"])
+        net = build(meta["network"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad network description in the model: {e}") from None
     if params.dtype != net.dtype:
         raise CheckpointError(f"{path}: params are {params.dtype}, the network is {net.dtype}")
     net.params[...] = params
     return Model(net, _scaler(path, arrays, net.sizes[0]), _classes(path, meta, net), meta)
+
+
+KINDS = ("network", "recurrent")  # a spec's "kind"; a spec without one is a Network's
+
+
+def build(spec):
+    """The model a `spec()` describes, freshly initialized: a Network, or a Recurrent for kind
+    "recurrent". The one place a model is rebuilt from a file (load_model, Trainer.resume)."""
+    spec = dict(spec)
+    kind = spec.pop("kind", "network")
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {list(KINDS)}")
+    if kind == "recurrent":
+        return Recurrent(**spec)
+    return Network(**spec)
+
+
+def spec_n_params(spec) -> int:
+    """Length of the parameter vector of the model `spec` describes, without building it;
+    ValueError for sizes (or a state) that are not positive integers."""
+    sizes = spec.get("sizes") if isinstance(spec, dict) else None
+    if not _valid_sizes(sizes):
+        raise ValueError("sizes must be a list of at least 2 positive integers")
+    if spec.get("kind", "network") == "recurrent":
+        state = spec.get("state")
+        if not _valid_sizes([1, state]):
+            raise ValueError("state must be a positive integer")
+        sizes = [sizes[0] + state, *sizes[1:-1], sizes[-1] + state]
+    return network.n_params(sizes)
 
 
 # What the commands read from a model's meta, and the type each must have (a crafted file may lie).
