@@ -203,14 +203,13 @@ class Recurrent:
         y = np.asarray(y)
         if self.targets == "last":
             Y = self._out.targets(y, self.n_out, self.dtype)
+            _same_count(n, len(Y))
             lengths = self.check_lengths(lengths, len(Y), steps)
         else:
-            Y, lengths = self._every_targets(y, lengths, steps)
-        if n is not None and len(Y) != n:
-            raise ValueError(f"X has {n} sequences but y has {len(Y)}")
+            Y, lengths = self._every_targets(y, n, lengths, steps)
         return Targets(Y, lengths, self.targets == "every")
 
-    def _every_targets(self, y, lengths, steps):
+    def _every_targets(self, y, n_x, lengths, steps):
         labels, k = self._out.labels, self.n_out
         if y.ndim == 3 and y.shape[2] == 1 and (labels or k == 1):
             y = y[:, :, 0]
@@ -221,6 +220,7 @@ class Recurrent:
             raise ValueError(f"targets='every' takes one target per step: y has shape {y.shape}; "
                              f"expected {want}" + (f" or (N, {t}, 1)" if not per_step else ""))
         n, t = y.shape[:2]
+        _same_count(n_x, n)
         lengths = self.check_lengths(lengths, n, t)
         alive = np.arange(t)[None, :] < lengths[:, None]  # (N, T)
         if y.dtype.kind in "biuf":
@@ -480,6 +480,11 @@ class Recurrent:
         if self.targets == "last":
             return jac[np.arange(n), lengths - 1]
         return jac
+
+
+def _same_count(n_x, n_y):
+    if n_x is not None and n_x != n_y:
+        raise ValueError(f"X has {n_x} sequences but y has {n_y}")
 
 
 def _alive(lengths, steps):
