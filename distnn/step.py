@@ -64,11 +64,14 @@ class Batch:
 
     @property
     def divisor(self):
-        """What the summed gradient is divided by: the batch's size, or its Σw (computed alike on
-        every rank from the whole batch; 1 if every weight is 0, whose gradient is 0)."""
+        """What the summed gradient is divided by: the batch's count of targets (its size, or a
+        sequence model's Σ targets: Y.counts), or their Σw (computed alike on every rank from the
+        whole batch; 1 if every weight is 0, whose gradient is 0)."""
+        counts = self.Y.counts(np.sort(self.rows)) if hasattr(self.Y, "counts") else None
         if self.weights is None:
-            return len(self.rows)
-        total = float(self.weights[np.sort(self.rows)].sum(dtype=np.float64))
+            return len(self.rows) if counts is None else int(counts.sum())
+        w = self.weights[np.sort(self.rows)].astype(np.float64)
+        total = float(w.sum() if counts is None else w @ counts)
         return total if total > 0 else 1.0
 
     def part(self, lo, hi):
@@ -77,6 +80,11 @@ class Batch:
         idx = np.sort(self.rows[lo:hi])
         w = None if self.weights is None else self.weights[idx]
         return fetch(self.X, idx, self.dtype, self.transform), self.Y[idx], w
+
+
+def _steps(net, X):
+    """Rows each sample adds to a gradient sum: 1, or a sequence model's time steps."""
+    return net.steps(X) if hasattr(net, "steps") else 1
 
 
 def fetch(X, idx, dtype, transform=None):
@@ -274,7 +282,8 @@ class Exact(_ShardedUpdate, Allreduce):
         bounds[-2:] = exactsum.local_maxabs(stats)
         bounds[np.isnan(bounds)] = np.inf  # an MPI MAX may drop a NaN, never an Inf
         self.comm.allreduce_max(bounds, what=f"{what} (exact sum: bounds)")
-        grid = exactsum.SignalGrid(signals, self.shapes, c, n_chunks)
+        # a chunk adds c rows per layer, or c T for a sequence model's T steps: the grid's bound
+        grid = exactsum.SignalGrid(signals, self.shapes, c * _steps(net, batch.X), n_chunks)
         exactsum.encode(stats, exactsum.magic_for(bounds[-2:], n_chunks), self.flags[:2])
         self.flags[2] = 1.0 if stop else 0.0  # flags add exactly too
         counts = [b - a for a, b in (data.chunk_range(n_chunks, size, p) for p in range(size))]

@@ -1,4 +1,4 @@
-"""`Trainer`: synchronous data-parallel training of a `Network` over an MPI communicator.
+"""`Trainer`: synchronous data-parallel training of a `Network` (or a `Recurrent`) over MPI.
 
 Every rank holds the same parameters. The loop, per global batch of sample indices:
 
@@ -12,6 +12,10 @@ to the order of floating-point additions, or to the bit with `deterministic=True
 The data order comes from `data.epoch_permutation(seed, epoch)`, so a checkpoint needs only
 (epoch, batch, step) and the parameters and optimizer state to continue bit-identically.
 Only rank 0 writes files; every rank returns the same `history`.
+
+A `Recurrent` trains alike, on X (N, T, d) with `lengths`: its targets are `recurrent.Targets`, the
+encoded targets with the lengths, so that the batches' rows pick both; the loss divisor counts
+targets (Σ lengths for targets="every"), and the deterministic grid a chunk's c T rows.
 """
 import contextlib
 import signal
@@ -22,15 +26,18 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import checkpoint, data, exactsum, families, optim, step
+from .model import build
 from .comm import connect
 from .network import Network
+from .recurrent import Recurrent, check_finite_steps
 from .stopping import DivergenceError, EarlyStopping, Interrupted, StopRequest, diverged
 from .threads import threads_in_force
 
 __all__ = ["Trainer", "DivergenceError", "Interrupted"]
 # The settings a checkpoint keeps (with patience and checkpoint_dir): Trainer.resume passes them back
 SETTINGS = ("batch_size", "epochs", "seed", "schedule", "clip_norm", "checkpoint_every",
-            "keep_checkpoints", "deterministic", "chunk_size", "check_every", "threads", "shuffle")
+            "keep_checkpoints", "deterministic", "chunk_size", "check_every", "threads", "shuffle",
+            "bptt")
 
 
 class Trainer:
@@ -44,10 +51,17 @@ class Trainer:
                  schedule=None, clip_norm=0.0, patience=0, checkpoint_dir=None, checkpoint_every=0,
                  keep_checkpoints=3, deterministic=False, chunk_size=64, watchdog=600.0,
                  bucket_bytes=4 << 20, check_every=100, threads=None, callback=None,
-                 update="auto", stop=None, shuffle=True):
-        if not isinstance(net, Network):
-            raise TypeError(f"net must be a distnn.Network, got {type(net).__name__}")
+                 update="auto", stop=None, shuffle=True, bptt=None):
+        if not isinstance(net, (Network, Recurrent)):
+            raise TypeError(f"net must be a distnn.Network or Recurrent, got {type(net).__name__}")
         update = step.checked_update(update)
+        # truncated BPTT: back-propagate within windows of `bptt` steps (0: the whole sequence);
+        # a Recurrent's own setting, which None leaves as it is
+        if bptt is not None and (bptt or isinstance(net, Recurrent)):
+            if not isinstance(net, Recurrent):
+                raise ValueError(f"bptt is for a Recurrent network; a Network has no time steps, "
+                                 f"got bptt={bptt!r}")
+            net.bptt = _positive_int("bptt", bptt, low=0)
         self.net = net
         self.optimizer = optimizer if optimizer is not None else optim.SGD(lr=0.01)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -89,13 +103,19 @@ class Trainer:
         self.closed = False
         self._lr_args = {"total_steps": 1} | self.schedule  # fit sets its own total_steps
         self._transform = None  # fit's and evaluate's rows -> rows
-        self._loss_divisor = None  # fit's training rows, or their Σ sample weight
+        self._loss_divisor = None  # fit's training targets, or their Σ sample weight
         # the class labels of a labels family's outputs when fit was given labels that are not
         # output indices 0..K-1 (strings, say): the sorted unique labels, as the CLI encodes them
         self.classes = None
 
     # ---- the public surface ------------------------------------------------------------------
-    def fit(self, X, y, X_val=None, y_val=None, transform=None, scan=True, sample_weight=None):
+    @property
+    def bptt(self):
+        """A Recurrent's truncated BPTT window (0: whole sequences); None for a Network."""
+        return self.net.bptt if isinstance(self.net, Recurrent) else None
+
+    def fit(self, X, y, X_val=None, y_val=None, transform=None, scan=True, sample_weight=None, *,
+            lengths=None, lengths_val=None):
         """Train on rows of X, y (this process's view of the whole data set; memory-maps, lists
         and pandas welcome). Class labels other than output indices (strings, say) are encoded
         by their sorted unique values, which `classes` keeps.
@@ -106,6 +126,8 @@ class Trainer:
         `sample_weight` (N,), finite and >= 0: each batch's loss and gradient are Σ w·loss / Σ w
         over its samples, and each epoch's loss Σ w·loss / Σ w over the training set (accuracy
         still counts samples; validation is unweighted).
+        A Recurrent takes X (N, T, d) and `lengths` (N,) in 1..T (None: every sequence has T
+        steps), and `lengths_val` for X_val; its weights count for each of a sequence's targets.
         Returns `history`, a list of per-epoch dicts of reduced metrics, the same on every rank."""
         if self.closed:
             raise RuntimeError("this Trainer was closed; make a new one (or Trainer.resume) to train")
@@ -115,12 +137,15 @@ class Trainer:
                 warnings.warn(f"batch_size {self.batch_size} is more than the {len(X)} training "
                               f"samples: each step takes all {len(X)}", UserWarning, stacklevel=2)
             self.batch_size = len(X)  # smaller than the one the stepper was sized for: fits
-        X, Y = self._checked_data(X, self._codes(y), "training", scan)
+        X, Y = self._checked_data(X, self._codes(y), "training", scan, lengths)
         val = (None if X_val is None else
-               self._checked_data(_array(X_val), self._codes(y_val), "validation", scan))
+               self._checked_data(_array(X_val), self._codes(y_val), "validation", scan,
+                                  lengths_val))
         W = self.comm.together(_checked_weights, sample_weight, len(X), self.net.dtype,
                                catch=(ValueError,))
-        self._loss_divisor = len(X) if W is None else float(W.sum(dtype=np.float64))
+        counts = _counts(Y)  # targets per sample: 1, or a sequence's
+        self._loss_divisor = (_n_targets(Y) if W is None else
+                              float(W.astype(np.float64) @ (1 if counts is None else counts)))
         self._transform = transform
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)
@@ -145,7 +170,7 @@ class Trainer:
                     if self.stop.agreed:
                         raise self.stop.interrupted(f"epoch {self.epoch + 1}, step {self.step}",
                                                     self.save_checkpoint())
-                if self._end_epoch(len(X), val, time.perf_counter() - started):
+                if self._end_epoch(_n_targets(Y), val, time.perf_counter() - started):
                     break
         if self.early.patience and self.early.params is not None:
             self.net.params[...] = self.early.params  # early stopping keeps the best model
@@ -170,9 +195,10 @@ class Trainer:
         self.step += 1
         return verdict
 
-    def evaluate(self, X, y, transform=None):
-        """(mean loss without penalty, accuracy or None) over all ranks' shards of X, y."""
-        X, Y = self._checked_data(_array(X), self._codes(y), "evaluation")
+    def evaluate(self, X, y, transform=None, lengths=None):
+        """(mean loss without penalty, accuracy or None) over all ranks' shards of X, y (and the
+        sequences' lengths, for a Recurrent)."""
+        X, Y = self._checked_data(_array(X), self._codes(y), "evaluation", lengths=lengths)
         with threadpool_limits(_blas_threads(self.deterministic, self.threads, self.comm), user_api="blas"):  # as fit: deterministic pins
             return self._evaluate(X, Y, transform)
 
@@ -238,7 +264,7 @@ class Trainer:
                                catch=(checkpoint.CheckpointError,))
         arrays, meta = loaded if loaded is not None else (None, None)
         meta = comm.bcast_json(meta)
-        net = Network(**meta["network"])
+        net = build(meta["network"])
         # A given optimizer (e.g. a new learning rate) takes over the saved state; else the saved one.
         opt = overrides.pop("optimizer", None) or optim.make_optimizer(**meta["optimizer"])
         settings = meta["trainer"] | {k: v for k, v in overrides.items() if k != "watchdog"}
@@ -296,7 +322,7 @@ class Trainer:
     def _evaluate(self, X, Y, transform):
         """Mean loss and accuracy over X, Y sharded across ranks."""
         total = self.stepper.evaluate_sums(X, Y, transform, self.batch_size)
-        n = len(X)
+        n = _n_targets(Y)
         accuracy = (float(total[1] / (n * self.net.decisions)) if self.net.is_classifier
                     else None)
         return float(total[0] / n), accuracy
@@ -317,7 +343,8 @@ class Trainer:
     def _codes(self, y):
         """y as a labels family's output indices: labels that are not indices already are
         encoded by `classes` (set from the first such y, sorted unique values)."""
-        if y is None or not families.FAMILIES[self.net.family].labels:
+        if y is None or not families.FAMILIES[self.net.family].labels or isinstance(
+                self.net, Recurrent):  # a sequence's labels are output indices
             return None if y is None else _array(y)
         y = _array(y)
         if self.classes is None and _are_indices(y):
@@ -333,10 +360,12 @@ class Trainer:
 
         return Model(self.net, None, self.classes).targets(y)
 
-    def _checked_data(self, X, y, what, scan=True):
+    def _checked_data(self, X, y, what, scan=True, lengths=None):
         """Validate shapes and values; each rank checks a block of X, all fail together."""
         batch = self.batch_size if what == "training" else None  # training needs whole batches
-        return self.comm.together(_checked, self.net, X, y, what, batch, self.comm, scan,
+        if lengths is not None and not isinstance(self.net, Recurrent):
+            raise ValueError(f"{what} lengths are for a Recurrent network's sequences")
+        return self.comm.together(_checked, self.net, X, y, what, batch, self.comm, scan, lengths,
                                   catch=(ValueError,))
 
     def _sync_start(self):
@@ -418,23 +447,53 @@ def _meta(trainer):
     }
 
 
-def _checked(net, X, y, what, batch_size, comm, scan):
+def _checked(net, X, y, what, batch_size, comm, scan, lengths=None):
     """(X, Y) after the checks of shapes and targets, and of this rank's block of X."""
     if X is None or y is None:
         raise ValueError(f"{what} data: X and y are both required")
+    if isinstance(net, Recurrent):
+        return _checked_sequences(net, X, y, what, batch_size, comm, scan, lengths)
     if X.ndim != 2 or X.shape[1] != net.sizes[0]:
         raise ValueError(f"{what} X has shape {X.shape}; expected (N, {net.sizes[0]}) "
                          f"for a network with {net.sizes[0]} inputs")
-    if len(X) < 1:
-        raise ValueError(f"{what} data is empty")
-    if batch_size is not None and len(X) < max(comm.size, batch_size):
-        raise ValueError(f"{what} data has {len(X)} samples, fewer than the batch size "
-                         f"{batch_size} or the {comm.size} ranks")
+    _enough(X, what, batch_size, comm)
     Y = net.check_targets(y, len(X))
     if scan:
         a, b = data.shard(0, len(X), comm.size, comm.rank)
         data.check_finite(X, np.arange(a, b), name=f"{what} X")
     return X, Y
+
+
+def _checked_sequences(net, X, y, what, batch_size, comm, scan, lengths):
+    """_checked for a Recurrent: X (N, T, d), lengths, targets; this rank's block of X scanned
+    for NaN/Inf at the steps that exist."""
+    if X.ndim != 3 or X.shape[2] != net.sizes[0] or X.shape[1] < 1:
+        raise ValueError(f"{what} X has shape {X.shape}; expected (N, T, {net.sizes[0]}): "
+                         f"sequences of T >= 1 steps of {net.sizes[0]} inputs")
+    _enough(X, what, batch_size, comm)
+    Y = net.check_targets(y, len(X), lengths, X.shape[1])
+    if scan:
+        a, b = data.shard(0, len(X), comm.size, comm.rank)
+        check_finite_steps(X, Y.lengths, np.arange(a, b), name=f"{what} X")
+    return X, Y
+
+
+def _enough(X, what, batch_size, comm):
+    if len(X) < 1:
+        raise ValueError(f"{what} data is empty")
+    if batch_size is not None and len(X) < max(comm.size, batch_size):
+        raise ValueError(f"{what} data has {len(X)} samples, fewer than the batch size "
+                         f"{batch_size} or the {comm.size} ranks")
+
+
+def _counts(Y):
+    """Targets per sample (N,) of a sequence model's Targets; None: one each."""
+    return Y.counts() if hasattr(Y, "counts") else None
+
+
+def _n_targets(Y):
+    """How many targets Y holds: its samples, or a sequence model's Σ targets."""
+    return Y.total if hasattr(Y, "total") else len(Y)
 
 
 def _positive_int(name, value, low=1, high=None):
