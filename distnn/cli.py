@@ -280,7 +280,7 @@ def predict(args) -> int:
     mean = model.mean(ds.X, **lengths)
     columns = prediction_columns(model)
     labels = model.predict_labels(ds.X, **lengths) if model.is_classifier else None
-    keys = []  # targets per step: one line per step that exists, led by its sequence and step
+    keys = np.empty((len(mean), 0), np.int64)  # per step: each line led by (sequence, step)
     if mean.ndim == 3:
         there = data.alive(ds.lengths, *mean.shape[:2])
         keys = np.argwhere(there)  # (M, 2): sequence, step, in order
@@ -293,7 +293,7 @@ def predict(args) -> int:
         out.writerow(columns)
         for i, row in enumerate(mean):
             # str of a numpy float is its shortest round-trip text: reading it back gives the bits
-            out.writerow([*(int(k) for k in keys[i:i + 1].reshape(-1))] + [str(v) for v in row] +
+            out.writerow([int(k) for k in keys[i]] + [str(v) for v in row] +
                          ([] if labels is None else list(labels[i])))
 
     # an existing file stays whole until the new one is; a link or FIFO is written through

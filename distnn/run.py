@@ -261,9 +261,14 @@ def _sequence_targets(ds, mc, rank):
     """(y as the recurrent model takes it, class labels or None). targets = "every": y (N, T) or
     (N, T, K), the padded steps zeroed (never scored, so never checked) and class labels encoded
     from the steps that exist; "last": one target per sequence, as for rows."""
-    if mc.targets == "last":
-        return _encoded_targets(ds, mc.family, rank)
     n, steps = ds.X.shape[:2]
+    if mc.targets == "last":
+        per_step = ds.y.ndim == 3 or (ds.y.ndim == 2 and families.FAMILIES[mc.family].labels)
+        if per_step and ds.y.shape[1] == steps:
+            raise DataError(f"{ds.source}: target '{ds.target_name}' has shape {ds.y.shape}, one "
+                            f"per step; model.targets = \"last\" takes one per sequence, ({n},) "
+                            f"or ({n}, K): set model.targets = \"every\" for a target per step")
+        return _encoded_targets(ds, mc.family, rank)
     if ds.y.ndim < 2 or ds.y.shape[1] != steps:
         raise DataError(f"{ds.source}: target '{ds.target_name}' has shape {ds.y.shape}; "
                         f"model.targets = \"every\" takes one per step, ({n}, {steps}) or "
