@@ -143,9 +143,9 @@ class Trainer:
                                   lengths_val))
         W = self.comm.together(_checked_weights, sample_weight, len(X), self.net.dtype,
                                catch=(ValueError,))
-        counts = _counts(Y)  # targets per sample: 1, or a sequence's
-        self._loss_divisor = (_n_targets(Y) if W is None else
-                              float(W.astype(np.float64) @ (1 if counts is None else counts)))
+        counts = _counts(Y)  # targets per sample: None (1 each), or a sequence's
+        self._loss_divisor = (_n_targets(Y) if W is None else float(W.sum(dtype=np.float64))
+                              if counts is None else float(W.astype(np.float64) @ counts))
         self._transform = transform
         self._sync_start()
         batches = data.batches(len(X), self.batch_size)

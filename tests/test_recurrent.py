@@ -302,3 +302,89 @@ def test_bad_settings_are_refused_in_one_line(kwargs, said):
     with pytest.raises(ValueError) as e:
         Recurrent(**args)
     assert said in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- training it with Trainer (one process; tests/test_recurrent_mpi.py for P ranks) ----------
+
+def trainer_for(rnn, **kw):
+    from mpi4py import MPI
+
+    from distnn import optim
+    from distnn.trainer import Trainer
+
+    kw.setdefault("optimizer", optim.SGD(lr=0.1))
+    return Trainer(rnn, comm=MPI.COMM_SELF, seed=3, **kw)
+
+
+@pytest.mark.parametrize("targets_", ["last", "every"])
+def test_a_full_batch_step_is_one_gradient_step_over_the_targets(targets_):
+    """The step's divisor is the batch's count of targets (Σ lengths for "every"): one SGD step
+    on the whole batch moves params by −lr · gradient(X, y, lengths), penalty included; integer
+    sample weights count like repeated sequences."""
+    rng = np.random.default_rng(11)
+    X, lengths = sequences(rng, n=6, t=4)
+    y = targets("bernoulli", targets_, 6, 4, 2, rng)
+    rnn = Recurrent([3, 5, 2], 3, family="bernoulli", targets=targets_, l2=0.01, seed=1)
+    expected = rnn.params - 0.1 * rnn.gradient(X, y, lengths)
+    trainer = trainer_for(rnn, batch_size=6, epochs=1)
+    history = trainer.fit(*garbage(X, y, lengths, targets_), lengths=lengths)
+    np.testing.assert_allclose(rnn.params, expected, rtol=1e-12, atol=1e-15)
+
+    w = np.array([1, 2, 0, 1, 3, 1])
+    rep = np.repeat(np.arange(6), w)
+    twin = Recurrent([3, 5, 2], 3, family="bernoulli", targets=targets_, l2=0.01, seed=1)
+    expected = twin.params - 0.1 * twin.gradient(X[rep], y[rep], lengths[rep])
+    weighted = Recurrent([3, 5, 2], 3, family="bernoulli", targets=targets_, l2=0.01, seed=1)
+    trainer_for(weighted, batch_size=6, epochs=1).fit(X, y, sample_weight=w, lengths=lengths)
+    np.testing.assert_allclose(weighted.params, expected, rtol=1e-12, atol=1e-15)
+    fresh = Recurrent([3, 5, 2], 3, family="bernoulli", targets=targets_, l2=0.01, seed=1)
+    data_loss = fresh.loss(X, y, lengths) - fresh.penalty()  # the epoch's: the penalty at its end
+    assert history[0]["loss"] == pytest.approx(data_loss + rnn.penalty(), rel=1e-12)
+
+
+def test_evaluate_is_the_mean_loss_over_the_targets_and_their_accuracy():
+    rng = np.random.default_rng(12)
+    X, lengths = sequences(rng, n=9, t=5)
+    y = targets("multinomial", "every", 9, 5, 3, rng)
+    rnn = Recurrent([3, 5, 3], 3, family="multinomial", targets="every", l2=0.3, seed=1)
+    trainer = trainer_for(rnn, batch_size=4, epochs=0)
+    loss, accuracy = trainer.evaluate(X, y, lengths=lengths)
+    assert loss == pytest.approx(rnn.loss(X, y, lengths) - rnn.penalty(), rel=1e-12)
+    alive = np.arange(5)[None, :] < lengths[:, None]
+    right = (rnn.predict(X, lengths).argmax(axis=2) == y) & alive
+    assert accuracy == pytest.approx(right.sum() / alive.sum())
+
+
+def test_the_trainer_learns_a_sequence_task_and_keeps_the_best_model():
+    """The sign of a running sum, read at each sequence's last step (it needs the state)."""
+    from distnn import optim
+
+    rng = np.random.default_rng(13)
+    X = rng.normal(size=(300, 6, 2))
+    lengths = rng.integers(2, 7, size=300)
+    y = (np.cumsum(X[:, :, 0], axis=1)[np.arange(300), lengths - 1] > 0).astype(int)
+    rnn = Recurrent([2, 16, 2], 8, activation="tanh", family="multinomial", seed=2)
+    trainer = trainer_for(rnn, optimizer=optim.Adam(lr=0.02), batch_size=30, epochs=25,
+                          clip_norm=1.0, patience=5)
+    history = trainer.fit(X[:240], y[:240], X[240:], y[240:], lengths=lengths[:240],
+                          lengths_val=lengths[240:])
+    best = min(h["val_loss"] for h in history)
+    assert trainer.evaluate(X[240:], y[240:], lengths=lengths[240:])[0] == pytest.approx(best)
+    assert max(h["val_accuracy"] for h in history) >= 0.9
+
+
+def test_bptt_and_lengths_are_for_recurrent_networks():
+    from distnn import optim
+
+    with pytest.raises(ValueError, match="bptt is for a Recurrent"):
+        trainer_for(Network([3, 2], family="gaussian"), bptt=4)
+    with pytest.raises(ValueError, match="bptt must be an integer >= 0"):
+        trainer_for(Recurrent([3, 2], 2, family="gaussian"), bptt=-1)
+    trainer = trainer_for(Network([3, 2], family="gaussian"), optimizer=optim.SGD(lr=0.1),
+                          batch_size=2, epochs=1)
+    with pytest.raises(ValueError, match="lengths are for a Recurrent"):
+        trainer.fit(np.zeros((4, 3)), np.zeros(4), lengths=[1, 1, 1, 1])
+    rnn = Recurrent([3, 2], 2, family="gaussian")
+    assert trainer_for(rnn, bptt=5).bptt == 5 == rnn.bptt
+    with pytest.raises(ValueError, match=r"expected \(N, T, 3\)"):
+        trainer_for(rnn, batch_size=2).fit(np.zeros((4, 3)), np.zeros(4))
