@@ -218,3 +218,15 @@ def test_the_digits_read_as_rows_example_parses_and_reads_eight_steps_of_eight()
     job = run.prepare(cfg, 0, 1)
     assert job.X.shape == (1797, 8, 8) and job.net.sizes == [8, 128, 10]
     assert job.net.net.sizes == [8 + 64, 128, 10 + 64]
+
+
+def test_exploding_gradients_stop_as_divergence_with_exit_code_1_and_one_message(work):
+    X, _, lengths = sequences()
+    np.savez(work / "reg.npz", X=X, y=np.nansum(X[:, :, 0], axis=1), lengths=lengths)
+    done = distnn(work, "train", "cfg.toml", "--set", "data.source=reg.npz", "--set",
+                  "model.family=gaussian", "--set", "model.state_activation=relu", "--set",
+                  "optim.name=sgd", "--set", "optim.lr=1000.0", "--set", "optim.clip_norm=0.0",
+                  "--set", "train.epochs=50")
+    assert done.returncode == 1, done.stderr
+    assert "distnn: training diverged at epoch" in done.stderr and "optim.clip_norm" in done.stderr
+    assert "Traceback" not in done.stderr and not (work / "run" / "done.json").exists()
