@@ -365,8 +365,9 @@ class Trainer:
         batch = self.batch_size if what == "training" else None  # training needs whole batches
         if lengths is not None and not isinstance(self.net, Recurrent):
             raise ValueError(f"{what} lengths are for a Recurrent network's sequences")
+        chunk = self.chunk_size if self.deterministic else None
         return self.comm.together(_checked, self.net, X, y, what, batch, self.comm, scan, lengths,
-                                  catch=(ValueError,))
+                                  chunk, catch=(ValueError,))
 
     def _sync_start(self):
         """Everyone starts from rank 0's parameters and optimizer state, verified by checksum."""
@@ -447,12 +448,12 @@ def _meta(trainer):
     }
 
 
-def _checked(net, X, y, what, batch_size, comm, scan, lengths=None):
+def _checked(net, X, y, what, batch_size, comm, scan, lengths=None, chunk_size=None):
     """(X, Y) after the checks of shapes and targets, and of this rank's block of X."""
     if X is None or y is None:
         raise ValueError(f"{what} data: X and y are both required")
     if isinstance(net, Recurrent):
-        return _checked_sequences(net, X, y, what, batch_size, comm, scan, lengths)
+        return _checked_sequences(net, X, y, what, batch_size, comm, scan, lengths, chunk_size)
     if X.ndim != 2 or X.shape[1] != net.sizes[0]:
         raise ValueError(f"{what} X has shape {X.shape}; expected (N, {net.sizes[0]}) "
                          f"for a network with {net.sizes[0]} inputs")
@@ -464,12 +465,16 @@ def _checked(net, X, y, what, batch_size, comm, scan, lengths=None):
     return X, Y
 
 
-def _checked_sequences(net, X, y, what, batch_size, comm, scan, lengths):
+def _checked_sequences(net, X, y, what, batch_size, comm, scan, lengths, chunk_size=None):
     """_checked for a Recurrent: X (N, T, d), lengths, targets; this rank's block of X scanned
-    for NaN/Inf at the steps that exist."""
+    for NaN/Inf at the steps that exist. chunk_size: deterministic mode's, whose c T rows the
+    grid bounds."""
     if X.ndim != 3 or X.shape[2] != net.sizes[0] or X.shape[1] < 1:
         raise ValueError(f"{what} X has shape {X.shape}; expected (N, T, {net.sizes[0]}): "
                          f"sequences of T >= 1 steps of {net.sizes[0]} inputs")
+    if chunk_size and chunk_size * X.shape[1] > exactsum.MAX_CHUNK_SIZE:
+        raise ValueError(f"deterministic mode: chunk_size {chunk_size} x {X.shape[1]} steps is "
+                         f"more than {exactsum.MAX_CHUNK_SIZE} rows a chunk; use smaller chunks")
     _enough(X, what, batch_size, comm)
     Y = net.check_targets(y, len(X), lengths, X.shape[1])
     if scan:

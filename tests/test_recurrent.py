@@ -388,3 +388,35 @@ def test_bptt_and_lengths_are_for_recurrent_networks():
     assert trainer_for(rnn, bptt=5).bptt == 5 == rnn.bptt
     with pytest.raises(ValueError, match=r"expected \(N, T, 3\)"):
         trainer_for(rnn, batch_size=2).fit(np.zeros((4, 3)), np.zeros(4))
+
+
+def test_the_signal_bound_of_deterministic_mode_covers_time_summed_gradients():
+    """A chunk of c sequences of T steps sums c T rows per layer: |G_jk| <= c T max|P_j| max|I_k|
+    (the grid step.py builds takes c T), where c alone would not bound it."""
+    rng = np.random.default_rng(14)
+    rnn = Recurrent([3, 6, 2], 5, activation="relu", state_activation="identity",
+                    family="gaussian", targets="every", seed=2)
+    X = rng.normal(size=(2, 8, 3)) + 2.0  # inputs of one sign: the steps' terms add up
+    Y = rnn.check_targets(rng.normal(size=(2, 8, 2)) - 5.0, 2, None, 8)
+    g = rnn.grad_buffer()
+    rnn.grad_sum(X, Y, g, divisor=1)
+    signals = rnn.last_signal_maxabs(X)
+    gw, gb = rnn.net._grad_views(g)
+    at, ratios = 0, []
+    for l, (o, i) in enumerate(rnn.shapes):
+        a, b = signals[at:at + o], np.append(signals[at + o:at + o + i], 1.0)
+        at += o + i
+        grad = np.hstack([gw[l], gb[l][:, None]])
+        ratios.append((np.abs(grad) / np.maximum(np.outer(a, b), 1e-300)).max())
+    assert max(ratios) <= 2 * 8  # c T, c = 2 sequences, T = 8 steps
+    assert max(ratios) > 2  # c alone is exceeded
+
+
+def test_deterministic_chunks_whose_rows_the_grid_cannot_bound_are_refused():
+    from distnn import exactsum
+
+    rnn = Recurrent([2, 2], 2, family="gaussian", targets="last")
+    trainer = trainer_for(rnn, batch_size=4, epochs=1, deterministic=True, chunk_size=4)
+    steps = exactsum.MAX_CHUNK_SIZE // 4 + 1
+    with pytest.raises(ValueError, match="chunk_size 4 x .* steps"):
+        trainer.fit(np.zeros((4, steps, 2), np.float32), np.zeros(4), scan=False)
