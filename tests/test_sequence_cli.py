@@ -230,3 +230,22 @@ def test_exploding_gradients_stop_as_divergence_with_exit_code_1_and_one_message
     assert done.returncode == 1, done.stderr
     assert "distnn: training diverged at epoch" in done.stderr and "optim.clip_norm" in done.stderr
     assert "Traceback" not in done.stderr and not (work / "run" / "done.json").exists()
+
+
+def test_rows_read_as_steps_are_read_so_again_by_evaluate_and_predict(work):
+    from test_cli import flowers, write_csv
+
+    write_csv(work / "flowers.csv", *flowers())  # 4 feature columns: 2 steps of 2
+    done = distnn(work, "train", "cfg.toml", "--set", "data.source=flowers.csv", "--set",
+                  "data.target=species", "--set", "data.steps=2")
+    assert done.returncode == 0, done.stderr
+    model = load_model(work / "run")
+    assert model.net.sizes[0] == 2
+    val = json.loads(distnn(work, "evaluate", "run", "--json").stdout)
+    assert val["accuracy"] == records(work / "run")[-1]["val_accuracy"]
+    everything = json.loads(distnn(work, "evaluate", "run", "flowers.csv", "--json").stdout)
+    assert everything["rows"] == 120
+    assert distnn(work, "predict", "run", "flowers.csv", "-o", "p.csv").returncode == 0
+    X, _ = flowers()
+    header, *rows = list(csv.reader((work / "p.csv").open()))
+    assert [r[-1] for r in rows] == model.predict(X.reshape(120, 2, 2)).tolist()
