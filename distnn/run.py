@@ -280,6 +280,14 @@ def _sequence_targets(ds, mc, rank):
             raise DataError(f"{name} has a single class {classes.tolist()}; {mc.family} needs at "
                             f"least 2")
         return y, classes
+    there = data.alive(ds.lengths, n, steps)
+    if mc.family == "bernoulli" and ds.y.ndim == 2 and _two_labels(ds.y[there]):
+        y, classes = data.encode_step_labels(ds.y, ds.lengths, name=name)  # two labels: 0/1
+        if len(classes) != 2:
+            raise DataError(f"{name} has {len(classes)} labels {_few(classes)}; bernoulli takes "
+                            f"two (or 0/1 per step); for more classes use model.family = "
+                            f"\"multinomial\"")
+        return y.astype(np.float64), classes
     if ds.y.dtype.kind not in "biuf":
         raise DataError(f"{name} holds {ds.y.dtype} values; a {mc.family} target per step must "
                         f"be numbers")

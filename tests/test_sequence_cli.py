@@ -249,3 +249,23 @@ def test_rows_read_as_steps_are_read_so_again_by_evaluate_and_predict(work):
     X, _ = flowers()
     header, *rows = list(csv.reader((work / "p.csv").open()))
     assert [r[-1] for r in rows] == model.predict(X.reshape(120, 2, 2)).tolist()
+
+
+def test_two_labels_per_step_train_a_bernoulli_model_and_come_back_as_labels(work):
+    X, _, lengths = sequences()
+    y = np.where(np.nan_to_num(X[:, :, 0]) > 0, "high", "low")
+    y[np.arange(6) >= lengths[:, None]] = "?"  # padding: no label, never looked at
+    np.savez(work / "two.npz", X=X, y=y, lengths=lengths)
+    done = distnn(work, "train", "cfg.toml", "--set", "data.source=two.npz", "--set",
+                  "model.family=bernoulli", "--set", "model.targets=every", "--set",
+                  "train.epochs=20")
+    assert done.returncode == 0, done.stderr
+    model = load_model(work / "run")
+    assert model.classes.tolist() == ["high", "low"]
+    assert json.loads(distnn(work, "evaluate", "run", "--json").stdout)["accuracy"] > 0.9
+    assert distnn(work, "predict", "run", "two.npz", "-o", "p.csv").returncode == 0
+    header, *rows = list(csv.reader((work / "p.csv").open()))
+    assert header == ["sequence", "step", "p_low", "label"]
+    there = data.alive(lengths, 96, 6)
+    assert [r[-1] for r in rows] == model.predict(X, lengths)[there].tolist()
+    assert np.mean([r[-1] for r in rows] == y[there]) > 0.9
