@@ -15,7 +15,9 @@ One run measures, prints a table and writes DIR/bench.json and DIR/bench.png (th
    and a DP-SGD step's time over a plain step's and its extra memory (bench_dp.py);
 6. start-up: import + first training step of a fresh process, on an empty and a warm kernel cache;
    and, when `import torch` works, PyTorch DDP (gloo) at 2 processes x 1 thread, whole epochs,
-   against Trainer.fit at 2 ranks x 1 thread.
+   against Trainer.fit at 2 ranks x 1 thread;
+7. the recurrent step (distnn/bench_recurrent.py): a Recurrent's BPTT step in samples·steps/s
+   against PyTorch's same unrolled computation and against the GEMM roofline of its products.
 Targets are printed PASS/MISS; nothing asserts them. Every time is the best of many calls (other
 programs only ever add time), --repeat N keeps each figure's best of N whole runs, and the run
 warns when other programs kept the machine busy meanwhile.
@@ -45,6 +47,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from . import bench_dp
+from . import bench_recurrent
 from .bench_report import ddp_rows, report, roofline_rows, scaling_results, step_rows
 from .bench_workers import LARGE, SMALL, WORKERS, mpi_worker, worker_main
 from .errors import ArgumentParser
@@ -91,6 +94,7 @@ def plan(quick, cores, ranks):
         "memory_batch": 512 if quick else 4096,
         "startup": {"net": "small", "sizes": SMALL, "dtype": "float32", "batch": 64,
                     "warm_runs": 2 if quick else 3},
+        "recurrent": recurrent_plan(quick),
         # PyTorch DDP: the nets and batches of Trainer.fit's runs ("trainer"), 2 processes
         "ddp": [{"net": n, "sizes": s, "dtype": dt, "batch": 128 if quick else 512, "steps": st,
                  "epochs": 3}
@@ -98,6 +102,16 @@ def plan(quick, cores, ranks):
                                      [("large", LARGE, "float32", 6), ("large", LARGE, "float64", 6),
                                       ("small", SMALL, "float32", 60)])],
     }
+
+
+def recurrent_plan(quick):
+    """The recurrent step's configurations: n_in inputs, hidden layers, state, n_out classes, T
+    steps, N sequences; float32 (PyTorch's usual dtype) on 1 BLAS thread, and float64."""
+    if quick:
+        return [{"n_in": 8, "hidden": [32], "state": 16, "n_out": 4, "steps": 6, "batch": 16,
+                 "dtype": "float32", "threads": 1}]
+    return [{"n_in": 32, "hidden": [256], "state": 128, "n_out": 10, "steps": 32, "batch": b,
+             "dtype": dt, "threads": 1} for b in (64, 256) for dt in ("float32", "float64")]
 
 
 # ============================================================================ launching workers
@@ -296,6 +310,14 @@ def run_memory(p, args, mpiexec):
     return rows
 
 
+def run_recurrent(p, args):
+    """Section 7: the recurrent step in its own worker (1 BLAS thread)."""
+    spec = {"configs": p["recurrent"], "seconds": p["seconds"], "torch": not args.no_torch}
+    env = worker_env(args.keep_blas_env, max(c["threads"] for c in p["recurrent"]))
+    out = best_of([launch("recurrent", spec, env, args.timeout) for _ in range(args.repeat)])
+    return bench_recurrent.rows(out["configs"])
+
+
 def run_startup(p, args):
     """Section 6: start-up cost, in a worker that starts its own fresh processes."""
     return launch("startup", p["startup"], worker_env(args.keep_blas_env, 1), args.timeout)
@@ -346,6 +368,7 @@ def run_all(args, argv):
         res["startup"] = run_startup(p, args)
         res["dp"] = launch("dp", bench_dp.plan(args.quick), worker_env(args.keep_blas_env, 1),
                            args.timeout)
+        res["recurrent"] = run_recurrent(p, args)
     ddp = run_ddp(p, args) if 2 in p["ranks"] and usable_cpus() >= 2 else None
     if ddp is not None:
         res["scaling"]["ddp"] = ddp_rows(ddp["runs"], res["scaling"]["deterministic"])
@@ -404,7 +427,8 @@ def parse_args(argv):
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run every measurement N times and keep each figure's best (on a shared machine)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per worker process")
-    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=sorted(WORKERS | bench_recurrent.WORKERS),
+                   help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -412,6 +436,8 @@ def parse_args(argv):
 def main(argv=None):
     """`distnn bench`: run the suite, print the report, write the files; 0 on success, 1 on failure."""
     args = parse_args(argv)
+    if args.worker in bench_recurrent.WORKERS:
+        return bench_recurrent.worker_main(args.worker, args.spec)
     if args.worker:
         return worker_main(args.worker, args.spec)
     try:

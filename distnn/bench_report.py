@@ -200,9 +200,25 @@ def scaling_targets(res):
     return found
 
 
+def recurrent_targets(res):
+    """Section 7's target (issue 18): the recurrent step at least PyTorch's throughput, float32."""
+    rows = [r for r in res.get("recurrent", []) if r["dtype"] == "float32"]
+    return [verdict("recurrent step vs PyTorch, float32, 1 thread (samples·steps/s ratio)",
+                    worst([dict(r, net=rnn_net(r)) for r in rows], "vs_torch", True), "vs_torch",
+                    1.0, True)]
+
+
+def rnn_net(r):
+    """A recurrent configuration's short name, e.g. 'rnn 32+128-256-10+128 T32'."""
+    s = r["state"]
+    return (f"rnn {r['n_in']}+{s}-{'-'.join(map(str, r['hidden']))}-{r['n_out']}+{s} "
+            f"T{r['steps']}")
+
+
 def targets(res):
     """Each speed and deterministic-mode target with the measured value (the worst case measured) and PASS/MISS."""
-    return [t for t in single_targets(res) + scaling_targets(res) if t is not None]
+    return [t for t in single_targets(res) + scaling_targets(res) + recurrent_targets(res)
+            if t is not None]
 
 
 # ============================================================================ the printed report
@@ -339,6 +355,17 @@ def print_memory(res):
            ("private after", "anon_rss", ".0f"), ("file-backed after", "file_rss", ".0f")], rows)
 
 
+def print_recurrent(res):
+    """Section 7: the recurrent step, ours and PyTorch's, and its GEMM roofline."""
+    table("7. Recurrent step (BPTT gradient + SGD momentum, targets last), samples·steps/s; "
+          "roofline: its matrix products alone",
+          [("net", rnn_net, ""), ("N", "batch", ""), ("dtype", "dtype", ""), ("thr", "threads", ""),
+           ("step ms", "step_s", "ms"), ("samples·steps/s", "samples_steps_per_s", ".0f"),
+           ("torch", "torch_samples_steps_per_s", ".0f"), ("vs torch", "vs_torch", ".2f"),
+           ("GEMM GFLOP/s", "gemm_gflops", ".1f"), ("step/roof", "step_fraction", "%")],
+          res.get("recurrent", []))
+
+
 def print_targets(res):
     """The targets with PASS/MISS."""
     table("Targets (printed, never asserted)",
@@ -450,6 +477,7 @@ def report(res, out):
     print_memory(res)
     print_startup(res)
     print_dp(res)
+    print_recurrent(res)
     print_targets(res)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.json"), "w") as f:

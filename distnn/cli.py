@@ -32,7 +32,9 @@ import signal
 import sys
 from pathlib import Path
 
-from . import config, data, launcher, progress, run, rundir
+import numpy as np
+
+from . import config, data, launcher, progress, run, rundir, sources
 from .atomic import write_atomically
 from .errors import USER_ERRORS, ArgumentParser, UsageError
 from .checkpoint import CheckpointError
@@ -154,13 +156,37 @@ def _load_data(model, path, source, target, require_target=True) -> data.Dataset
     feature names. A data set of other width is refused first: its labels cannot be judged before
     that."""
     target = target or model.meta.get("target") or None
-    features = model.meta.get("features") if source.lower().endswith(".csv") else None
+    steps = _steps(model)
+    features = (model.meta.get("features") if source.lower().endswith(".csv") and not steps
+                else None)
     ds = data.load(source, target=target, features=features, require_target=require_target)
-    if ds.X.shape[1] != model.net.sizes[0]:
+    if steps and ds.X.ndim == 2:  # read as the run read its rows: as steps of sequences
+        ds = sources.as_steps(ds, steps)
+    _same_kind(model, path, ds)
+    if ds.n_features != model.net.sizes[0]:
         names = f" ({_shorten(model.meta['features'])})" if model.meta.get("features") else ""
-        raise data.DataError(f"{ds.source}: {ds.X.shape[1]} features, but the model {path} "
+        raise data.DataError(f"{ds.source}: {ds.n_features} features, but the model {path} "
                              f"takes {model.net.sizes[0]}{names}")
     return ds
+
+
+def _steps(model) -> int:
+    """data.steps of the run that trained a recurrent model (each row of a 2-D source read as
+    that many steps), else 0."""
+    cfg = model.meta.get("config")
+    steps = cfg.get("data", {}).get("steps", 0) if isinstance(cfg, dict) else 0
+    ok = model.recurrent and isinstance(steps, int) and not isinstance(steps, bool) and steps > 0
+    return steps if ok else 0
+
+
+def _same_kind(model, path, ds) -> None:
+    """Sequences (N, T, d) for a recurrent model, rows (N, d) for a dense one."""
+    if model.recurrent and ds.X.ndim != 3:
+        raise data.DataError(f"{ds.source}: X has shape {ds.X.shape}; the recurrent model {path} "
+                             f"takes sequences (N, T, {model.net.sizes[0]})")
+    if not model.recurrent and ds.X.ndim != 2:
+        raise data.DataError(f"{ds.source}: X holds sequences, shape {ds.X.shape}; the model "
+                             f"{path} is dense and takes rows (N, {model.net.sizes[0]})")
 
 
 SPLITS = ("val", "train", "all")
@@ -196,7 +222,7 @@ def evaluate(args) -> int:
         trained = {"train": len(rows["train"]), "val": 0, "all": len(rows["train"])}[split]
         rows = rows.get(split)
     X, y = (ds.X, ds.y) if rows is None else (run._Rows(ds.X, rows), ds.y[rows])
-    scores = model.scores(X, y)
+    scores = model.scores(X, y, **run._lengths_of(ds.lengths, rows))
     print(_scored(split, len(X), n, source, cfg, own, trained), file=sys.stderr)
     if args.json:
         print(json.dumps(scores | {"split": split, "rows": len(X), "source_rows": n,
@@ -250,9 +276,16 @@ def predict(args) -> int:
     """`distnn predict MODEL DATA -o OUT.csv`: mean response per row, and labels for classifiers."""
     _check_output(args.output, model_path(args.model), args.data)
     _, model, ds = _model_data(args, require_target=False)  # data to predict on needs no labels
-    mean = model.mean(ds.X)
+    lengths = run._lengths_of(ds.lengths)
+    mean = model.mean(ds.X, **lengths)
     columns = prediction_columns(model)
-    labels = model.predict_labels(ds.X) if model.is_classifier else None
+    labels = model.predict_labels(ds.X, **lengths) if model.is_classifier else None
+    keys = np.empty((len(mean), 0), np.int64)  # per step: each line led by (sequence, step)
+    if mean.ndim == 3:
+        there = data.alive(ds.lengths, *mean.shape[:2])
+        keys = np.argwhere(there)  # (M, 2): sequence, step, in order
+        mean, labels = mean[there], None if labels is None else labels[there]
+        columns = ["sequence", "step", *columns]
     labels = None if labels is None else labels.reshape(len(mean), -1)
 
     def write(f):
@@ -260,7 +293,8 @@ def predict(args) -> int:
         out.writerow(columns)
         for i, row in enumerate(mean):
             # str of a numpy float is its shortest round-trip text: reading it back gives the bits
-            out.writerow([str(v) for v in row] + ([] if labels is None else list(labels[i])))
+            out.writerow([int(k) for k in keys[i]] + [str(v) for v in row] +
+                         ([] if labels is None else list(labels[i])))
 
     # an existing file stays whole until the new one is; a link or FIFO is written through
     write_atomically(args.output, write, through=True)
@@ -301,13 +335,11 @@ def info(args) -> int:
     model = load_model(path)
     net, meta = model.net, model.meta
     features = meta.get("features") or []
-    lines = [("model", str(path)),
-             ("network", f"{' -> '.join(map(str, net.sizes))}  ({net.activation} hidden, "
-                         f"{net.family} output)"),
+    lines = [("model", str(path)), ("network", _architecture(model)),
              ("params", f"{net.n_params:,} {net.dtype.name}  (l1 {net.l1:g}, l2 {net.l2:g})"),
              # the parameters' bytes: deterministic runs at any rank count print the same digest
              ("digest", "sha256 " + hashlib.sha256(net.params.tobytes()).hexdigest()[:16]),
-             ("inputs", f"{net.sizes[0]} features"
+             ("inputs", f"{net.sizes[0]} features{' per step' if model.recurrent else ''}"
                         f"{', standardized' if model.scaler is not None else ''}: "
                         f"{_shorten(features)}"),
              ("target", str(meta.get("target") or "?"))]
@@ -328,6 +360,20 @@ def info(args) -> int:
     width = max(len(k) for k, _ in lines)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
     return 0
+
+
+def _architecture(model) -> str:
+    """The network line of `info`: sizes, activations, output family; a recurrent model's state,
+    state activation and targets too."""
+    net = model.net
+    if not model.recurrent:
+        return (f"{' -> '.join(map(str, net.sizes))}  ({net.activation} hidden, {net.family} "
+                f"output)")
+    s, sizes = net.state, net.sizes
+    inner = [f"{sizes[0]}+{s}", *map(str, sizes[1:-1]), f"{sizes[-1]}+{s}"]
+    return (f"recurrent {' -> '.join(inner)}  ([x, r] -> [y, r'], state {s} "
+            f"{net.state_activation}, {net.activation} hidden, {net.family} output, targets "
+            f"{net.targets})")
 
 
 def _shorten(items, shown=8) -> str:

@@ -24,6 +24,8 @@ FAMILIES = families.NAMES
 DTYPES = tuple(network.DTYPES)
 OPTIMIZERS = tuple(optim.OPTIMIZERS)
 SCHEDULES = tuple(optim.SCHEDULES)
+KINDS = ("dense", "recurrent")  # model.kind: a Network, or a Recurrent (the same net through time)
+TARGETS = ("last", "every")     # recurrent: one target per sequence (at its last step), or per step
 MAX_THREADS = 4096  # BLAS threads per rank (the BLAS libraries take a C int)
 # Tables and lists one inside another, below the file's top level: a config needs two (a
 # [section] holding a list). tomllib recurses once per level and runs out of stack some hundreds
@@ -48,6 +50,10 @@ class ModelConfig:
     l1: float = 0.0                 # L1 penalty on weights
     l2: float = 0.0                 # L2 penalty on weights
     dtype: str = "float64"          # float32 | float64
+    kind: str = "dense"             # dense | recurrent: z(n+1) = [y, r](n+1) = f([x, r](n))
+    state: int = 0                  # recurrent: state units r (>= 1 there; 0 for dense)
+    state_activation: str = "tanh"  # recurrent: one of ACTIVATIONS, on the next state
+    targets: str = "last"           # recurrent: one of TARGETS
 
 
 @dataclass
@@ -58,6 +64,8 @@ class DataConfig:
     val_fraction: float = 0.2       # held out from the source for validation, 0 <= f < 1
     standardize: bool = True        # fit (x - mean) / std on the training split
     test_source: str = ""           # optional separate held-out set, same format as source
+    steps: int = 0                  # recurrent: read each row of (N, d) as `steps` steps of
+                                    # d/steps features, in order; 0 = as stored ((N, T, d) data)
 
 
 @dataclass
@@ -91,6 +99,7 @@ class TrainConfig:
     bucket_mb: float = 4.0          # allreduce bucket size, MiB (<= MAX_BUCKET_MB)
     threads: int = 0                # BLAS threads per rank; 0 = cores / local ranks (deterministic: 1)
     check_every: int = 100          # steps between cross-rank parameter checksums; 0 = start only
+    bptt: int = 0                   # recurrent: truncated BPTT, steps per window; 0 = whole sequence
 
 
 @dataclass
@@ -209,6 +218,9 @@ CHECKS = {
     "privacy.noise_multiplier": _zero_or(0.01, 1e6), "privacy.max_grad_norm": _above(0),
     "privacy.delta": _open_unit, "privacy.target_epsilon": _zero_or(1e-300, 100),
     "privacy.noise_seed": _at_least(-1),
+    "model.kind": _one_of(KINDS), "model.state": _at_least(0),
+    "model.state_activation": _one_of(ACTIVATIONS), "model.targets": _one_of(TARGETS),
+    "data.steps": _at_least(0), "train.bptt": _at_least(0),
 }
 
 
@@ -225,6 +237,28 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.privacy.dp() is not None and o.clip_norm > 0:
         raise ConfigError("optim.clip_norm: expected 0 with [privacy] (DP-SGD clips each "
                           "sample's gradient to privacy.max_grad_norm instead)")
+    _recurrent_checks(cfg)
+
+
+# the keys only a recurrent model reads, and their dense values
+RECURRENT_ONLY = {"model.state": 0, "model.state_activation": "tanh", "model.targets": "last",
+                  "data.steps": 0, "train.bptt": 0}
+
+
+def _recurrent_checks(cfg: Config) -> None:
+    """model.kind = "recurrent" needs a state; a dense model refuses the recurrent-only keys (a
+    set key that nothing reads would be a silent mistake)."""
+    if cfg.model.kind == "recurrent":
+        if cfg.model.state < 1:
+            raise ConfigError(f"model.state: expected >= 1 with model.kind = 'recurrent', got "
+                              f"{cfg.model.state}")
+        return
+    for key, dense in RECURRENT_ONLY.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != dense:
+            raise ConfigError(f"{key}: only a recurrent model reads it (got {value!r}); set "
+                              f"model.kind = \"recurrent\" or remove it")
 
 
 # ---------------------------------------------------------------------------- type checks
@@ -338,8 +372,16 @@ SYNONYMS = {
     "scheduler": "schedule", "lr_schedule": "schedule", "warmup": "warmup_steps",
     "grad_clip": "clip_norm", "clip_grad_norm": "clip_norm",  # max_grad_norm: privacy's key
     "loss": "family",
+    "model_type": "kind", "type": "kind", "architecture": "kind",
+    "state_size": "state", "hidden_state": "state", "recurrent_units": "state",
+    "state_units": "state",
+    "recurrent_activation": "state_activation",
+    "truncate": "bptt", "bptt_steps": "bptt", "truncated_bptt": "bptt", "tbptt": "bptt",
+    "timesteps": "steps", "time_steps": "steps", "seq_len": "steps", "sequence_length": "steps",
 }
-UNSUPPORTED = {"dropout": "distnn has no dropout; model.l2 or model.l1 regularize"}
+UNSUPPORTED = {"dropout": "distnn has no dropout; model.l2 or model.l1 regularize",
+               "cell": "distnn's recurrent model is a dense network applied through time "
+                       "(model.kind = \"recurrent\"); it has no LSTM or GRU cells"}
 
 
 def similar_keys(name: str, section: str = "") -> list[str]:

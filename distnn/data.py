@@ -23,7 +23,7 @@ BLOCK_BYTES = 8 << 20  # rows of X read at a time when streaming: memory stays f
 
 def _block_rows(X, block):
     """Rows per streamed block: `block` if given, else about BLOCK_BYTES of X."""
-    row_bytes = max(1, X.dtype.itemsize * (X.shape[1] if X.ndim > 1 else 1))
+    row_bytes = max(1, X.dtype.itemsize * int(np.prod(X.shape[1:])))  # a sequence is one row
     return block or max(1, BLOCK_BYTES // row_bytes)
 
 
@@ -44,21 +44,27 @@ def check_finite(X, rows=None, *, name: str = "X", block: int | None = None) -> 
         _refuse_non_finite(part, index, name)
 
 
-def _refuse_non_finite(part, index, name) -> None:
-    """DataError naming the first NaN/Inf of the block `part`, whose row i is row index[i]."""
+def _refuse_non_finite(part, index, name, lengths=None) -> None:
+    """DataError naming the first NaN/Inf of the block `part`, whose row i is row index[i]; of
+    sequences (3-D) with `lengths` (those of index), only in the steps that exist (padding may
+    hold anything: nothing reads it)."""
     if part.dtype.kind != "f":
         return
     bad = ~np.isfinite(part)
+    if lengths is not None and part.ndim == 3:
+        bad &= alive(lengths, *part.shape[:2])[:, :, None]
     if bad.any():
         where = np.argwhere(bad)[0]
         value = part[tuple(where)]
         what = "NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
-        col = f", column {where[1]}" if part.ndim > 1 else ""
+        col = (f", step {where[1]}, feature {where[2]}" if part.ndim == 3 else
+               f", column {where[1]}" if part.ndim == 2 else "")
         raise DataError(f"{name} row {int(index[where[0]])}{col} is {what}")
 
 
-def scan(X, rank=0, size=1, *, name: str = "X") -> np.ndarray:
-    """Check a rank's share of X is finite and checksum it in the same read, block by block.
+def scan(X, rank=0, size=1, *, name: str = "X", lengths=None) -> np.ndarray:
+    """Check a rank's share of X is finite and checksum it in the same read, block by block
+    (sequences with `lengths`: finite where their steps exist).
 
     Returns (blocks,) int64: the crc32 of each block this rank read and 0 for the others', so the
     SUM over ranks holds every block's crc32. Blocks depend on X alone, not on the rank count."""
@@ -68,7 +74,8 @@ def scan(X, rank=0, size=1, *, name: str = "X") -> np.ndarray:
     for j in range(first, last):
         lo, hi = j * block, min((j + 1) * block, X.shape[0])
         part = np.ascontiguousarray(X[lo:hi])
-        _refuse_non_finite(part, np.arange(lo, hi), name)
+        _refuse_non_finite(part, np.arange(lo, hi), name,
+                           None if lengths is None else lengths[lo:hi])
         crcs[j] = zlib.crc32(part)
     return crcs
 
@@ -78,8 +85,13 @@ def fingerprint(ds: Dataset, classes, crcs) -> dict:
     blocks' crc32s (scan, summed over ranks) and the targets, without a second read of X."""
     y = np.ascontiguousarray(ds.y)
     crc = zlib.crc32(y, zlib.crc32(np.ascontiguousarray(crcs, "<i8")))
-    return {"rows": int(ds.X.shape[0]), "features": int(ds.X.shape[1]),
-            "classes": None if classes is None else classes.tolist(), "crc32": f"{crc:#010x}"}
+    found = {"rows": int(ds.X.shape[0]), "features": int(ds.X.shape[-1])}
+    if ds.X.ndim == 3:  # sequences: their steps and lengths too (a dense run's keeps its keys)
+        found["steps"] = int(ds.X.shape[1])
+        if ds.lengths is not None:
+            crc = zlib.crc32(np.ascontiguousarray(ds.lengths, "<i8"), crc)
+    return found | {"classes": None if classes is None else classes.tolist(),
+                    "crc32": f"{crc:#010x}"}
 
 
 def fingerprint_changes(before: dict, now: dict) -> list[str]:
@@ -87,7 +99,7 @@ def fingerprint_changes(before: dict, now: dict) -> list[str]:
     def brief(v):
         return _names_in_brief(v) if isinstance(v, list) else v
     differ = [f"{k} {brief(before.get(k))} there, {brief(now[k])} here"
-              for k in ("rows", "features", "classes") if before.get(k) != now[k]]
+              for k in ("rows", "features", "steps", "classes") if before.get(k) != now.get(k)]
     if not differ and before.get("crc32") != now["crc32"]:
         differ.append(f"the same shape but other content (crc32 {before.get('crc32')} there, "
                       f"{now['crc32']} here)")
@@ -158,6 +170,64 @@ def shard(start: int, stop: int, size: int, rank: int) -> tuple[int, int]:
 def chunk_range(n_chunks: int, size: int, rank: int) -> tuple[int, int]:
     """[first, stop) of the whole chunks a rank owns, split as in `shard`."""
     return shard(0, n_chunks, size, rank)
+
+
+# ----------------------------------------------------------------------------------- sequences
+
+def alive(lengths, n: int, steps: int) -> np.ndarray:
+    """(n, steps) bool: which steps of each sequence exist (t < its length; all without lengths)."""
+    if lengths is None:
+        return np.ones((n, steps), bool)
+    return np.arange(steps) < np.asarray(lengths)[:, None]
+
+
+def encode_step_labels(y, lengths, *, name: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """encode_labels for a label per step, y (N, T) (or (N, T, 1)): (codes (N, T) int64, classes)
+    from the steps that exist; padded steps, whatever they hold (NaN, -1), get code 0 and never
+    make a class."""
+    y = np.asarray(y)
+    if y.ndim == 3 and y.shape[2] == 1:
+        y = y[:, :, 0]
+    if y.ndim != 2:
+        raise DataError(f"{name}: class labels per step must be (N, T), got shape {y.shape}")
+    there = alive(lengths, *y.shape)
+    codes = np.zeros(y.shape, np.int64)
+    codes[there], classes = encode_labels(y[there], name=f"{name} (at the steps that exist)")
+    return codes, classes
+
+
+def zero_padding(y, lengths) -> np.ndarray:
+    """Targets per step (N, T) or (N, T, K) with the padded steps set to 0 (a copy if any): nothing
+    there is scored, and a NaN there must not fail a check meant for the steps that exist."""
+    if lengths is None:
+        return y
+    gone = ~alive(lengths, *y.shape[:2])
+    if not gone.any() or y.dtype.kind not in "biuf":
+        return y
+    y = np.array(y)
+    y[gone] = 0
+    return y
+
+
+class Steps:
+    """The steps that exist of sequences `rows` of X (N, T, d), as the rows of a 2-D array (M, d):
+    what Standardizer.fit reads, so that padded steps count for nothing. Indexing reads X."""
+
+    def __init__(self, X, rows, lengths=None):
+        rows = np.arange(X.shape[0]) if rows is None else np.asarray(rows)
+        counts = (np.full(len(rows), X.shape[1]) if lengths is None
+                  else np.asarray(lengths)[rows].astype(np.int64))
+        self.X = X
+        self.seq = np.repeat(rows, counts)                       # (M,) sequence of each step
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        self.t = np.arange(len(self.seq)) - starts               # (M,) its step
+        self.shape, self.ndim, self.dtype = (len(self.seq), X.shape[2]), 2, X.dtype
+
+    def __len__(self):
+        return len(self.seq)
+
+    def __getitem__(self, idx):
+        return self.X[self.seq[idx], self.t[idx]]
 
 
 # ----------------------------------------------------------------------------- standardization

@@ -49,38 +49,51 @@ class Model:
     def family(self) -> families.Family:
         return families.FAMILIES[self.net.family]
 
+    @property
+    def recurrent(self) -> bool:
+        """Whether the model is a Recurrent: X (N, T, d) sequences, optional `lengths` (N,)."""
+        return isinstance(self.net, Recurrent)
+
     def inputs(self, X) -> np.ndarray:
-        """Rows as the network sees them in training: network dtype, then standardized."""
+        """Rows (or sequences) as the network sees them in training: network dtype, then
+        standardized (a step's features, for sequences)."""
         X = np.asarray(X, dtype=self.net.dtype)  # the trainer casts before it standardizes
         d = self.net.sizes[0]
-        if X.ndim != 2 or X.shape[1] != d:
-            raise DataError(f"X has shape {X.shape}; the model takes (N, {d}): {d} features "
+        ndim, shape = (3, f"(N, T, {d}): sequences of steps of") if self.recurrent else (
+            2, f"(N, {d}):")
+        if X.ndim != ndim or X.shape[-1] != d:
+            raise DataError(f"X has shape {X.shape}; the model takes {shape} {d} features "
                             f"({_names(self.meta.get('features'))})")
         return X if self.scaler is None else self.scaler.transform(X)
 
-    def mean(self, X) -> np.ndarray:
-        """Mean response (N, n_out): values, probabilities or rates."""
-        return self._blocks(X, self.net.predict)
+    def mean(self, X, lengths=None) -> np.ndarray:
+        """Mean response (N, n_out): values, probabilities or rates; a recurrent model with
+        targets "every": (N, T, n_out), 0 at the steps that do not exist."""
+        return self._blocks(X, self.net.predict, lengths)
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X, lengths=None) -> np.ndarray:
         """Classifiers: the class labels (N,), or (N, K) 0/1 for several Bernoulli outputs;
-        regressors: the mean response, (N,) for one output."""
+        regressors: the mean response, (N,) for one output (per step: (N, T) and (N, T, K))."""
         if self.is_classifier:
-            return self.predict_labels(X)
-        mean = self.mean(X)
-        return mean[:, 0] if mean.shape[1] == 1 else mean
+            return self.predict_labels(X, lengths)
+        mean = self.mean(X, lengths)
+        return mean[..., 0] if mean.shape[-1] == 1 else mean
 
-    def predict_proba(self, X) -> np.ndarray:
+    def predict_proba(self, X, lengths=None) -> np.ndarray:
         """Classifiers: (N, n_classes) probabilities; one Bernoulli output gives [1 - p, p]."""
         if not self.is_classifier:
             raise ValueError(f"predict_proba: a {self.net.family} model predicts values, not "
                              f"classes; use predict")
-        p = self.mean(X)
-        return np.hstack([1 - p, p]) if p.shape[1] == 1 and not self.family.labels else p
+        p = self.mean(X, lengths)
+        return (np.concatenate([1 - p, p], axis=-1) if p.shape[-1] == 1 and not self.family.labels
+                else p)
 
-    def score(self, X, y, sample_weight=None) -> float:
+    def score(self, X, y, sample_weight=None, lengths=None) -> float:
         """Accuracy (classifiers; every output right, for several Bernoulli outputs) or R²
-        averaged over the outputs (regressors), weighted by `sample_weight`: scikit-learn's."""
+        averaged over the outputs (regressors), weighted by `sample_weight`: scikit-learn's.
+        Sequences: over their targets (every step that exists, for targets "every")."""
+        if self.recurrent:
+            return self._sequence_score(X, y, lengths)
         w = None if sample_weight is None else np.asarray(sample_weight, np.float64)
         if self.is_classifier:
             y = np.asarray(y)
@@ -91,32 +104,41 @@ class Model:
         Y = self.net.check_targets(y).astype(np.float64)
         return families.r2(Y, self.mean(X).astype(np.float64), w)
 
-    def logits(self, X) -> np.ndarray:
-        """Output pre-activations (N, n_out)."""
-        return self._blocks(X, self.net.logits)
+    def logits(self, X, lengths=None) -> np.ndarray:
+        """Output pre-activations (N, n_out) (per step: (N, T, n_out))."""
+        return self._blocks(X, self.net.logits, lengths)
 
-    def predict_labels(self, X) -> np.ndarray:
+    def predict_labels(self, X, lengths=None) -> np.ndarray:
         """Classifiers: original class labels (N,) for multinomial, 0/1 (N,) or (N, K) for bernoulli
-        (one Bernoulli output with two `classes`: those labels)."""
+        (one Bernoulli output with two `classes`: those labels); per step (N, T) or (N, T, K)."""
         if not self.is_classifier:
             raise ValueError(f"predict_labels: a {self.net.family} model predicts values, not "
                              f"labels; use predict")
-        codes = self.family.decide(self.logits(X))
+        z = self.logits(X, lengths)
+        codes = self.family.decide(z.reshape(-1, z.shape[-1]))  # decide takes (rows, n_out)
+        codes = codes.reshape(*z.shape[:-1], *codes.shape[1:])
         return codes if self.classes is None else self.classes[codes]
 
-    def targets(self, y) -> np.ndarray:
+    def targets(self, y, lengths=None, steps=None):
         """y encoded as the network expects: labels -> codes of `classes` (multinomial, or a
-        bernoulli model trained on two labels: 0/1)."""
+        bernoulli model trained on two labels: 0/1). A recurrent model's: its Targets (encoded
+        targets with the lengths), of sequences of `steps`."""
+        if self.recurrent:
+            return self._sequence_targets(y, lengths, steps)
         if self.classes is None:
             return self.net.check_targets(y)
+        codes = self._codes(y)
+        return codes if self.family.labels else self.net.check_targets(codes.astype(np.float64))
+
+    def _codes(self, y) -> np.ndarray:
+        """Class labels (N,) or (N, 1) -> their outputs' indices (N,) int64."""
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1:
             raise DataError(f"class labels must be one column, got shape {y.shape}")
         values, inverse = np.unique(y, return_inverse=True)
-        codes = np.array([self._code(v, y) for v in values], np.int64)[inverse.reshape(-1)]
-        return codes if self.family.labels else self.net.check_targets(codes.astype(np.float64))
+        return np.array([self._code(v, y) for v in values], np.int64)[inverse.reshape(-1)]
 
     def _code(self, label, y) -> int:
         """The output of `label`: numbers match numbers by value (1 == 1.0), text matches text."""
@@ -130,8 +152,11 @@ class Model:
                             f"classes {self.classes.tolist()}")
         return int(found[0])
 
-    def scores(self, X, y) -> dict:
-        """Metrics on (X, y): mean loss (NLL, no penalty) and accuracy, r2 or Poisson deviances."""
+    def scores(self, X, y, lengths=None) -> dict:
+        """Metrics on (X, y): mean loss (NLL, no penalty) and accuracy, r2 or Poisson deviances;
+        of sequences, over their targets (the mean over Σ lengths of them for targets "every")."""
+        if self.recurrent:
+            return self._sequence_scores(X, y, lengths)
         Y = self.targets(y)
         n = len(Y)
         if len(X) != n:
@@ -150,11 +175,82 @@ class Model:
             out.update(self.family.scores(Y, self.logits(X)))
         return out
 
-    def _blocks(self, X, forward) -> np.ndarray:
+    def _blocks(self, X, forward, lengths=None) -> np.ndarray:
+        if not self.recurrent:
+            if len(X) == 0:
+                return np.empty((0, self.net.sizes[-1]), self.net.dtype)
+            return np.concatenate([forward(self.inputs(X[lo:lo + BLOCK]))
+                                   for lo in range(0, len(X), BLOCK)])
         if len(X) == 0:
-            return np.empty((0, self.net.sizes[-1]), self.net.dtype)
-        return np.concatenate([forward(self.inputs(X[lo:lo + BLOCK]))
-                               for lo in range(0, len(X), BLOCK)])
+            return forward(self.inputs(X), lengths)
+        block = self._block(X)
+        return np.concatenate([forward(self.inputs(X[lo:lo + block]),
+                                       None if lengths is None else np.asarray(lengths)[lo:lo + block])
+                               for lo in range(0, len(X), block)])
+
+    # ---- sequences (a Recurrent) --------------------------------------------------------------
+    @staticmethod
+    def _block(X) -> int:
+        """Sequences per forward pass: about BLOCK steps."""
+        return max(1, BLOCK // max(1, X.shape[1]))
+
+    def _sequence_targets(self, y, lengths, steps):
+        """Targets of sequences; class labels mapped to outputs where steps exist (the padded
+        steps' labels, whatever they are, are not looked at)."""
+        net = self.net
+        if self.classes is not None:
+            y = np.asarray(y)
+            if net.targets == "last":
+                y = self._codes(y)
+            else:
+                y = y[:, :, 0] if y.ndim == 3 and y.shape[2] == 1 else y
+                if y.ndim != 2:
+                    raise DataError(f"class labels per step must be (N, T), got shape {y.shape}")
+                there = np.arange(y.shape[1]) < (np.full(len(y), y.shape[1]) if lengths is None
+                                                 else np.asarray(lengths))[:, None]
+                codes = np.zeros(y.shape, np.int64)
+                codes[there] = self._codes(y[there])
+                y = codes
+            y = y if self.family.labels else y.astype(np.float64)
+        return net.check_targets(y, lengths=lengths, steps=steps)
+
+    def _existing(self, a, lengths, steps):
+        """The values of `a` (N, ...) at the targets that exist: a itself for targets "last",
+        a[t < length] (M, ...) for "every"."""
+        if self.net.targets == "last":
+            return a
+        return a[np.arange(steps) < np.asarray(lengths)[:, None]]
+
+    def _sequence_scores(self, X, y, lengths) -> dict:
+        Y = self.targets(y, lengths, steps=X.shape[1])
+        n = len(Y)
+        if len(X) != n:
+            raise DataError(f"X has {len(X)} sequences but y has {n}")
+        if n == 0:
+            raise DataError("cannot score an empty data set")
+        loss, correct, block = 0.0, 0, self._block(X)
+        for lo in range(0, n, block):
+            Xb, _ = self.net.check_inputs(self.inputs(X[lo:lo + block]), Y.lengths[lo:lo + block])
+            block_loss, block_correct = self.net.eval_sums(Xb, Y[lo:lo + block])
+            loss, correct = loss + block_loss, correct + (block_correct or 0)
+        out = {"loss": loss / Y.total}
+        if self.is_classifier:
+            per_target = Y.y[0].size if self.net.targets == "last" else Y.y[0, 0].size
+            out["accuracy"] = correct / (Y.total * per_target)  # bernoulli: every output counts
+        else:
+            z = self.logits(X, Y.lengths)
+            out.update(self.family.scores(
+                *(self._existing(a, Y.lengths, X.shape[1]).reshape(-1, z.shape[-1])
+                  for a in (Y.y, z))))
+        return out
+
+    def _sequence_score(self, X, y, lengths) -> float:
+        Y = self.targets(y, lengths, steps=X.shape[1])
+        if self.is_classifier:
+            return self._sequence_scores(X, y, lengths)["accuracy"]
+        mean = self.mean(X, Y.lengths)
+        return families.r2(*(self._existing(a, Y.lengths, X.shape[1]).reshape(-1, mean.shape[-1])
+                             .astype(np.float64) for a in (Y.y, mean)))
 
 
 def _names(names, shown=6) -> str:

@@ -61,7 +61,7 @@ def train(args, comm, stop) -> int:
     comm.allreduce(job.crcs, what="data checksum")  # every block's crc32, on every rank
     fingerprint = data.fingerprint(job.dataset, job.classes, job.crcs)
     exact_sum = functools.partial(comm.exact_sum, what="standardization")  # names a stall
-    scaler = (Standardizer.fit(job.X, job.train, rank=comm.rank, size=comm.size,
+    scaler = (Standardizer.fit(*job.scaled_rows(), rank=comm.rank, size=comm.size,
                                exact_sum=exact_sum) if cfg.data.standardize else None)
     run = rundir.RunDir(cfg.out_dir, comm)
     with run.locked():  # before anything in the run directory is read or touched
@@ -87,7 +87,8 @@ def train(args, comm, stop) -> int:
         with log.showing(trainer.epoch), np.errstate(all="ignore"):
             trainer.fit(_Rows(job.X, job.train), job.y[job.train], *job.val_split(),
                         transform=None if scaler is None else scaler.transform,
-                        scan=False)  # prepare() scanned every row of X already
+                        scan=False,  # prepare() scanned every row of X already
+                        **job.fit_lengths())
         done = {"epochs": trainer.epoch, "steps": trainer.step, "ranks": comm.size,
                 "threads": trainer.threads or 1 if cfg.train.deterministic else n_threads,
                 "last": trainer.history[-1] if trainer.history else None}
@@ -172,9 +173,24 @@ class Job:
     val: np.ndarray          # sorted row indices, maybe empty
     classes: np.ndarray | None
     dataset: data.Dataset
-    test: tuple | None       # (X, labels) of data.test_source
-    net: Network
+    test: tuple | None       # (X, labels, lengths or None) of data.test_source
+    net: Network             # or a Recurrent (model.kind = "recurrent")
     crcs: np.ndarray         # (blocks,) int64: crc32 of the blocks of X this rank read, else 0
+    lengths: np.ndarray | None = None  # sequences of variable length: (N,) steps of each
+
+    def scaled_rows(self):
+        """(X, rows) that standardization fits on: the training rows; for sequences, every step
+        of them that exists (padding counts for nothing)."""
+        if self.X.ndim == 2:
+            return self.X, self.train
+        return data.Steps(self.X, self.train, self.lengths), None
+
+    def fit_lengths(self) -> dict:
+        """Trainer.fit's lengths of the training and validation sequences, if they vary."""
+        if self.lengths is None:
+            return {}
+        return {"lengths": self.lengths[self.train],
+                "lengths_val": self.lengths[self.val] if len(self.val) else None}
 
     def val_split(self):
         """(X_val, y_val) for Trainer.fit, or (None, None) without validation rows."""
@@ -186,9 +202,11 @@ class Job:
         """The final scores done.json records: on the validation rows and on the test set."""
         scores = {}
         if len(self.val):
-            scores["val"] = model.scores(_Rows(self.X, self.val), self.labels[self.val])
+            scores["val"] = model.scores(_Rows(self.X, self.val), self.labels[self.val],
+                                         **_lengths_of(self.lengths, self.val))
         if self.test is not None:
-            scores["test"] = model.scores(*self.test)
+            X, y, lengths = self.test
+            scores["test"] = model.scores(X, y, **_lengths_of(lengths))
         return scores
 
     def meta(self, cfg) -> dict:
@@ -201,15 +219,19 @@ class Job:
 def prepare(cfg, rank, size) -> Job:
     """Load, check and split the data and build the network; the same on every rank."""
     dc, mc = cfg.data, cfg.model
-    ds = data.load(dc.source, target=dc.target or None, features=dc.features or None)
+    ds = data.load(dc.source, target=dc.target or None, features=dc.features or None,
+                   steps=dc.steps)
+    _check_kind(ds, mc)
     # each rank checks its blocks (all fail together) and checksums them in the same read
-    crcs = data.scan(ds.X, rank, size, name=f"{ds.source}: X")
-    y, classes = _encoded_targets(ds, mc.family, rank)
+    crcs = data.scan(ds.X, rank, size, name=f"{ds.source}: X", lengths=ds.lengths)
+    y, classes = (_encoded_targets(ds, mc.family, rank) if ds.X.ndim == 2 else
+                  _sequence_targets(ds, mc, rank))
+    per_target = y.shape[2:] if ds.X.ndim == 3 and mc.targets == "every" else y.shape[1:]
     n_out = len(classes) if families.FAMILIES[mc.family].labels else (
-        1 if y.ndim == 1 else y.shape[1])
-    net = _network([ds.X.shape[1], *mc.hidden, n_out], mc, cfg.train.seed)
+        per_target[0] if per_target else 1)
+    net = _network([ds.n_features, *mc.hidden, n_out], mc, cfg.train.seed)
     try:
-        y = net.check_targets(y, len(ds.X))  # targets that do not fit the family fail here
+        y = _check_targets(net, y, ds)  # targets that do not fit the family fail here
     except ValueError as e:
         raise DataError(f"{ds.source}: target '{ds.target_name}': {e}") from None
     train_rows, val_rows = data.train_val_split(len(ds.X), dc.val_fraction, cfg.train.seed)
@@ -218,14 +240,79 @@ def prepare(cfg, rank, size) -> Job:
                         f"{cfg.train.batch_size} or the {size} ranks")
     test = None
     if dc.test_source:
-        t = _test_set(dc.test_source, dc.target, ds)
+        t = _test_set(dc.test_source, dc.target, ds, dc.steps)
         try:
-            Model(net, None, classes).targets(t.y)  # labels the model cannot know fail now
-        except ValueError as e:
+            Model(net, None, classes).targets(t.y, **_lengths_of(t.lengths))  # labels the
+        except ValueError as e:                                              # model cannot know
             raise DataError(f"{t.source}: target '{t.target_name}': {e}") from None
-        test = (t.X, t.y)
+        test = (t.X, t.y, t.lengths)
     make_optimizer(cfg.optim)  # bad hyper-parameters fail before anything starts
-    return Job(ds.X, y, ds.y, train_rows, val_rows, classes, ds, test, net, crcs)
+    return Job(ds.X, y, ds.y, train_rows, val_rows, classes, ds, test, net, crcs, ds.lengths)
+
+
+# --------------------------------------------------------------------------- sequences (issue 18)
+
+def _check_kind(ds, mc) -> None:
+    """Sequences (N, T, d) go to a recurrent model, rows (N, d) to a dense one."""
+    if ds.X.ndim == 3 and mc.kind != "recurrent":
+        raise DataError(f"{ds.source}: X holds sequences, shape {ds.X.shape} (N, T, d); a dense "
+                        f"model takes rows (N, d): set model.kind = \"recurrent\" and model.state "
+                        f"to train on sequences")
+    if ds.X.ndim == 2 and mc.kind == "recurrent":
+        raise DataError(f"{ds.source}: X has shape {ds.X.shape} (N, d); a recurrent model takes "
+                        f"sequences (N, T, d): a 3-D X, or data.steps to read each row as steps")
+
+
+def _sequence_targets(ds, mc, rank):
+    """(y as the recurrent model takes it, class labels or None). targets = "every": y (N, T) or
+    (N, T, K), the padded steps zeroed (never scored, so never checked) and class labels encoded
+    from the steps that exist; "last": one target per sequence, as for rows."""
+    n, steps = ds.X.shape[:2]
+    if mc.targets == "last":
+        per_step = ds.y.ndim == 3 or (ds.y.ndim == 2 and families.FAMILIES[mc.family].labels)
+        if per_step and ds.y.shape[1] == steps:
+            raise DataError(f"{ds.source}: target '{ds.target_name}' has shape {ds.y.shape}, one "
+                            f"per step; model.targets = \"last\" takes one per sequence, ({n},) "
+                            f"or ({n}, K): set model.targets = \"every\" for a target per step")
+        return _encoded_targets(ds, mc.family, rank)
+    if ds.y.ndim < 2 or ds.y.shape[1] != steps:
+        raise DataError(f"{ds.source}: target '{ds.target_name}' has shape {ds.y.shape}; "
+                        f"model.targets = \"every\" takes one per step, ({n}, {steps}) or "
+                        f"({n}, {steps}, K) (one per sequence is model.targets = \"last\")")
+    name = f"{ds.source}: target '{ds.target_name}'"
+    if families.FAMILIES[mc.family].labels:
+        y, classes = data.encode_step_labels(ds.y, ds.lengths, name=name)
+        if len(classes) < 2:
+            raise DataError(f"{name} has a single class {classes.tolist()}; {mc.family} needs at "
+                            f"least 2")
+        return y, classes
+    there = data.alive(ds.lengths, n, steps)
+    if mc.family == "bernoulli" and ds.y.ndim == 2 and _two_labels(ds.y[there]):
+        y, classes = data.encode_step_labels(ds.y, ds.lengths, name=name)  # two labels: 0/1
+        if len(classes) != 2:
+            raise DataError(f"{name} has {len(classes)} labels {_few(classes)}; bernoulli takes "
+                            f"two (or 0/1 per step); for more classes use model.family = "
+                            f"\"multinomial\"")
+        return y.astype(np.float64), classes
+    if ds.y.dtype.kind not in "biuf":
+        raise DataError(f"{name} holds {ds.y.dtype} values; a {mc.family} target per step must "
+                        f"be numbers")
+    return data.zero_padding(ds.y, ds.lengths), None
+
+
+def _check_targets(net, y, ds):
+    """net.check_targets, given the sequences' lengths where the model takes them; for sequences
+    the encoded targets alone (the Targets' y: Trainer.fit takes the lengths on their own)."""
+    if ds.X.ndim == 3:
+        return net.check_targets(y, len(ds.X), steps=ds.X.shape[1], **_lengths_of(ds.lengths)).y
+    return net.check_targets(y, len(ds.X))
+
+
+def _lengths_of(lengths, rows=None) -> dict:
+    """{"lengths": those of `rows`} for sequences of variable length, else {}."""
+    if lengths is None:
+        return {}
+    return {"lengths": np.asarray(lengths if rows is None else lengths[rows])}
 
 
 def _encoded_targets(ds, family, rank):
@@ -270,17 +357,26 @@ def _few(items, shown=4) -> str:
     return str(items[:shown])[:-1] + (", ...]" if len(items) > shown else "]")
 
 
-def _network(sizes, mc, seed) -> Network:
-    """The configured network; one too large for memory is model.hidden's error, not a crash."""
-    n = network.n_params(sizes)
+def _network(sizes, mc, seed):
+    """The configured network (a Recurrent for model.kind = "recurrent"); one too large for
+    memory is model.hidden's error, not a crash."""
+    recurrent = mc.kind == "recurrent"
+    inner = [sizes[0] + mc.state, *sizes[1:-1], sizes[-1] + mc.state] if recurrent else sizes
+    n = network.n_params(inner)
     nbytes = n * np.dtype(mc.dtype).itemsize
     if nbytes > sys.maxsize:  # numpy cannot shape it: a ValueError, not a MemoryError
-        raise _too_big(sizes, n, nbytes, mc.dtype)
+        raise _too_big(inner, n, nbytes, mc.dtype)
     try:
+        if recurrent:
+            from .recurrent import Recurrent
+
+            return Recurrent(sizes, mc.state, activation=mc.activation,
+                             state_activation=mc.state_activation, family=mc.family,
+                             targets=mc.targets, l1=mc.l1, l2=mc.l2, dtype=mc.dtype, seed=seed)
         return Network(sizes, activation=mc.activation, family=mc.family, l1=mc.l1, l2=mc.l2,
                        dtype=mc.dtype, seed=seed)
     except MemoryError:
-        raise _too_big(sizes, n, nbytes, mc.dtype) from None
+        raise _too_big(inner, n, nbytes, mc.dtype) from None
 
 
 def _too_big(sizes, n, nbytes, dtype) -> config.ConfigError:
@@ -289,15 +385,21 @@ def _too_big(sizes, n, nbytes, dtype) -> config.ConfigError:
                               f"alone; there is not that much memory")
 
 
-def _test_set(source, target, train) -> data.Dataset:
+def _test_set(source, target, train, steps=0) -> data.Dataset:
     """data.test_source, with the training data's features: CSV columns are picked by name, any
-    other source must have as many columns."""
-    names = train.feature_names if source.lower().endswith(".csv") else None
-    t = data.load(source, target=target or None, features=names)
-    if t.X.shape[1] != train.X.shape[1]:
-        raise DataError(f"{t.source}: {t.X.shape[1]} features, but the training data "
-                        f"{train.source} has {train.X.shape[1]}")
-    data.check_finite(t.X, name=f"{t.source}: X")
+    other source must have as many columns (sequences: as many features per step)."""
+    names = train.feature_names if source.lower().endswith(".csv") and not steps else None
+    t = data.load(source, target=target or None, features=names, steps=steps)
+    if t.X.ndim != train.X.ndim:
+        raise DataError(f"{t.source}: X has shape {t.X.shape}, but the training data "
+                        f"{train.source} has {train.X.ndim} dimensions {train.X.shape}")
+    if t.n_features != train.n_features:
+        raise DataError(f"{t.source}: {t.n_features} features, but the training data "
+                        f"{train.source} has {train.n_features}")
+    if t.X.ndim == 3:  # sequences: finite where their steps exist
+        data.scan(t.X, name=f"{t.source}: X", lengths=t.lengths)
+    else:
+        data.check_finite(t.X, name=f"{t.source}: X")
     return t
 
 
@@ -306,7 +408,7 @@ class _Rows:
 
     def __init__(self, X, idx):
         self.X, self.idx = X, idx
-        self.shape, self.ndim, self.dtype = (len(idx), X.shape[1]), 2, X.dtype
+        self.shape, self.ndim, self.dtype = (len(idx), *X.shape[1:]), X.ndim, X.dtype
 
     def __len__(self):
         return len(self.idx)
@@ -332,4 +434,10 @@ def trainer_settings(cfg, checkpoint_dir, log) -> dict:
             "clip_norm": o.clip_norm, "patience": t.patience, "checkpoint_dir": str(checkpoint_dir),
             "checkpoint_every": t.checkpoint_every, "keep_checkpoints": t.keep_checkpoints,
             "deterministic": t.deterministic, "chunk_size": t.chunk_size,
-            "check_every": t.check_every, "callback": log, "privacy": cfg.privacy.dp()}
+            "check_every": t.check_every, "callback": log,
+            "privacy": cfg.privacy.dp()} | _recurrent_settings(cfg)
+
+
+def _recurrent_settings(cfg) -> dict:
+    """The Trainer's settings a recurrent model adds: truncated BPTT."""
+    return {"bptt": cfg.train.bptt} if cfg.model.kind == "recurrent" else {}

@@ -1,10 +1,15 @@
 """Data sources: a source string to a Dataset of features, targets and names (`load`).
 
-  "path.npz"            arrays "X" and "y" (or `target`); uncompressed members are memory-mapped
+  "path.npz"            arrays "X" and "y" (or `target`); uncompressed members are memory-mapped;
+                        sequences: X (N, T, d) and, for variable lengths, "lengths" (N,) in 1..T
   "path.npy"            X only, memory-mapped; y from the file named by `target` ("path_y.npy")
   "path.csv"            header row, numeric features, `target` names the target column
   "sklearn:NAME"        digits, breast_cancer, diabetes, iris, wine (pip install distnn[examples])
-  "synthetic:KIND?n=..&d=..&seed=.."   classification, binary, regression, poisson (deterministic)
+  "synthetic:KIND?n=..&d=..&seed=.."   classification, binary, regression, poisson (deterministic);
+                        sequence?n=..&t=..&d=..&k=..&varlen=0|1: (N, T, d) sequences, k classes
+
+A 2-D source is read as sequences with `steps` (data.steps): each row of d features is `steps`
+steps of d / steps features, in order (sklearn:digits with steps=8: 8 rows of 8 pixels).
 
 Every error is a DataError naming the file, row or column and what was expected.
 """
@@ -35,18 +40,26 @@ class DataError(ValueError):
 class Dataset:
     """Features, targets and names of one data source (X may be a read-only np.memmap)."""
 
-    X: np.ndarray              # (N, d)
-    y: np.ndarray              # (N,) or (N, K), labels as stored (ints, floats or strings)
+    X: np.ndarray              # (N, d), or (N, T, d) sequences
+    y: np.ndarray              # (N,) or (N, K), labels as stored (ints, floats or strings);
+                               # sequences with a target per step: (N, T) or (N, T, K)
     feature_names: list[str]
     target_name: str
     source: str
+    lengths: np.ndarray | None = None  # sequences of variable length: (N,) integers in 1..T
+
+    @property
+    def n_features(self) -> int:
+        """Features of a row, or of a step of a sequence."""
+        return self.X.shape[-1]
 
 
 # ---------------------------------------------------------------------------------------- loading
 
 def load(source: str, *, target: str | None = None, features: list[str] | None = None,
-         require_target: bool = True) -> Dataset:
-    """Load a data source (see the module docstring); `features` selects columns by name.
+         require_target: bool = True, steps: int = 0) -> Dataset:
+    """Load a data source (see the module docstring); `features` selects columns by name; `steps`
+    reads each row as that many steps of a sequence.
 
     With require_target=False (data to predict on) a file without the target gives y = None."""
     kind, _, rest = source.partition(":")
@@ -58,6 +71,8 @@ def load(source: str, *, target: str | None = None, features: list[str] | None =
         ds = _load_file(source, target, features, require_target)
     if features and ds.feature_names != list(features):  # CSV selects while parsing
         ds = _select_features(ds, features)
+    if steps:
+        ds = as_steps(ds, steps)
     _check_shapes(ds)
     return ds
 
@@ -90,9 +105,13 @@ def _load_npz(path: str, target: str | None, require_target: bool = True) -> Dat
                     raise DataError(f"{path} has no array '{key}' (arrays: {have})")
             X = _npz_member(path, zf, "X")
             y = _npz_member(path, zf, ykey) if ykey in names else None
+            lengths = _npz_member(path, zf, LENGTHS) if LENGTHS in names else None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise DataError(f"{path}: truncated or corrupt .npz ({e})") from None
-    return Dataset(X, y, _default_names(X), ykey, path)
+    return Dataset(X, y, _default_names(X), ykey, path, lengths)
+
+
+LENGTHS = "lengths"  # the .npz array of sequence lengths
 
 
 def _npz_member(path: str, zf: zipfile.ZipFile, key: str) -> np.ndarray:
@@ -140,7 +159,9 @@ def _npy_header(f, name: str):
     except Exception as e:  # numpy's header parser raises SyntaxError, TokenError, ...
         raise DataError(f"{name}: corrupt .npy header ({e})") from None
     if dtype.hasobject:
-        raise DataError(f"{name}: holds Python objects; only numeric or string arrays are loaded")
+        raise DataError(f"{name}: holds Python objects; only numeric or string arrays are loaded "
+                        f"(sequences of different lengths: pad them to one array (N, T, d) and "
+                        f"give their lengths as the array '{LENGTHS}')")
     return shape, fortran, dtype
 
 
@@ -302,27 +323,64 @@ def _select_features(ds: Dataset, features: list[str]) -> Dataset:
                         f"synthetic sources; a memory-mapped X would be copied whole")
     _require_columns(ds.source, features, {n: j for j, n in enumerate(ds.feature_names)})
     idx = [ds.feature_names.index(n) for n in features]
-    return Dataset(ds.X[:, idx], ds.y, list(features), ds.target_name, ds.source)
+    return Dataset(ds.X[..., idx], ds.y, list(features), ds.target_name, ds.source, ds.lengths)
 
 
 def _check_shapes(ds: Dataset) -> None:
-    """X is a non-empty 2-D numeric array and y has one entry per row."""
+    """X is a non-empty 2-D numeric array, or 3-D (sequences), and y has one entry per row."""
     src = ds.source
-    if ds.X.ndim != 2:
-        raise DataError(f"{src}: X must be 2-D (samples, features), got shape {ds.X.shape}")
+    if ds.X.ndim not in (2, 3):
+        raise DataError(f"{src}: X must be 2-D (samples, features) or 3-D (sequences, steps, "
+                        f"features), got shape {ds.X.shape}")
     if ds.X.dtype.kind not in "biuf":
         raise DataError(f"{src}: X has dtype {ds.X.dtype}, expected numbers")
     if 0 in ds.X.shape:
-        raise DataError(f"{src}: X has shape {ds.X.shape}; expected at least one row and "
-                        f"one feature")
-    if ds.y is not None and (ds.y.ndim not in (1, 2) or ds.y.shape[0] != ds.X.shape[0]):
-        raise DataError(f"{src}: X has {ds.X.shape[0]} rows but y has shape {ds.y.shape}; "
-                        f"expected ({ds.X.shape[0]},) or ({ds.X.shape[0]}, K)")
+        what = "one feature" if ds.X.ndim == 2 else "one step and one feature"
+        raise DataError(f"{src}: X has shape {ds.X.shape}; expected at least one row and {what}")
+    n, top = ds.X.shape[0], ds.X.ndim  # y: (N,) (N, K); sequences also (N, T) (N, T, K)
+    if ds.y is not None and (not 1 <= ds.y.ndim <= top or ds.y.shape[0] != n):
+        shapes = f"({n},) or ({n}, K)" + (f", ({n}, T) or ({n}, T, K)" if top == 3 else "")
+        raise DataError(f"{src}: X has {n} rows but y has shape {ds.y.shape}; expected {shapes}")
+    if ds.lengths is not None:
+        _check_lengths(src, ds.lengths, ds.X.shape)
+
+
+def _check_lengths(src: str, lengths: np.ndarray, shape: tuple) -> None:
+    """Sequence lengths: (N,) integers in 1..T, for 3-D X only; the first bad row is named."""
+    if len(shape) != 3:
+        raise DataError(f"{src}: has '{LENGTHS}' but X has shape {shape}; lengths go with "
+                        f"sequences, X (N, T, d)")
+    n, steps = shape[:2]
+    if lengths.shape != (n,):
+        raise DataError(f"{src}: {LENGTHS} has shape {lengths.shape}; expected ({n},), one per "
+                        f"sequence")
+    if lengths.dtype.kind not in "iu":
+        raise DataError(f"{src}: {LENGTHS} has dtype {lengths.dtype}; expected integers "
+                        f"(steps per sequence, 1..{steps})")
+    bad = np.flatnonzero((lengths < 1) | (lengths > steps))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"{src}: {LENGTHS} row {i} is {int(lengths[i])}; expected 1..{steps} "
+                        f"(X has {steps} steps)")
+
+
+def as_steps(ds: Dataset, steps: int) -> Dataset:
+    """A 2-D source read as sequences: each row of d features as `steps` steps of d / steps
+    features, in order ((N, d) -> (N, steps, d / steps), a view of a C-ordered array)."""
+    if ds.X.ndim != 2:
+        raise DataError(f"{ds.source}: data.steps = {steps} reads each row of a 2-D X as steps, "
+                        f"but X has shape {ds.X.shape}; set data.steps = 0 for sequence data")
+    d = ds.X.shape[1]
+    if d % steps:
+        raise DataError(f"{ds.source}: data.steps = {steps} does not divide the {d} features "
+                        f"into steps of equal size")
+    X = ds.X.reshape(len(ds.X), steps, d // steps)
+    return Dataset(X, ds.y, _default_names(X), ds.target_name, ds.source, ds.lengths)
 
 
 def _default_names(X: np.ndarray) -> list[str]:
-    """x0, x1, ... for sources without column names."""
-    return [f"x{j}" for j in range(X.shape[1] if X.ndim == 2 else 0)]
+    """x0, x1, ... for sources without column names (a step's features, for sequences)."""
+    return [f"x{j}" for j in range(X.shape[-1] if X.ndim in (2, 3) else 0)]
 
 
 # ---------------------------------------------------------------------- bundled and synthetic
@@ -351,18 +409,24 @@ def _load_synthetic(source: str, spec: str) -> Dataset:
     if kind not in SYNTHETIC:
         raise DataError(f"{source}: unknown kind '{kind}'; expected one of {list(SYNTHETIC)}")
     make, defaults = SYNTHETIC[kind]
-    p = _synthetic_params(source, query, defaults, k_min=2 if kind == "classification" else 1)
+    k_min = 2 if kind in ("classification", "sequence") else 1
+    p = _synthetic_params(source, query, defaults, k_min=k_min)
     rng = np.random.default_rng(p.pop("seed"))
-    n, d = p.pop("n"), p.pop("d")
-    too_big = DataError(f"{source}: n={n} rows of d={d} features need {n * d * 8 / 2**30:,.1f} GiB "
-                        f"of memory (and the labels more); there is not that much")
-    if n * d * 8 > sys.maxsize:  # numpy cannot shape it: a ValueError, not a MemoryError
+    shape = (p.pop("n"), *((p.pop("t"),) if "t" in p else ()), p.pop("d"))  # (n, [t,] d)
+    values = math.prod(shape)
+    steps = f"t={shape[1]} steps of " if len(shape) == 3 else ""
+    too_big = DataError(f"{source}: n={shape[0]} rows of {steps}d={shape[-1]} features need "
+                        f"{values * 8 / 2**30:,.1f} GiB of memory (and the labels more); there "
+                        f"is not that much")
+    if values * 8 > sys.maxsize:  # numpy cannot shape it: a ValueError, not a MemoryError
         raise too_big
     try:
-        X = rng.standard_normal((n, d))
-        return Dataset(X, make(rng, X, **p), _default_names(X), "y", source)
+        X = rng.standard_normal(shape)
+        made = make(rng, X, **p)
     except MemoryError:
         raise too_big from None
+    y, lengths = made if len(shape) == 3 else (made, None)
+    return Dataset(X, y, _default_names(X), "y", source, lengths)
 
 
 # Classes or outputs of a synthetic teacher: its (n, k) outputs are drawn in full, and a network
@@ -383,10 +447,12 @@ def _synthetic_params(source: str, query: str, defaults: dict, k_min: int) -> di
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise DataError(f"{source}: parameter '{key}' expected {what}, got {value!r}") from None
-    lowest = {"n": 1, "d": 1, "k": k_min, "seed": 0, "noise": 0.0}
+    lowest = {"n": 1, "d": 1, "k": k_min, "seed": 0, "noise": 0.0, "t": 1, "varlen": 0}
     for key, value in p.items():
         if not value >= lowest[key]:
             raise DataError(f"{source}: parameter '{key}' expected >= {lowest[key]}, got {value}")
+    if p.get("varlen", 0) > 1:
+        raise DataError(f"{source}: parameter 'varlen' expected 0 or 1, got {p['varlen']}")
     if p.get("k", 1) > MAX_OUTPUTS:
         raise DataError(f"{source}: parameter 'k' expected <= {MAX_OUTPUTS}, got {p['k']}")
     return p

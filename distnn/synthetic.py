@@ -2,6 +2,8 @@
 
 X ~ N(0, 1) is drawn first from the seed, then the teacher and the noise, so a source string such as
 "synthetic:classification?n=1000&d=10&seed=0" names the same data everywhere (sources.py parses it).
+A kind whose parameters include `t` makes sequences: X is (n, t, d) and its generator returns
+(labels, lengths or None).
 """
 import math
 
@@ -43,10 +45,32 @@ def _poisson(rng, X):
     return rng.poisson(np.exp(eta)).astype(np.int64)
 
 
+def _sequence(rng, X, k, varlen):
+    """Class labels of sequences X (n, t, d) from a random tanh teacher RNN's state at each
+    sequence's last step, drawn as softmax(3 * teacher) (Gumbel-max); with varlen = 1, lengths
+    uniform in [ceil(t / 2), t] and the steps past a sequence's length zeroed."""
+    n, t, d = X.shape
+    lengths = rng.integers((t + 1) // 2, t + 1, n) if varlen else None
+    alive = np.ones((n, t), bool) if lengths is None else np.arange(t) < lengths[:, None]
+    X[~alive] = 0.0
+    hidden = 16
+    Wx = rng.standard_normal((d, hidden)) / math.sqrt(d)
+    Wr = 0.9 * rng.standard_normal((hidden, hidden)) / math.sqrt(hidden)  # contracting: no chaos
+    Wo = rng.standard_normal((hidden, k)) / math.sqrt(hidden)
+    r = np.zeros((n, hidden))
+    for s in range(t):  # a finished sequence keeps its last state
+        r = np.where(alive[:, s, None], np.tanh(X[:, s] @ Wx + r @ Wr), r)
+    f = r @ Wo
+    logits = 3.0 * (f - f.mean(axis=0)) / f.std(axis=0)
+    labels = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1).astype(np.int64)
+    return labels, lengths
+
+
 # kind -> (generator, default parameters); X ~ N(0, 1) is drawn first, then the teacher and noise.
 SYNTHETIC = {
     "classification": (_classification, {"n": 1000, "d": 10, "k": 3, "seed": 0}),
     "binary": (_binary, {"n": 1000, "d": 10, "seed": 0}),
     "regression": (_regression, {"n": 1000, "d": 10, "k": 1, "seed": 0, "noise": 0.1}),
     "poisson": (_poisson, {"n": 1000, "d": 10, "seed": 0}),
+    "sequence": (_sequence, {"n": 1000, "t": 10, "d": 4, "k": 3, "seed": 0, "varlen": 0}),
 }

@@ -202,3 +202,45 @@ def test_the_dp_step_is_timed_against_a_plain_one_with_its_extra_memory(quick):
         assert r["held_bytes"] == held < r["batch"] * r["params"] * 4 / 10
         assert r["extra_bytes"] < r["batch"] * r["params"] * 4 / 10
     assert bench_dp.plan(True)["configs"] and bench_dp.plan(False)["configs"]
+
+
+def test_the_recurrent_step_is_measured_against_its_roofline(quick):
+    rows = quick[2]["recurrent"]
+    assert rows and all(r["dtype"] == "float32" and r["threads"] == 1 for r in rows)
+    for r in rows:
+        for key in ("step_s", "grad_s", "gemm_s", "samples_steps_per_s", "gemm_gflops",
+                    "step_fraction"):
+            assert positive(r[key]), (key, r[key])
+        assert r["samples_steps_per_s"] == r["batch"] * r["steps"] / r["step_s"]
+        assert "torch_step_s" not in r  # --no-torch
+    (target,) = bench_report.recurrent_targets({"recurrent": [dict(rows[0], vs_torch=0.9)]})
+    assert target["target"].startswith("recurrent step vs PyTorch") and not target["pass"]
+    assert target["where"].startswith("rnn 8+16-32-4+16 T6")
+
+
+@pytest.mark.parametrize("hidden", [[], [16], [16, 8]])
+def test_the_recurrent_roofline_holds_the_products_recurrent_runs(hidden):
+    # per step: forward 2·weights, backward 2·weights less the first layer's input columns
+    # (only its state columns carry a proxy error, and none to r(0)); the weight gradients once
+    # over all T·N rows: 2·weights each
+    c = {"n_in": 3, "hidden": hidden, "state": 5, "n_out": 4, "steps": 6, "batch": 7,
+         "dtype": "float64"}
+    from distnn import bench_recurrent
+    sizes = bench_recurrent.inner_sizes(c)
+    weights = [o * i for o, i in zip(sizes[1:], sizes[:-1])]
+    n, t = c["batch"], c["steps"]
+    dstate = 2 * n * sizes[1] * c["state"] * (t - 1)
+    expected = t * 2 * n * sum(weights) + t * 2 * n * sum(weights[1:]) + dstate + 2 * n * t * sum(weights)
+    ops = bench_recurrent.gemm_ops(c)
+    assert sum(op[-1] for op in ops) == expected
+    for kind, a, b, out, flops in ops:
+        assert (a @ b).shape == out.shape and flops == 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def test_the_torch_recurrent_step_runs_when_torch_is_installed():
+    torch = pytest.importorskip("torch")
+    from distnn import bench_recurrent
+    c = {"n_in": 3, "hidden": [8], "state": 5, "n_out": 4, "steps": 4, "batch": 6,
+         "dtype": "float32", "threads": 1}
+    X = np.random.default_rng(0).standard_normal((6, 4, 3)).astype(np.float32)
+    assert positive(bench_recurrent.torch_step_s(torch, c, X, np.arange(6) % 4, 0.01))
