@@ -55,3 +55,15 @@ def test_without_the_accountant_library_a_private_run_says_how_to_install_it(wor
     line = one_error_line(distnn(work, "train", cfg, "--out", "p", *PRIVATE,
                                  PYTHONPATH=f"{fake}:{REPO}"))
     assert "dp-accounting" in line and "pip install" in line
+
+
+def test_a_private_recurrent_run_trains_and_reports_epsilon(work):
+    """[privacy] with model.kind = "recurrent": a sample is a sequence (each flower's 4 features
+    read as 2 steps of 2 here), and the run reports ε as a dense one does."""
+    cfg = private(work, "noise_multiplier = 1.0", "max_grad_norm = 1.0")
+    run = distnn(work, "train", cfg, "--out", "r", *PRIVATE, "--set", "model.kind=recurrent",
+                 "--set", "model.state=8", "--set", "data.steps=2")
+    assert run.returncode == 0, run.stderr
+    eps = [r["epsilon"] for r in records(work / "r")]
+    assert eps and eps == sorted(eps) and eps[0] > 0
+    assert "recurrent" in distnn(work, "info", "r").stdout
