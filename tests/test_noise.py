@@ -102,9 +102,10 @@ def draws(request):
 
 
 def test_draws_follow_the_normal_cdf(draws):
-    """Kolmogorov–Smirnov against Φ over 2^24 draws (detects a CDF error of ~6e-4), and mean 0,
-    variance 1 (standard errors 2.4e-4, 3.5e-4)."""
-    assert stats.kstest(draws, "norm").pvalue > ALARM
+    """Kolmogorov–Smirnov against Φ over 2^22 of the draws (detects a CDF error of ~1.3e-3; a
+    sort of all 2^24 would cost seconds), and mean 0, variance 1 over all (standard errors
+    2.4e-4, 3.5e-4)."""
+    assert stats.kstest(draws[::4], "norm").pvalue > ALARM
     m = len(draws)
     assert 2 * stats.norm.sf(abs(draws.mean()) * math.sqrt(m)) > ALARM
     assert 2 * min(stats.chi2.sf((draws**2).sum(), m), stats.chi2.cdf((draws**2).sum(), m)) > ALARM
