@@ -13,6 +13,8 @@ arrays are class-major (K, N) (see network._Buffers), hidden ones (N, H), all C-
   gradient Σ_n P_L[:, n], in one pass over the logits;
 - the optimizers' updates as one pass over the parameter vector (`sgd_update`, `adam_update`);
 - the gradient's squared norm and finiteness (`sum_squares`, `all_finite`);
+- DP-SGD's Gaussian noise: `add_normal`, Box–Muller on Philox4x32-10, each value a function of
+  (key, step, parameter index), libm-free so that it vectorizes (its twins: tests/test_noise.py);
 - deterministic mode: column maxima |P|, |I| (`colmax_abs` on the float bits, `rowmax_abs`) and the rounding onto
   the grid plus the exact float64 sum, one pass per chunk array (`grid_magic`, `grid_add`).
 
