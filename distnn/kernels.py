@@ -537,12 +537,12 @@ def grid_add(rows, count, lo, magic, total, first):
             total[e] += (np.float64(rows[i, lo + e]) + mg) - mg
 
 
-# ============================================================================ DP noise: Philox + Box–Muller
+# ============================================================ DP noise: Philox + Box–Muller
 # Counter-based Gaussians (privacy.add_noise): every value a pure function of (key, step, index).
 # Philox4x32-10 (Salmon et al., SC'11, "Parallel random numbers: as easy as 1, 2, 3"; passes
 # TestU01's BigCrush): 10 rounds of two 32x32->64-bit products, a bijection of the 128-bit counter
 # for each 64-bit key. Words are uint32 and each product a widened uint32: LLVM then sees
-# 32x32->64 multiplies and vectorizes a loop of blocks (vpmuludq), ~0.6 ns a word on one core.
+# 32x32->64 multiplies and vectorizes a loop of blocks (vpmuludq).
 _PM0, _PM1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)  # Random123's multipliers
 _PW0, _PW1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)  # its Weyl key increments
 _S32 = np.uint64(32)
@@ -610,7 +610,7 @@ def _sincos_quarter(t):
     hi = t > 0.5
     phi = (1.0 - t if hi else t) * _HALF_PI
     p2 = phi * phi
-    s = 1.0 - p2 * (1 / 272)  # sin: φ(1 − φ²/(2·3)(1 − φ²/(4·5)(... (1 − φ²/(16·17)))))
+    s = 1.0 - p2 * (1 / 272)  # sin: φ(1 − φ²/(2·3)(1 − φ²/(4·5)(... (1 − φ²/(16·17))))
     s = 1.0 - p2 * (1 / 210) * s
     s = 1.0 - p2 * (1 / 156) * s
     s = 1.0 - p2 * (1 / 110) * s
@@ -662,49 +662,96 @@ _FCOS = tuple(_F(1 / k) for k in (90, 56, 30, 12, 2))  # φ²/((2j−1)(2j)), j 
 
 
 @jit
-def _box_muller32(words, zc, zs):
-    """_box_muller in float32 arithmetic (8 lanes a vector, shorter series), from the same words:
-    the same R and θ to float32 round-off. Near U = 1, ln U is ln(1 − ε) with ε = 1 − U taken
-    from the complemented integer (~W 2^-64), so small radii keep float32's relative precision."""
-    for b in range(zc.shape[0]):
-        w0, w1, w3 = words[0, b], words[1, b], words[3, b]  # word 2: below float32's grain
-        eps = (_F(~w1) + _F(~w0) * _F2_32) * _F2_32  # 1 − U, U = (W + 1) 2^-64
-        u = (_F(w1) + (_F(w0) + _F1) * _F2_32) * _F2_32
-        e = _F0
-        for k in range(5, -1, -1):  # u = m 2^-e, m in [1/2, 1): exact power-of-two steps
-            small = u < _F(2.0 ** -(1 << k))
-            u = u * _F(2.0 ** (1 << k)) if small else u
-            e = e + _F(1 << k) if small else e
-        low = u < _F_SQRT_HALF
-        u = u + u if low else u
-        e = e + _F1 if low else e
-        near = eps < _F(0.25)  # U > 3/4: m − 1 = −ε exactly
-        num = -eps if near else u - _F1
-        den = _F2 - eps if near else u + _F1
-        e = _F0 if near else e
-        sv = num / den
-        s2 = sv * sv
-        p = _FLOG[0]
-        for c in _FLOG[1:]:
-            p = p * s2 + c
-        r = math.sqrt(-_F2 * (_F2 * sv * (p * s2 + _F1) - e * _F_LN2))
-        t = _F(w3 & np.uint32(0x3FFFFFFF)) * _F2_30  # may round to 1: θ's quarter end, continuous
-        hi = t > _FH
-        phi = (_F1 - t if hi else t) * _F_HALF_PI
-        p2 = phi * phi
-        sn = _F1
-        for c in _FSIN:
-            sn = _F1 - p2 * c * sn
-        cs = _F1
-        for c in _FCOS:
-            cs = _F1 - p2 * c * cs
-        sn = phi * sn
-        ca, sa = (sn, cs) if hi else (cs, sn)
-        q = w3 >> np.uint32(30)
-        odd = (q & np.uint32(1)) != np.uint32(0)
-        c_, s_ = (sa, ca) if odd else (ca, sa)
-        zc[b] = -r * c_ if (q == np.uint32(1)) | (q == np.uint32(2)) else r * c_
-        zs[b] = -r * s_ if q >= np.uint32(2) else r * s_
+def _box_muller32(words, z):
+    """Box–Muller in float32 arithmetic (8 lanes a vector, shorter series), two pairs a block:
+    z[2h, b], z[2h + 1, b] = R cos θ, R sin θ from block b's words 2h (radius), 2h + 1 (angle).
+    words (4, m) uint32, z (4, m) float32. R = √(−2 ln U), U = (W 2^32 + X + 1) 2^-64 with W the
+    radius word; X (32 more bits) moves R by under 2^-21 R (U relative, or 1 − U, by under
+    2^-21) unless W or ~W < 2^20, so this pass takes X = 2^31 − 1 and _radius_tail redoes the
+    1 in 2,048 others with X drawn. Near U = 1, ln U is
+    ln(1 − ε), ε = (~W + 1/2) 2^-32 from the complemented word: small radii keep float32's
+    relative precision. θ = (q + t) π/2, q the angle word's top 2 bits, t its other 30."""
+    for b in range(z.shape[1]):
+        for h in range(2):
+            w, wa = words[2 * h, b], words[2 * h + 1, b]
+            eps = (_F(np.uint32(~w)) + _FH) * _F2_32  # 1 − U
+            u = (_F(w) + _FH) * _F2_32
+            e = _F0
+            for k in range(5, -1, -1):  # u = m 2^-e, m in [1/2, 1): exact power-of-two steps
+                small = u < _F(2.0 ** -(1 << k))
+                u = u * _F(2.0 ** (1 << k)) if small else u
+                e = e + _F(1 << k) if small else e
+            low = u < _F_SQRT_HALF
+            u = u + u if low else u
+            e = e + _F1 if low else e
+            near = eps < _F(0.25)  # U > 3/4: m − 1 = −ε exactly
+            num = -eps if near else u - _F1
+            den = _F2 - eps if near else u + _F1
+            e = _F0 if near else e
+            sv = num / den
+            s2 = sv * sv
+            p = _FLOG[0]
+            for c in _FLOG[1:]:
+                p = p * s2 + c
+            r = math.sqrt(-_F2 * (_F2 * sv * (p * s2 + _F1) - e * _F_LN2))
+            t = _F(wa & np.uint32(0x3FFFFFFF)) * _F2_30  # may round to 1: the quarter's end
+            hi = t > _FH
+            phi = (_F1 - t if hi else t) * _F_HALF_PI
+            p2 = phi * phi
+            sn = _F1
+            for c in _FSIN:
+                sn = _F1 - p2 * c * sn
+            cs = _F1
+            for c in _FCOS:
+                cs = _F1 - p2 * c * cs
+            sn = phi * sn
+            ca, sa = (sn, cs) if hi else (cs, sn)
+            q = wa >> np.uint32(30)  # (cos, sin) of θ: (c, s), (−s, c), (−c, −s), (s, −c)
+            odd = (q & np.uint32(1)) != np.uint32(0)
+            c_, s_ = (sa, ca) if odd else (ca, sa)
+            z[2 * h, b] = -r * c_ if (q == np.uint32(1)) | (q == np.uint32(2)) else r * c_
+            z[2 * h + 1, b] = -r * s_ if q >= np.uint32(2) else r * s_
+
+
+@jit
+def _radius_tail(words, z, first, c1, c2, c3, k0, k1):
+    """_box_muller32's radii with W or ~W < 2^20 (1 pair in 2,048), redone with 64 bits:
+    X is word p % 4 of Philox block (2^31 | p // 4, c1, c2, c3), p the pair (main blocks have
+    c0 < 2^30), and the pair rescaled to R = √(−2 ln U) in float64 (libm: rare)."""
+    small = np.uint32(1 << 20)
+    for g0 in range(0, z.shape[1], 32):  # a vectorized min over 32 blocks finds the rare ones
+        g1 = min(g0 + 32, z.shape[1])
+        least = small
+        for b in range(g0, g1):
+            w0, w2 = words[0, b], words[2, b]
+            least = min(least, min(min(w0, np.uint32(~w0)), min(w2, np.uint32(~w2))))
+        if least < small:
+            _radius_tail_scan(words, z, first, c1, c2, c3, k0, k1, g0, g1)
+
+
+@jit
+def _radius_tail_scan(words, z, first, c1, c2, c3, k0, k1, g0, g1):
+    """_radius_tail's work on blocks g0:g1."""
+    for b in range(g0, g1):
+        for h in range(2):
+            w = words[2 * h, b]
+            if min(w, np.uint32(~w)) < np.uint32(1 << 20):
+                pair = 2 * (first + b) + h
+                x0, x1, x2, x3 = philox4x32(np.uint32(0x80000000) | np.uint32(pair >> 2), c1, c2,
+                                            c3, k0, k1)
+                j = pair & 3
+                x = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else x3))
+                if w < np.uint32(1 << 20):  # U small: ln U
+                    ln_u = math.log((np.float64(w) * 4294967296.0 + np.float64(x) + 1.0)
+                                    * 5.421010862427522e-20)
+                    ln_then = math.log((np.float64(w) + 0.5) * 2.3283064365386963e-10)
+                else:  # U near 1: ln(1 − ε), ε = 1 − U = (~W 2^32 + ~X) 2^-64
+                    nw, nx = np.float64(np.uint32(~w)), np.float64(np.uint32(~x))
+                    ln_u = math.log1p(-(nw * 4294967296.0 + nx) * 5.421010862427522e-20)
+                    ln_then = math.log1p(-(nw + 0.5) * 2.3283064365386963e-10)
+                scale = math.sqrt(ln_u / ln_then)  # R / the pass's R
+                z[2 * h, b] = np.float32(z[2 * h, b] * scale)
+                z[2 * h + 1, b] = np.float32(z[2 * h + 1, b] * scale)
 
 
 @jit
@@ -720,22 +767,25 @@ def philox_soa(words, first, c1, c2, c3, k0, k1):
 
 @jit
 def add_normal(g, start, std, k0, k1, c1, c2, c3):
-    """g[j] += std Z(start + j): Z(i) parameter i's standard normal, by Box–Muller from Philox
-    block i // 2 (counter (i // 2, c1, c2, c3), key (k0, k1)): Z(2b) = R cos θ, Z(2b + 1) =
-    R sin θ (_box_muller; _box_muller32 for float32 g). g (n,), std in its dtype."""
+    """g[j] += std Z(start + j): Z(i) parameter i's standard normal by Box–Muller on Philox blocks
+    (counter (block, c1, c2, c3), key (k0, k1)). float64 g: one pair a block, Z(2b), Z(2b + 1) =
+    R cos θ, R sin θ of block b (_box_muller); float32 g: two pairs a block, Z(4b + 2h),
+    Z(4b + 2h + 1) from block b's words 2h, 2h + 1 (_box_muller32). g (n,), std in its dtype."""
     n = g.shape[0]
-    chunk = 512  # blocks at a time: 8 KiB of words and 8 KiB of normals, in L1
+    chunk = 512  # blocks at a time: 8 KiB of words and 8-16 KiB of normals, in L1
+    per = 4 if g.itemsize == 4 else 2  # normals per block
     words = np.empty((4, chunk), np.uint32)
-    zc, zs = np.empty(chunk, g.dtype), np.empty(chunk, g.dtype)
-    b0 = start // 2
-    while 2 * b0 < start + n:
+    z = np.empty((4, chunk), g.dtype)
+    b0 = start // per
+    while per * b0 < start + n:
         philox_soa(words, b0, c1, c2, c3, k0, k1)
-        if g.itemsize == 4:
-            _box_muller32(words, zc, zs)
+        if per == 4:
+            _box_muller32(words, z)
+            _radius_tail(words, z, b0, c1, c2, c3, k0, k1)
         else:
-            _box_muller(words, zc, zs)
-        off = 2 * b0
-        for i in range(max(start, off), min(start + n, off + 2 * chunk)):
+            _box_muller(words, z[0], z[1])
+        off = per * b0
+        for i in range(max(start, off), min(start + n, off + per * chunk)):
             e = i - off
-            g[i - start] += std * (zc[e >> 1] if (e & 1) == 0 else zs[e >> 1])
+            g[i - start] += std * (z[e & 3, e >> 2] if per == 4 else z[e & 1, e >> 1])
         b0 += chunk

@@ -42,7 +42,7 @@ from . import kernels
 from . import threads as threads_module
 
 BLOCK = 1 << 16  # the fewest parameters worth a thread of their own in add_noise
-MAX_PARAMS = 2**33  # the noise's counter word 0 holds parameter // 2 in 32 bits
+MAX_PARAMS = 2**32  # the noise's counter word 0: parameter // 4 (float32) below 2^30
 _MEMBERS = 1  # the purpose word of the batches' generator key (the noise has its own generator)
 # RDP orders (TF Privacy's classic grid); dp_accounting drops an order whose series does not
 # converge (1.1-1.4 at large q), with a warning per order and call that we keep quiet
@@ -151,13 +151,14 @@ def add_noise(grad, std, seed, step, start=0, threads=1):
     parameters, in grad's dtype, cut among `threads` threads.
 
     z[i] is a pure function of (seed, step, i), so any share, cut or thread count gets the same
-    values: Box–Muller on Philox4x32-10 block i // 2 (kernels.add_normal; Philox passes TestU01's
-    BigCrush), the block's 64-bit counter and key the 128-bit seed, the step and i // 2 one to one
-    (_counter_key). Exact to the dtype's rounding: float64 noise is the transform's value to
-    ~1e-16 relative, float32 noise the same value to ~2^-22 R absolute, R <= 9.42 the radius. The
-    tail is exact out to R = √(2 ln 2^64) = 9.42: a parameter's |z| never exceeds it, which
-    removes 4.5e-21 of probability per draw (5e-9 over 10^6 steps of 10^6 parameters: far below
-    any δ); numpy's float64 sampler has such a bound too (13.7)."""
+    values: Box–Muller on Philox4x32-10 blocks (kernels.add_normal; Philox passes TestU01's
+    BigCrush), one pair a block in float64 (block i // 2), two in float32 (block i // 4), the
+    block's counter and key the 128-bit seed, the step and the block one to one (_counter_key).
+    Exact to the dtype's rounding: float64 noise is the transform's value to ~1e-16 relative,
+    float32 noise the transform of its own 64-bit U to 2^-21 max(R, 1) absolute. The tail is exact
+    out to R = √(2 ln 2^64) = 9.42: |z| never exceeds it, which removes 4.5e-21 of probability per
+    draw (5e-9 over 10^6 steps of 10^6 parameters: far below any δ); numpy's float64 sampler has
+    such a bound too (13.7)."""
     n = len(grad)
     if n == 0:
         return grad
@@ -184,7 +185,8 @@ def add_noise(grad, std, seed, step, start=0, threads=1):
 def _counter_key(seed, step):
     """Philox's key (k0, k1) and counter words (c1, c2, c3) of a step's noise: the 128-bit secret
     as four 32-bit words, two the key and two in the counter beside the step; the counter's word
-    0 is the block (parameter // 2). One to one: no two draws of a run ever share a block."""
+    0 is the block (< 2^31; kernels._radius_tail's extra blocks have its top bit set). One to one:
+    no two draws of a run ever share a block."""
     w = [np.uint32((int(seed) >> (32 * k)) & 0xFFFFFFFF) for k in range(4)]
     return w[0], w[1], np.uint32(step), w[2], w[3]
 

@@ -42,8 +42,10 @@ def reference_box_muller(words):
 
 def test_box_muller_matches_numpys_float64_transform_to_round_off():
     """float64: ~1e-16 relative (our log and sincos series against numpy's libm); float32 (its
-    own shorter series in float32): to 2^-21 of the radius, i.e. float32 rounding."""
-    words = np.empty((4, 1 << 16), U32)
+    own shorter series in float32, two pairs a block, 32 more radius bits drawn only where they
+    matter): within 2^-21 of the float64 transform of its 64-bit U, i.e. float32 rounding."""
+    m = 1 << 16
+    words = np.empty((4, m), U32)
     kernels.philox_soa(words, 0, U32(7), U32(1), U32(2), U32(3), U32(4))
     words[:, :4] = [[0, 0xFFFFFFFF, 0, 0xFFFFFFFF], [0, 0xFFFFFFFF, 0, 0xFFFFFFFF],
                     [0, 0, 0xFFFFFFFF, 5], [0, 0x40000000, 0x80000000, 0xFFFFFFFF]]  # extremes
@@ -52,20 +54,37 @@ def test_box_muller_matches_numpys_float64_transform_to_round_off():
     kernels._box_muller(words, *got)
     np.testing.assert_allclose(got[0], zc, rtol=0, atol=4e-15 * r.max())
     np.testing.assert_allclose(got[1], zs, rtol=0, atol=4e-15 * r.max())
-    got32 = np.empty(len(zc), np.float32), np.empty(len(zc), np.float32)
-    kernels._box_muller32(words, *got32)
-    assert np.all(np.abs(got32[0] - zc) <= 2.0**-21 * np.maximum(r, 1))
-    assert np.all(np.abs(got32[1] - zs) <= 2.0**-21 * np.maximum(r, 1))
+
+    extra = np.empty((4, m // 2), U32)  # X of pair p: word p % 4 of block 2^31 + p // 4
+    kernels.philox_soa(extra, 1 << 31, U32(7), U32(1), U32(2), U32(3), U32(4))
+    pairs = np.stack([words[0], words[1], words[2], words[3]]).T.reshape(-1, 2)  # (W, angle)
+    x = extra.T.reshape(-1)
+    ref = np.stack([x, pairs[:, 0], np.zeros_like(x), pairs[:, 1]])  # as float64's words
+    zc, zs, r = reference_box_muller(ref)
+    got32 = np.empty((4, m), np.float32)
+    kernels._box_muller32(words, got32)
+    kernels._radius_tail(words, got32, 0, U32(7), U32(1), U32(2), U32(3), U32(4))
+    z32 = got32.T.reshape(-1, 2)  # pair p = (2b + h): z[2h, b], z[2h + 1, b]
+    assert np.sum(pairs[:, 0] < 1 << 20) > 10  # the redone radii are among them
+    assert np.all(np.abs(z32[:, 0] - zc) <= 2.0**-21 * np.maximum(r, 1))
+    assert np.all(np.abs(z32[:, 1] - zs) <= 2.0**-21 * np.maximum(r, 1))
 
 
 def test_the_tail_reaches_the_64_bit_radius():
     """W = 0 (U = 2^-64) is the largest radius, √(128 ln 2) = 9.419, at angle 0: the tail is the
-    normal's out to there (probability 4.5e-21 beyond), not cut at float32's or 32 bits' 6.66."""
+    normal's out to there (probability 4.5e-21 beyond), not cut at 32 bits' 6.66 (float32 draws
+    its 64-bit U's low word where W < 2^20, so W = 0 lands past 6.66 too)."""
     words = np.zeros((4, 1), U32)
-    for out in (np.empty(1), np.empty(1, np.float32)):
-        zs = np.empty_like(out)
-        (kernels._box_muller if out.dtype == np.float64 else kernels._box_muller32)(words, out, zs)
-        assert out[0] == pytest.approx(math.sqrt(128 * math.log(2)), rel=1e-6) and zs[0] == 0
+    zc, zs = np.empty(1), np.empty(1)
+    kernels._box_muller(words, zc, zs)
+    assert zc[0] == pytest.approx(math.sqrt(128 * math.log(2)), rel=1e-15) and zs[0] == 0
+    z = np.empty((4, 1), np.float32)  # float32: W = 0 and the drawn X: past 32 bits' 6.66
+    kernels._box_muller32(words, z)
+    x = np.empty((4, 1), U32)
+    kernels.philox_soa(x, 1 << 31, U32(0), U32(0), U32(0), U32(0), U32(0))
+    kernels._radius_tail(words, z, 0, U32(0), U32(0), U32(0), U32(0), U32(0))
+    r = math.sqrt(-2 * math.log((float(x[0, 0]) + 1) * 2.0**-64))
+    assert z[0, 0] == pytest.approx(r, rel=1e-6) and z[1, 0] == 0 and r > 6.67
 
 
 def test_every_bit_of_the_key_and_the_step_changes_the_noise():
@@ -113,7 +132,7 @@ def test_draws_follow_the_normal_cdf(draws):
 
 @pytest.mark.parametrize("k", [3, 4, 5])
 def test_tails_beyond_k_sigma_are_the_normals(draws, k):
-    """The count beyond ±kσ is Binomial(2^24, 2 Φ(−k)) (expected 45,300, 1,062, 9.6), two-sided."""
+    """The count beyond ±kσ is Binomial(2^24, 2 Φ(−k)) (expected 45,300; 1,062; 9.6)."""
     m, p = len(draws), 2 * stats.norm.sf(k)
     count = int(np.sum(np.abs(draws) > k))
     tail = min(stats.binom.cdf(count, m, p), stats.binom.sf(count - 1, m, p))
