@@ -8,8 +8,8 @@ one BLAS thread; each figure is the best of many calls (bench_workers.timeit). T
 clipped gradient, noise) are timed alone too. Extra memory is the peak that tracemalloc (numpy's
 allocations) sees during a private step minus during a plain one (after a warm-up step), and the
 memory held from step to step: the (B,) norms and clip factors: O(batch), never O(batch x
-parameters) (the noise kernel's scratch, 8 KiB of Philox words and 1,024 values per thread, lives
-for one call and is numba's, which tracemalloc does not see).
+parameters). The noise kernel's scratch (8 KiB of Philox words and 2,048 values per thread) lives
+for one call: the per-step column counts it.
 """
 import tracemalloc
 
