@@ -7,8 +7,9 @@ Both take the same X (the realized batch is B rows in both, so only DP's own wor
 one BLAS thread; each figure is the best of many calls (bench_workers.timeit). The parts (draw,
 clipped gradient, noise) are timed alone too. Extra memory is the peak that tracemalloc (numpy's
 allocations) sees during a private step minus during a plain one (after a warm-up step), and the
-memory held from step to step: the (B,) norms and clip factors and one noise block's scratch per
-thread (privacy.BLOCK values): O(batch) plus a constant, never O(batch x parameters).
+memory held from step to step: the (B,) norms and clip factors: O(batch), never O(batch x
+parameters). The noise kernel's scratch (8 KiB of Philox words and 2,048 values per thread) lives
+for one call: the per-step column counts it.
 """
 import tracemalloc
 
@@ -67,8 +68,7 @@ def measure(c, min_s):
                grad_s=timeit(lambda: net.grad_sum(X, Y, grad, divisor=B), min_s / 2),
                noise_s=timeit(lambda: plan.noise(7)(grad), min_s / 2))
     out["extra_bytes"] = _peak(private) - _peak(plain)  # allocated per step
-    itemsize = net.dtype.itemsize  # held: the (B,) norms and factors, a noise block's scratch
-    out["held_bytes"] = B * (8 + itemsize) + min(privacy.BLOCK, net.n_params) * itemsize
+    out["held_bytes"] = B * (8 + net.dtype.itemsize)  # held: the (B,) norms and clip factors
     out["ratio"] = out["dp_s"] / out["plain_s"]
     return out
 

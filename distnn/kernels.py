@@ -15,6 +15,8 @@ arrays are class-major (K, N) (see network._Buffers), hidden ones (N, H), all C-
 - DP-SGD: per-sample squared gradient norms (`add_sample_sq_norms`, and through time
   `add_sequence_sq_norms`), clip factors, rows scaled with their bias sum (`scale_rows`);
 - the gradient's squared norm and finiteness (`sum_squares`, `all_finite`);
+- DP-SGD's Gaussian noise: `add_normal`, Box–Muller on Philox4x32-10, each value a function of
+  (key, step, parameter index), libm-free so that it vectorizes (its twins: tests/test_noise.py);
 - deterministic mode: column maxima |P|, |I| (`colmax_abs` on the float bits, `rowmax_abs`) and the rounding onto
   the grid plus the exact float64 sum, one pass per chunk array (`grid_magic`, `grid_add`).
 
@@ -602,3 +604,257 @@ def grid_add(rows, count, lo, magic, total, first):
         for e in range(width):
             mg = magic[e]
             total[e] += (np.float64(rows[i, lo + e]) + mg) - mg
+
+
+# ============================================================ DP noise: Philox + Box–Muller
+# Counter-based Gaussians (privacy.add_noise): every value a pure function of (key, step, index).
+# Philox4x32-10 (Salmon et al., SC'11, "Parallel random numbers: as easy as 1, 2, 3"; passes
+# TestU01's BigCrush): 10 rounds of two 32x32->64-bit products, a bijection of the 128-bit counter
+# for each 64-bit key. Words are uint32 and each product a widened uint32: LLVM then sees
+# 32x32->64 multiplies and vectorizes a loop of blocks (vpmuludq).
+_PM0, _PM1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)  # Random123's multipliers
+_PW0, _PW1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)  # its Weyl key increments
+_S32 = np.uint64(32)
+
+
+@njit(inline="always")
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of counter (c0..c3) under key (k0, k1), all uint32 -> 4 uint32."""
+    for _ in range(10):
+        p0 = _PM0 * np.uint64(c0)
+        p1 = _PM1 * np.uint64(c2)
+        c0, c1, c2, c3 = (np.uint32(p1 >> _S32) ^ c1 ^ k0, np.uint32(p1),
+                          np.uint32(p0 >> _S32) ^ c3 ^ k1, np.uint32(p0))
+        k0 = np.uint32(k0 + _PW0)
+        k1 = np.uint32(k1 + _PW1)
+    return c0, c1, c2, c3
+
+
+_LN2 = 0.6931471805599453
+_SQRT_HALF = 0.7071067811865476
+_HALF_PI = 1.5707963267948966
+
+
+@njit(inline="always")
+def _log_unit(u):
+    """ln u for u in [2^-64, 1], without libm (so that loops of it vectorize): u = m 2^-e, e by a
+    branch-free binary search (exact power-of-two scalings), m in [√½, √2), then
+    ln m = 2 atanh(s) = 2 Σ s^(2k+1) / (2k+1), s = (m − 1)/(m + 1), |s| <= 0.172: 11 terms leave
+    < 1e-17 relative. Relative error ~1e-16 (tested against numpy's log)."""
+    e = 0.0
+    small = u < 2.3283064365386963e-10  # 2^-32
+    u, e = (u * 4294967296.0, e + 32.0) if small else (u, e)
+    small = u < 1.52587890625e-05  # 2^-16
+    u, e = (u * 65536.0, e + 16.0) if small else (u, e)
+    small = u < 0.00390625  # 2^-8
+    u, e = (u * 256.0, e + 8.0) if small else (u, e)
+    small = u < 0.0625
+    u, e = (u * 16.0, e + 4.0) if small else (u, e)
+    small = u < 0.25
+    u, e = (u * 4.0, e + 2.0) if small else (u, e)
+    small = u < 0.5
+    u, e = (u * 2.0, e + 1.0) if small else (u, e)
+    small = u < _SQRT_HALF
+    u, e = (u * 2.0, e + 1.0) if small else (u, e)
+    s = (u - 1.0) / (u + 1.0)
+    s2 = s * s
+    p = 1 / 21
+    p = p * s2 + 1 / 19
+    p = p * s2 + 1 / 17
+    p = p * s2 + 1 / 15
+    p = p * s2 + 1 / 13
+    p = p * s2 + 1 / 11
+    p = p * s2 + 1 / 9
+    p = p * s2 + 1 / 7
+    p = p * s2 + 1 / 5
+    p = p * s2 + 1 / 3
+    p = p * s2 + 1.0
+    return 2.0 * s * p - e * _LN2
+
+
+@njit(inline="always")
+def _sincos_quarter(t):
+    """(cos, sin) of t π/2 for t in [0, 1]: reflected to φ <= π/4 and the Taylor series to φ^17
+    and φ^18 (remainders < 1e-19), Horner in φ² with the factorials' ratios."""
+    hi = t > 0.5
+    phi = (1.0 - t if hi else t) * _HALF_PI
+    p2 = phi * phi
+    s = 1.0 - p2 * (1 / 272)  # sin: φ(1 − φ²/(2·3)(1 − φ²/(4·5)(... (1 − φ²/(16·17))))
+    s = 1.0 - p2 * (1 / 210) * s
+    s = 1.0 - p2 * (1 / 156) * s
+    s = 1.0 - p2 * (1 / 110) * s
+    s = 1.0 - p2 * (1 / 72) * s
+    s = 1.0 - p2 * (1 / 42) * s
+    s = 1.0 - p2 * (1 / 20) * s
+    s = 1.0 - p2 * (1 / 6) * s
+    c = 1.0 - p2 * (1 / 306)  # cos: 1 − φ²/(1·2)(1 − φ²/(3·4)(... (1 − φ²/(17·18))))
+    c = 1.0 - p2 * (1 / 240) * c
+    c = 1.0 - p2 * (1 / 182) * c
+    c = 1.0 - p2 * (1 / 132) * c
+    c = 1.0 - p2 * (1 / 90) * c
+    c = 1.0 - p2 * (1 / 56) * c
+    c = 1.0 - p2 * (1 / 30) * c
+    c = 1.0 - p2 * (1 / 12) * c
+    c = 1.0 - p2 * 0.5 * c
+    sin = phi * s
+    return (sin, c) if hi else (c, sin)
+
+
+@jit
+def _box_muller(words, zc, zs):
+    """zc[b], zs[b] = R cos θ, R sin θ of Philox block b's words (words (4, m) uint32; zc, zs
+    (m,) float64): R = √(−2 ln U), U = (W + 1) 2^-64, W = words 0 (low), 1 (high) as a 64-bit
+    integer, so U in [2^-64, 1] and R <= 9.42; θ = (q + t) π/2, q the top 2 bits of word 3, t
+    its other 30 and word 2's 32 as a fraction. Branch-free and libm-free: the loop vectorizes."""
+    for b in range(zc.shape[0]):
+        w3 = words[3, b]
+        u = ((np.float64(words[0, b]) + 1.0) * 2.3283064365386963e-10
+             + np.float64(words[1, b])) * 2.3283064365386963e-10
+        r = math.sqrt(-2.0 * _log_unit(u))
+        t = (np.float64(words[2, b]) * 2.3283064365386963e-10
+             + np.float64(w3 & np.uint32(0x3FFFFFFF))) * 9.313225746154785e-10
+        ca, sa = _sincos_quarter(t)
+        q = w3 >> np.uint32(30)  # (cos, sin) of θ: (c, s), (−s, c), (−c, −s), (s, −c)
+        odd = (q & np.uint32(1)) != np.uint32(0)
+        c, s = (sa, ca) if odd else (ca, sa)
+        zc[b] = -r * c if (q == np.uint32(1)) | (q == np.uint32(2)) else r * c
+        zs[b] = -r * s if q >= np.uint32(2) else r * s
+
+
+_F = np.float32
+_F2_32, _F2_30 = _F(2.3283064365386963e-10), _F(9.313225746154785e-10)  # 2^-32, 2^-30
+_F_LN2, _F_HALF_PI, _F_SQRT_HALF = _F(0.6931471805599453), _F(1.5707963267948966), _F(0.70710677)
+_F1, _F2, _FH, _F0 = _F(1), _F(2), _F(0.5), _F(0)
+_FLOG = tuple(_F(1 / k) for k in (11, 9, 7, 5, 3))
+_FSIN = tuple(_F(1 / k) for k in (72, 42, 20, 6))  # φ²/((2j)(2j+1)), j = 4..1
+_FCOS = tuple(_F(1 / k) for k in (90, 56, 30, 12, 2))  # φ²/((2j−1)(2j)), j = 5..1
+
+
+@jit
+def _box_muller32(words, z):
+    """Box–Muller in float32 arithmetic (8 lanes a vector, shorter series), two pairs a block:
+    z[2h, b], z[2h + 1, b] = R cos θ, R sin θ from block b's words 2h (radius), 2h + 1 (angle).
+    words (4, m) uint32, z (4, m) float32. R = √(−2 ln U), U = (W 2^32 + X + 1) 2^-64 with W the
+    radius word; X (32 more bits) moves R by under 2^-21 R (U relative, or 1 − U, by under
+    2^-21) unless W or ~W < 2^20, so this pass takes X = 2^31 − 1 and _radius_tail redoes the
+    1 in 2,048 others with X drawn. Near U = 1, ln U is
+    ln(1 − ε), ε = (~W + 1/2) 2^-32 from the complemented word: small radii keep float32's
+    relative precision. θ = (q + t) π/2, q the angle word's top 2 bits, t its other 30."""
+    for b in range(z.shape[1]):
+        for h in range(2):
+            w, wa = words[2 * h, b], words[2 * h + 1, b]
+            eps = (_F(np.uint32(~w)) + _FH) * _F2_32  # 1 − U
+            u = (_F(w) + _FH) * _F2_32
+            e = _F0
+            for k in range(5, -1, -1):  # u = m 2^-e, m in [1/2, 1): exact power-of-two steps
+                small = u < _F(2.0 ** -(1 << k))
+                u = u * _F(2.0 ** (1 << k)) if small else u
+                e = e + _F(1 << k) if small else e
+            low = u < _F_SQRT_HALF
+            u = u + u if low else u
+            e = e + _F1 if low else e
+            near = eps < _F(0.25)  # U > 3/4: m − 1 = −ε exactly
+            num = -eps if near else u - _F1
+            den = _F2 - eps if near else u + _F1
+            e = _F0 if near else e
+            sv = num / den
+            s2 = sv * sv
+            p = _FLOG[0]
+            for c in _FLOG[1:]:
+                p = p * s2 + c
+            r = math.sqrt(-_F2 * (_F2 * sv * (p * s2 + _F1) - e * _F_LN2))
+            t = _F(wa & np.uint32(0x3FFFFFFF)) * _F2_30  # may round to 1: the quarter's end
+            hi = t > _FH
+            phi = (_F1 - t if hi else t) * _F_HALF_PI
+            p2 = phi * phi
+            sn = _F1
+            for c in _FSIN:
+                sn = _F1 - p2 * c * sn
+            cs = _F1
+            for c in _FCOS:
+                cs = _F1 - p2 * c * cs
+            sn = phi * sn
+            ca, sa = (sn, cs) if hi else (cs, sn)
+            q = wa >> np.uint32(30)  # (cos, sin) of θ: (c, s), (−s, c), (−c, −s), (s, −c)
+            odd = (q & np.uint32(1)) != np.uint32(0)
+            c_, s_ = (sa, ca) if odd else (ca, sa)
+            z[2 * h, b] = -r * c_ if (q == np.uint32(1)) | (q == np.uint32(2)) else r * c_
+            z[2 * h + 1, b] = -r * s_ if q >= np.uint32(2) else r * s_
+
+
+@jit
+def _radius_tail(words, z, first, c1, c2, c3, k0, k1):
+    """_box_muller32's radii with W or ~W < 2^20 (1 pair in 2,048), redone with 64 bits:
+    X is word p % 4 of Philox block (2^31 | p // 4, c1, c2, c3), p the pair (main blocks have
+    c0 < 2^30), and the pair rescaled to R = √(−2 ln U) in float64 (libm: rare)."""
+    small = np.uint32(1 << 20)
+    for g0 in range(0, z.shape[1], 32):  # a vectorized min over 32 blocks finds the rare ones
+        g1 = min(g0 + 32, z.shape[1])
+        least = small
+        for b in range(g0, g1):
+            w0, w2 = words[0, b], words[2, b]
+            least = min(least, min(min(w0, np.uint32(~w0)), min(w2, np.uint32(~w2))))
+        if least < small:
+            _radius_tail_scan(words, z, first, c1, c2, c3, k0, k1, g0, g1)
+
+
+@jit
+def _radius_tail_scan(words, z, first, c1, c2, c3, k0, k1, g0, g1):
+    """_radius_tail's work on blocks g0:g1."""
+    for b in range(g0, g1):
+        for h in range(2):
+            w = words[2 * h, b]
+            if min(w, np.uint32(~w)) < np.uint32(1 << 20):
+                pair = 2 * (first + b) + h
+                x0, x1, x2, x3 = philox4x32(np.uint32(0x80000000) | np.uint32(pair >> 2), c1, c2,
+                                            c3, k0, k1)
+                j = pair & 3
+                x = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else x3))
+                if w < np.uint32(1 << 20):  # U small: ln U
+                    ln_u = math.log((np.float64(w) * 4294967296.0 + np.float64(x) + 1.0)
+                                    * 5.421010862427522e-20)
+                    ln_then = math.log((np.float64(w) + 0.5) * 2.3283064365386963e-10)
+                else:  # U near 1: ln(1 − ε), ε = 1 − U = (~W 2^32 + ~X) 2^-64
+                    nw, nx = np.float64(np.uint32(~w)), np.float64(np.uint32(~x))
+                    ln_u = math.log1p(-(nw * 4294967296.0 + nx) * 5.421010862427522e-20)
+                    ln_then = math.log1p(-(nw + 0.5) * 2.3283064365386963e-10)
+                scale = math.sqrt(ln_u / ln_then)  # R / the pass's R
+                z[2 * h, b] = np.float32(z[2 * h, b] * scale)
+                z[2 * h + 1, b] = np.float32(z[2 * h + 1, b] * scale)
+
+
+@jit
+def philox_soa(words, first, c1, c2, c3, k0, k1):
+    """words[:, b] = Philox4x32-10 of counter (first + b, c1, c2, c3).   words (4, m) uint32."""
+    for b in range(words.shape[1]):
+        w0, w1, w2, w3 = philox4x32(np.uint32(first + b), c1, c2, c3, k0, k1)
+        words[0, b] = w0
+        words[1, b] = w1
+        words[2, b] = w2
+        words[3, b] = w3
+
+
+@jit
+def add_normal(g, start, std, k0, k1, c1, c2, c3):
+    """g[j] += std Z(start + j): Z(i) parameter i's standard normal by Box–Muller on Philox blocks
+    (counter (block, c1, c2, c3), key (k0, k1)). float64 g: one pair a block, Z(2b), Z(2b + 1) =
+    R cos θ, R sin θ of block b (_box_muller); float32 g: two pairs a block, Z(4b + 2h),
+    Z(4b + 2h + 1) from block b's words 2h, 2h + 1 (_box_muller32). g (n,), std in its dtype."""
+    n = g.shape[0]
+    chunk = 512  # blocks at a time: 8 KiB of words and 8-16 KiB of normals, in L1
+    per = 4 if g.itemsize == 4 else 2  # normals per block
+    words = np.empty((4, chunk), np.uint32)
+    z = np.empty((4, chunk), g.dtype)
+    b0 = start // per
+    while per * b0 < start + n:
+        philox_soa(words, b0, c1, c2, c3, k0, k1)
+        if per == 4:
+            _box_muller32(words, z)
+            _radius_tail(words, z, b0, c1, c2, c3, k0, k1)
+        else:
+            _box_muller(words, z[0], z[1])
+        off = per * b0
+        for i in range(max(start, off), min(start + n, off + per * chunk)):
+            e = i - off
+            g[i - start] += std * (z[e & 3, e >> 2] if per == 4 else z[e & 1, e >> 1])
+        b0 += chunk

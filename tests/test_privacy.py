@@ -108,7 +108,7 @@ def test_membership_of_a_large_set_costs_its_batch_not_its_rows():
 
 def test_noise_of_a_share_is_the_slice_of_the_whole_vector():
     """Any cut of the parameters, and any thread count, draws the same noise for each parameter:
-    blocks are keyed by (seed, step, block), not by who draws them."""
+    it is a function of (seed, step, parameter), not of who draws it (more: test_noise.py)."""
     n = 3 * privacy.BLOCK + 123
     whole = privacy.add_noise(np.zeros(n), 1.0, 5, 9)
     for cuts in ([0, n], [0, 100, n], [0, privacy.BLOCK - 1, 2 * privacy.BLOCK + 7, n]):
