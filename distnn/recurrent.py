@@ -397,13 +397,17 @@ class Recurrent:
             return self.clipped_grad_sum(X, Y, out, clip, divisor, lengths, bptt)
         Y = self._as_targets(Y, lengths, X)
         if len(X) == 0:
-            out[...] = 0
-            self._correct = 0 if self.is_classifier else None
-            return 0.0
+            return self._empty_sum(out)
         buf = self._forward(X, Y.lengths)
         loss = self._output_pass(buf, Y, divisor, weights)
         self._backward(buf, out, self.bptt if bptt is None else bptt)
         return loss
+
+    def _empty_sum(self, out):
+        """A batch with no sequences (a rank without rows still takes part): zeros, loss 0."""
+        out[...] = 0
+        self._correct = 0 if self.is_classifier else None
+        return 0.0
 
     def clipped_grad_sum(self, X, Y, out, clip, divisor=1, lengths=None, bptt=None):
         """Σ_n c_n g_n / divisor into `out`, g_n sequence n's data-loss gradient (of the sum of its
@@ -421,9 +425,7 @@ class Recurrent:
         GEMM. Steps beyond a sequence's length have P = 0 (and are not visited)."""
         Y = self._as_targets(Y, lengths, X)
         if len(X) == 0:
-            out[...] = 0
-            self._correct = 0 if self.is_classifier else None
-            return 0.0
+            return self._empty_sum(out)
         buf = self._forward(X, Y.lengths)
         n = len(X)
         loss = self._output_pass(buf, Y, 1)  # P_L's prediction part, unscaled
